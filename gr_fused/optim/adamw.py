@@ -1,0 +1,77 @@
+"""GRAdamW: finite-difference GR fused with torch.optim.AdamW's update."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch.optim.adamw import adamw as _torch_adamw
+
+from .base import GR_DEFAULTS, GROptimizer
+
+
+class GRAdamW(GROptimizer):
+    r"""AdamW (torch.optim.AdamW's semantics, without amsgrad) on the gradient-regularized
+    loss; see :class:`gr_fused.GRSGD` for the GR arguments. ``gamma=0`` is torch.optim.AdamW
+    bit for bit. The state (``step``, ``exp_avg``, ``exp_avg_sq``) has AdamW's keys; ``step``
+    lives on the parameter's device so a skipped step never needs a host sync.
+    Extra memory over torch.optim.AdamW: one copy of the parameters.
+    """
+
+    _algo = "adamw"
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *,
+                 gamma: float = GR_DEFAULTS["gamma"], rho: float = GR_DEFAULTS["rho"],
+                 normalize: bool = True, difference: str = "forward",
+                 alpha: Optional[float] = None, adaptive: bool = False,
+                 max_grad_norm: Optional[float] = None, backend: str = "auto",
+                 freeze_bn_stats: bool = True, foreach: Optional[bool] = None):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        gamma=gamma, rho=rho, normalize=normalize, difference=difference,
+                        alpha=alpha, adaptive=adaptive, max_grad_norm=max_grad_norm,
+                        foreach=foreach, amsgrad=False, maximize=False, capturable=False,
+                        differentiable=False, fused=None)
+        self._check_group(defaults)
+        super().__init__(params, defaults, backend=backend, freeze_bn_stats=freeze_bn_stats)
+
+    def _check_group(self, group):
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr = lr.item() if lr.numel() == 1 else -1
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"Invalid learning rate: {group['lr']!r}")
+        if not group["eps"] >= 0:
+            raise ValueError(f"Invalid epsilon value: {group['eps']}")
+        b1, b2 = group["betas"]
+        if not 0.0 <= b1 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {b1}")
+        if not 0.0 <= b2 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {b2}")
+        if not group["weight_decay"] >= 0:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        if group.get("amsgrad"):
+            raise ValueError("Invalid amsgrad: not supported by GRAdamW; use "
+                             "gr_fused.GR(params, torch.optim.AdamW, amsgrad=True)")
+
+    def _plain_step(self) -> None:
+        if not self._plain_prepare():
+            return
+        for group in self.param_groups:
+            params, grads = self._plain_grads(group)
+            if not params:
+                continue
+            for p in params:
+                st = self.state[p]
+                if "step" not in st:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            sts = [self.state[p] for p in params]
+            steps = [st["step"] for st in sts]
+            beta1, beta2 = group["betas"]
+            _torch_adamw(params, grads, [st["exp_avg"] for st in sts],
+                         [st["exp_avg_sq"] for st in sts], [], steps,
+                         foreach=group["foreach"], capturable=steps[0].device.type != "cpu",
+                         differentiable=False, fused=None, amsgrad=False, beta1=beta1,
+                         beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                         eps=group["eps"], maximize=False)

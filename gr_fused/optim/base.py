@@ -1,0 +1,382 @@
+"""The step driver shared by every optimizer in gr_fused.
+
+It turns a finite-difference GR step (SPEC §1) into the backend phases of
+``gr_fused.backends.base``: norm of g1 → perturb → (second backward) → norm of G → update.
+Subclasses only say which base update the backend applies (``_algo``) and how the plain
+base optimizer steps when GR is off (``_plain_step``).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.optim import Optimizer
+
+from .. import backends as _backends
+from .._bn import FreezeRunningStats
+from .._scalars import ascent_scalars, update_scalars
+
+GR_DEFAULTS = dict(gamma=0.05, rho=0.05, normalize=True, difference="forward", alpha=None,
+                   adaptive=False, max_grad_norm=None)
+DIFFERENCES = ("forward", "central")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_gr_hparams(group: Dict[str, Any]) -> None:
+    """Raise ValueError naming the first invalid GR hyperparameter of a param group."""
+    gamma, rho, alpha = group["gamma"], group["rho"], group["alpha"]
+    if not _is_number(gamma) or gamma < 0:
+        raise ValueError(f"Invalid gamma: {gamma!r} (a finite number >= 0; 0 turns GR off)")
+    if not _is_number(rho):
+        raise ValueError(f"Invalid rho: {rho!r} (a finite number; < 0 is the backward difference)")
+    if alpha is not None:
+        if not _is_number(alpha) or alpha == 0:
+            raise ValueError(f"Invalid alpha: {alpha!r} (a finite nonzero number, or None)")
+        if gamma != 0:
+            raise ValueError(f"Invalid gamma: {gamma!r} with alpha={alpha!r}: give gamma or a "
+                             "fixed alpha, not both")
+    if (gamma != 0 or alpha is not None) and rho == 0:
+        raise ValueError("Invalid rho: 0 (GR needs a nonzero ascent step; rho > 0 is the "
+                         "forward difference, rho < 0 the backward difference)")
+    if group["difference"] not in DIFFERENCES:
+        raise ValueError(f"Invalid difference: {group['difference']!r} (choose from "
+                         f"{DIFFERENCES}; a negative rho gives the backward difference)")
+    for flag in ("normalize", "adaptive"):
+        if not isinstance(group[flag], bool):
+            raise ValueError(f"Invalid {flag}: {group[flag]!r} (a bool)")
+    mgn = group["max_grad_norm"]
+    if mgn is not None and (not _is_number(mgn) or mgn <= 0):
+        raise ValueError(f"Invalid max_grad_norm: {mgn!r} (a number > 0, or None)")
+
+
+def gr_enabled(group: Dict[str, Any]) -> bool:
+    return group["gamma"] != 0 or group["alpha"] is not None
+
+
+class _Pending:
+    """What lives between first_step() and second_step(): the buckets, per-group combine
+    coefficients, and whether the central difference has been reflected."""
+
+    def __init__(self, buckets, combine, main_device):
+        self.buckets = buckets
+        self.combine = combine
+        self.main_device = main_device
+        self.reflected = False
+
+
+class GROptimizer(Optimizer):
+    """Base class: a ``torch.optim.Optimizer`` whose step is a finite-difference GR step.
+
+    Two ways to drive it (SPEC §2):
+
+    * ``step(closure)``: the closure zeroes grads, runs forward and backward and returns the
+      loss; it is called once per gradient needed, and the loss at θ is returned.
+    * ``loss.backward(); opt.first_step(); loss_at_perturbed.backward(); opt.second_step()``
+      (with ``opt.reflect_step()`` and one more backward in between for the central
+      difference).
+
+    Between ``first_step`` and ``second_step`` the grads hold ``fold·g1``; the second backward
+    accumulates onto them. ``optimizer.zero_grad()`` knows this and keeps them; a
+    ``model.zero_grad()`` (set_to_none) is also handled; do not zero them in place by hand.
+    """
+
+    _algo = "none"
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: Dict[str, Any], backend: str = "auto",
+                 freeze_bn_stats: bool = True):
+        for k, v in GR_DEFAULTS.items():
+            defaults.setdefault(k, v)
+        check_gr_hparams(defaults)
+        if backend != "auto" and backend not in _backends.names():
+            raise ValueError(f"Invalid backend: {backend!r} (choose from {_backends.names()})")
+        self._backend_name = backend
+        self.freeze_bn_stats = freeze_bn_stats
+        self._pending: Optional[_Pending] = None
+        self._bucket_extra: Dict[Tuple[int, torch.device, torch.dtype], Dict[str, Any]] = defaultdict(dict)
+        self._bn = FreezeRunningStats()
+        self.skipped_steps: Optional[torch.Tensor] = None
+        self.last_step_skipped: Optional[torch.Tensor] = None
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        check_gr_hparams(self.param_groups[-1])
+        self._check_group(self.param_groups[-1])
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        """Subclasses validate their base hyperparameters here (raise ValueError)."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in GR_DEFAULTS.items():
+                group.setdefault(k, v)
+
+    # ------------------------------------------------------------------ backends
+    def backend_for(self, device) -> _backends.Backend:
+        """The backend instance this optimizer uses for tensors on ``device``."""
+        return _backends.get_backend(self._backend_name, torch.device(device))
+
+    @property
+    def backends(self) -> Dict[str, str]:
+        """Which backend runs each device's tensors, e.g. ``{"cuda:0": "triton"}``."""
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        return {str(d): self.backend_for(d).name for d in sorted(devices, key=str)}
+
+    def _buckets(self) -> List[_backends.Bucket]:
+        buckets = []
+        for gi, group in enumerate(self.param_groups):
+            split: Dict[Tuple[torch.device, torch.dtype], Tuple[list, list, list]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                       f"(param of shape {tuple(p.shape)} in group {gi})")
+                lists = split.setdefault((p.device, p.dtype), ([], [], []))
+                lists[0].append(p)
+                lists[1].append(p.grad)
+                lists[2].append(self.state[p])
+            for (device, dtype), (ps, gs, sts) in split.items():
+                backend = self.backend_for(device)
+                b = backend.make_bucket(ps, gs, sts, group, self._algo,
+                                        self._bucket_extra[(gi, device, dtype)])
+                b.extra["_group_index"] = gi
+                b.extra["_backend"] = backend
+                buckets.append(b)
+        return buckets
+
+    @staticmethod
+    def _backend(b: _backends.Bucket) -> _backends.Backend:
+        return b.extra["_backend"]
+
+    # ------------------------------------------------------------------ AMP
+    def _inv_grad_scale(self, device) -> Optional[torch.Tensor]:
+        """1/S when torch.amp.GradScaler drives this optimizer (it sets ``grad_scale``)."""
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            return None
+        return scale.to(device=device, dtype=torch.float32).reciprocal()
+
+    def _report_found_inf(self, found_inf: torch.Tensor) -> None:
+        """Record the skip flag where users (and GradScaler) can see it, without a sync."""
+        self.last_step_skipped = found_inf != 0
+        if self.skipped_steps is None:
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=found_inf.device)
+        self.skipped_steps += found_inf.to(torch.int64)
+        scaler_flag = getattr(self, "found_inf", None)
+        if isinstance(scaler_flag, torch.Tensor):
+            scaler_flag.copy_(torch.maximum(scaler_flag, found_inf.to(scaler_flag)))
+
+    # ------------------------------------------------------------------ public API
+    def gr_active(self) -> bool:
+        """True when this step is a GR step (γ != 0 or α set); False runs the base optimizer."""
+        flags = {gr_enabled(g) for g in self.param_groups}
+        if len(flags) > 1:
+            raise ValueError("Invalid gamma: GR must be on (gamma > 0 or alpha set) in every "
+                             "param group or off (gamma = 0, alpha None) in all of them")
+        return flags.pop()
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """One optimizer step. With GR on, ``closure`` is required and is called 2 times
+        (forward/backward difference) or 3 times (central); returns the loss at θ."""
+        if not self.gr_active():
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._plain_step()
+            return loss
+        if closure is None:
+            raise RuntimeError(f"{type(self).__name__}.step() needs a closure that zeroes grads, "
+                               "runs forward and backward and returns the loss (GR evaluates "
+                               "the gradient twice); or use first_step()/second_step()")
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step()
+        try:
+            with torch.enable_grad():
+                closure()
+            if self._pending is not None and self._needs_reflect():
+                self.reflect_step()
+                with torch.enable_grad():
+                    closure()
+        except BaseException:
+            self.abort_step()
+            raise
+        self.second_step(zero_grad=False)
+        return loss
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = True) -> None:
+        """After the backward at θ: move θ to the ascent point θ + ε_t·g1.
+
+        The grads are left holding ``fold·g1`` for the next backward to accumulate onto, so
+        ``zero_grad`` is accepted for compatibility with SAM code and has no effect."""
+        if self._pending is not None:
+            raise RuntimeError("first_step() called twice without second_step()")
+        if not self.gr_active():
+            raise RuntimeError("first_step() with GR off (gamma=0, alpha=None): call step()")
+        buckets = self._buckets()
+        if not buckets:
+            self._pending = _Pending([], {}, None)
+            return
+        main = buckets[0].device
+        inv = self._inv_grad_scale(main)
+        adaptive = {b.extra["_group_index"]: b.group["adaptive"] for b in buckets}
+        sq = _sum_on(main, [self._backend(b).sq_norm(b, adaptive[b.extra["_group_index"]])
+                            for b in buckets])
+        scalars = {}
+        for gi in sorted(adaptive):
+            g = self.param_groups[gi]
+            scalars[gi] = ascent_scalars(sq, inv, rho=g["rho"], normalize=g["normalize"],
+                                         gamma=g["gamma"], alpha=g["alpha"],
+                                         difference=g["difference"])
+        for b in buckets:
+            eps, fold, _ = scalars[b.extra["_group_index"]]
+            self._backend(b).perturb(b, eps.to(b.device), fold.to(b.device),
+                                     b.group["adaptive"])
+        self._pending = _Pending(buckets, {gi: s[2] for gi, s in scalars.items()}, main)
+        if self.freeze_bn_stats:
+            self._bn.start()
+
+    def _needs_reflect(self) -> bool:
+        return any(b.group["difference"] == "central" for b in self._pending.buckets)
+
+    @torch.no_grad()
+    def reflect_step(self) -> None:
+        """Central difference only, after the backward at θ + ε_t·g1: move to θ − ε_t·g1."""
+        if self._pending is None:
+            raise RuntimeError("reflect_step() called without first_step()")
+        if not self._needs_reflect() or self._pending.reflected:
+            raise RuntimeError("reflect_step() is for difference='central', once per step")
+        self._adopt_replaced_grads()
+        for b in self._pending.buckets:
+            self._backend(b).reflect(b)
+        self._pending.reflected = True
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = True) -> None:
+        """After the backward at the perturbed point: combine, restore θ exactly and apply
+        the base update (or skip it, with θ restored, when either gradient had inf/NaN)."""
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("second_step() called without first_step()")
+        if self._needs_reflect() and not pending.reflected:
+            self.abort_step()
+            raise RuntimeError("difference='central' needs reflect_step() and a third backward "
+                               "before second_step(); the weights were restored")
+        try:
+            self._adopt_replaced_grads()
+            if pending.buckets:
+                main = pending.main_device
+                inv = self._inv_grad_scale(main)
+                sq = _sum_on(main, [self._backend(b).sq_norm(b, False) for b in pending.buckets])
+                found_inf = None
+                for gi, combine in pending.combine.items():
+                    gscale, found_inf = update_scalars(sq, combine, inv,
+                                                       self.param_groups[gi]["max_grad_norm"])
+                    for b in pending.buckets:
+                        if b.extra["_group_index"] == gi:
+                            self._backend(b).update(b, gscale.to(b.device), found_inf.to(b.device))
+                self._report_found_inf(found_inf)
+                self._after_update(found_inf)
+        finally:
+            self._pending = None
+            self._bn.stop()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def abort_step(self) -> None:
+        """Give up the GR step in progress: θ is restored exactly, no state changes."""
+        pending, self._pending = self._pending, None
+        self._bn.stop()
+        if pending is not None:
+            for b in pending.buckets:
+                self._backend(b).restore(b)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._pending is not None:
+            return  # the grads carry the folded first gradient until second_step()
+        super().zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ hooks
+    def _adopt_replaced_grads(self) -> None:
+        """If a closure replaced p.grad (``model.zero_grad()`` sets it to None, then backward
+        allocates a fresh tensor), add the fresh gradient onto the buffer that holds the
+        folded first gradient and put that buffer back as p.grad."""
+        for b in self._pending.buckets:
+            for i, p in enumerate(b.params):
+                held = b.grads[i]
+                if p.grad is held:
+                    continue
+                if p.grad is not None:
+                    held.add_(p.grad)
+                p.grad = held
+
+    def _after_update(self, found_inf: torch.Tensor) -> None:
+        """Called after the backend update (the GR wrapper steps its base optimizer here)."""
+
+    def _plain_step(self) -> None:
+        raise NotImplementedError
+
+    def _plain_grads(self, group) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    def _plain_prepare(self) -> bool:
+        """AMP unscale and clipping for the plain (GR off) path. Returns False when the step
+        must be skipped for inf/NaN (one host sync, as torch.amp.GradScaler does for any
+        non-fused optimizer)."""
+        scale = getattr(self, "grad_scale", None)
+        found = None
+        if scale is not None:
+            by_device = defaultdict(list)
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        by_device[p.device].append(p.grad)
+            found = torch.zeros((), device=scale.device)
+            for device, grads in by_device.items():
+                f = torch.zeros((), device=device)
+                inv = scale.to(device=device, dtype=torch.float32).reciprocal()
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, f, inv)
+                found = torch.maximum(found, f.to(found.device))
+            self._report_found_inf(found)
+        clip = [g for g in self.param_groups if g["max_grad_norm"] is not None]
+        if clip:  # clip_grad_norm_ semantics over the global norm of every group's grads
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            main = grads[0].device
+            total = _sum_on(main, [torch.stack(torch._foreach_norm(
+                [x for x in grads if x.device == d], 2)).float().square().sum()
+                for d in sorted({x.device for x in grads}, key=str)]).sqrt()
+            for g in clip:
+                coef = torch.clamp(g["max_grad_norm"] / (total + 1e-6), max=1.0)
+                gs = [p.grad for p in g["params"] if p.grad is not None]
+                if gs:
+                    torch._foreach_mul_(gs, coef.to(gs[0].device))
+        return found is None or not bool(found.item())
+
+
+def _sum_on(device, tensors: List[torch.Tensor]) -> torch.Tensor:
+    """Deterministic sum of 0-dim tensors from several devices, on ``device``."""
+    if len(tensors) == 1:
+        return tensors[0]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.stack([t.to(device=device, dtype=dtype) for t in tensors]).sum()
