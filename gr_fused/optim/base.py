@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from .. import backends as _backends
 from .._bn import FreezeRunningStats
+from ..backends.flat import zero_flat_grads
 from .._scalars import ascent_scalars, update_scalars
 
 GR_DEFAULTS = dict(gamma=0.05, rho=0.05, normalize=True, difference="forward", alpha=None,
@@ -307,7 +308,15 @@ class GROptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._pending is not None:
             return  # the grads carry the folded first gradient until second_step()
-        super().zero_grad(set_to_none=set_to_none)
+        kept = zero_flat_grads(self._bucket_extra.values())  # flat grads: zeroed in place
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) in kept:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().requires_grad_(False).zero_()
 
     # ------------------------------------------------------------------ hooks
     def _adopt_replaced_grads(self) -> None:

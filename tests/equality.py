@@ -1,0 +1,149 @@
+"""Shared equality harness: every backend is checked against the torch backend with these
+cases (SPEC §4), so the Triton, CUDA, host-C++ and flat-buffer suites share one definition.
+
+A case builds fresh random parameters (sizes that are not multiples of a block, 1-element
+tensors, many tiny tensors, mixed dtypes, several groups, params without grads), an
+optimizer, and a smooth non-quadratic loss whose gradient changes between θ and θ'.
+``run_case(case, backend)`` runs a few GR steps and returns every parameter and state tensor;
+``compare_backends`` runs the same case on two backends from identical inputs and checks
+them with :func:`assert_close`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import gr_fused
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+    """‖a − b‖/‖b‖ ≤ rtol, with NaN/inf anywhere counted as a mismatch; on failure, say
+    where the largest elementwise difference is."""
+    a, b = actual.detach().double().flatten(), expected.detach().double().flatten()
+    assert a.shape == b.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        bad = (~torch.isfinite(a) | ~torch.isfinite(b)).nonzero()[:5].flatten().tolist()
+        raise AssertionError(f"{what}: non-finite values at flat indices {bad}")
+    err = (a - b).norm() / b.norm().clamp_min(1e-30)
+    if err > rtol:
+        i = int((a - b).abs().argmax())
+        raise AssertionError(f"{what}: relative error {float(err):.3e} > {rtol:.1e}; largest "
+                             f"difference at flat index {i}: {float(a[i])!r} vs {float(b[i])!r}")
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    sizes: List[tuple]                      # parameter shapes
+    make_opt: Callable[..., torch.optim.Optimizer]
+    dtypes: tuple = (torch.float32,)        # cycled over the parameters
+    groups: int = 1                         # split parameters into this many groups
+    no_grad_every: int = 0                  # every k-th parameter gets no gradient
+    steps: int = 5
+
+    def __str__(self):
+        return self.name
+
+
+def loss_of(params: List[torch.Tensor], coeffs: List[torch.Tensor]) -> torch.Tensor:
+    """Σ sum(½·c·sin(p) + ¼·p²): smooth, with a Hessian that varies with p, and mild enough
+    that rounding differences are not amplified by the dynamics over a few steps."""
+    total = 0.0
+    for p, c in zip(params, coeffs):
+        x = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
+        total = total + (0.5 * c * torch.sin(x) + 0.25 * x * x).sum()
+    return total
+
+
+def make_inputs(case: Case, device="cpu"):
+    params, coeffs = [], []
+    for i, shape in enumerate(case.sizes):
+        dtype = case.dtypes[i % len(case.dtypes)]
+        params.append(torch.randn(shape, device=device).to(dtype).requires_grad_())
+        coeffs.append(torch.randn(shape, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32))
+    return params, coeffs
+
+
+def run_case(case: Case, backend: str, inputs, steps: Optional[int] = None):
+    params = [p.detach().clone().requires_grad_() for p in inputs[0]]
+    coeffs = inputs[1]
+    skip = set(range(case.no_grad_every - 1, len(params), case.no_grad_every)) if case.no_grad_every else set()
+    used = [i for i in range(len(params)) if i not in skip]
+    per_group = [used[g::case.groups] for g in range(case.groups)]
+    groups = [{"params": [params[i] for i in idx]} for idx in per_group if idx]
+    for g, group in enumerate(groups):
+        if g % 2 == 1:
+            group["lr"] = 0.03  # a second group with its own hyperparameters
+    for i in skip:
+        groups[0]["params"].append(params[i])  # in a group, but never given a gradient
+    opt = case.make_opt(groups, backend)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of([params[i] for i in used], [coeffs[i] for i in used])
+        loss.backward()
+        return loss
+
+    for _ in range(steps or case.steps):
+        opt.step(closure)
+    state = {}
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items() if not hasattr(opt, "base_optimizer") else \
+                opt.base_optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                state[(i, k)] = v.detach().clone()
+    return [p.detach().clone() for p in params], state, opt
+
+
+def compare_backends(case: Case, backend: str, reference: str = "torch", device="cpu"):
+    inputs = make_inputs(case, device)
+    got_p, got_s, _ = run_case(case, backend, inputs)
+    ref_p, ref_s, _ = run_case(case, reference, inputs)
+    for i, (a, b) in enumerate(zip(got_p, ref_p)):
+        assert a.dtype == b.dtype
+        assert_close(a, b, TOL[b.dtype], f"{case.name}: param {i} ({backend} vs {reference})")
+    assert got_s.keys() == ref_s.keys(), f"{case.name}: state keys differ"
+    for key, b in ref_s.items():
+        if b.dim() == 0:
+            assert float(got_s[key]) == float(b), f"{case.name}: state {key}"
+        else:
+            assert_close(got_s[key], b, TOL[b.dtype] if b.dtype in TOL else 1e-6,
+                         f"{case.name}: state {key}")
+
+
+def _sgd(**kw):
+    return lambda groups, backend: gr_fused.GRSGD(groups, backend=backend, **kw)
+
+
+def _adamw(**kw):
+    return lambda groups, backend: gr_fused.GRAdamW(groups, backend=backend, **kw)
+
+
+SGD_MOM = dict(lr=0.02, momentum=0.9, weight_decay=1e-2, gamma=0.002, rho=0.05)
+ODD = [(1,), (7,), (1000, 3), (17, 5, 3), (4099,)]
+TINY = [(3,)] * 300 + [(1,)] * 200
+
+CASES: List[Case] = [
+    Case("sgd-momentum-forward", ODD, _sgd(**SGD_MOM)),
+    Case("sgd-nesterov-backward", ODD, _sgd(lr=0.02, momentum=0.9, nesterov=True, gamma=0.002, rho=-0.05)),
+    Case("sgd-dampening-unnormalized", ODD, _sgd(lr=0.05, momentum=0.5, dampening=0.3, gamma=0.02, rho=0.01, normalize=False)),
+    Case("sgd-plain-central", ODD, _sgd(lr=0.05, gamma=0.002, rho=0.05, difference="central")),
+    Case("sgd-clipped", ODD, _sgd(max_grad_norm=0.5, **SGD_MOM)),
+    Case("sgd-tiny-tensors", TINY, _sgd(**SGD_MOM)),
+    Case("sgd-groups-nograd", ODD * 2, _sgd(**SGD_MOM), groups=2, no_grad_every=3),
+    Case("adamw-forward", ODD, _adamw(lr=1e-2, weight_decay=0.1, gamma=0.002, rho=0.05)),
+    Case("adamw-central-groups", ODD * 2, _adamw(lr=1e-2, gamma=0.002, rho=0.05, difference="central"), groups=2),
+    Case("adamw-backward-clipped", ODD, _adamw(lr=1e-2, gamma=0.002, rho=-0.05, max_grad_norm=1.0)),
+    Case("sam-adaptive", ODD, lambda g, b: gr_fused.SAM(g, torch.optim.SGD, rho=0.05, adaptive=True, lr=0.05, momentum=0.9, backend=b)),
+    Case("gnp", ODD, lambda g, b: gr_fused.GNP(g, torch.optim.SGD, rho=0.05, lam=0.02, lr=0.05, backend=b)),
+    Case("gr-wrapper-adam", ODD, lambda g, b: gr_fused.GR(g, torch.optim.Adam, gamma=0.002, rho=0.05, lr=1e-2, backend=b)),
+    Case("sgd-bf16", ODD, _sgd(**SGD_MOM), dtypes=(torch.bfloat16,), steps=1),
+    Case("sgd-fp16", ODD, _sgd(**SGD_MOM), dtypes=(torch.float16,)),
+    Case("adamw-mixed-dtypes", ODD * 2, _adamw(lr=1e-2, gamma=0.002, rho=0.05), dtypes=(torch.float32, torch.bfloat16, torch.float16), steps=1),
+]
+CASE_IDS = [c.name for c in CASES]
