@@ -5,7 +5,7 @@ backend receives; the backends only apply them element-wise.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -42,14 +42,16 @@ def ascent_scalars(sq_norm: torch.Tensor, inv_scale: Optional[torch.Tensor], *, 
     return eps, fold, combine
 
 
-def update_scalars(sq_norm_G: torch.Tensor, combine: torch.Tensor,
-                   inv_scale: Optional[torch.Tensor], max_grad_norm: Optional[float]
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """From ΣG² return ``(gscale, found_inf)``: g = gscale·G is the combined, unscaled and
-    clipped gradient; ``found_inf`` (0./1.) is set when G has an inf or NaN anywhere."""
-    found_inf = (~torch.isfinite(sq_norm_G)).to(sq_norm_G.dtype)
-    gscale = combine if inv_scale is None else combine * inv_scale
-    if max_grad_norm is not None:
-        total = gscale.abs() * sq_norm_G.sqrt()
-        gscale = gscale * torch.clamp(max_grad_norm / (total + CLIP_EPS), max=1.0)
-    return gscale, found_inf
+def update_scalars(sq_norms_G: List[torch.Tensor], combines: List[torch.Tensor],
+                   inv_scale: Optional[torch.Tensor], max_grad_norms: List[Optional[float]]
+                   ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """From ΣG² of each param group return ``(gscales, found_inf)``: g = gscale·G is each
+    group's combined, unscaled and clipped gradient; ``found_inf`` (0./1.) is set when G has
+    an inf or NaN anywhere. Clipping follows clip_grad_norm_ over the global norm of g."""
+    found_inf = (~torch.isfinite(torch.stack(sq_norms_G).sum())).to(sq_norms_G[0].dtype)
+    gscales = [c if inv_scale is None else c * inv_scale for c in combines]
+    if any(m is not None for m in max_grad_norms):
+        total = torch.stack([s * s * sq for s, sq in zip(gscales, sq_norms_G)]).sum().sqrt()
+        gscales = [s if m is None else s * torch.clamp(m / (total + CLIP_EPS), max=1.0)
+                   for s, m in zip(gscales, max_grad_norms)]
+    return gscales, found_inf

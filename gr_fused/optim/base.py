@@ -18,6 +18,7 @@ from .. import backends as _backends
 from .._bn import FreezeRunningStats
 from ..backends.flat import zero_flat_grads
 from .._scalars import ascent_scalars, update_scalars
+from ..distributed import all_reduce_max, all_reduce_sq_norm, local_shard
 
 GR_DEFAULTS = dict(gamma=0.05, rho=0.05, normalize=True, difference="forward", alpha=None,
                    adaptive=False, max_grad_norm=None)
@@ -160,7 +161,15 @@ class GROptimizer(Optimizer):
 
     # ------------------------------------------------------------------ AMP
     def _inv_grad_scale(self, device) -> Optional[torch.Tensor]:
-        """1/S when torch.amp.GradScaler drives this optimizer (it sets ``grad_scale``)."""
+        """1/S when gr_fused.amp.GradScaler drives this GR step (it sets ``grad_scale``)."""
+        if hasattr(self, "found_inf") and not getattr(self, "_gr_grad_scaler", False):
+            for name in ("grad_scale", "found_inf"):
+                delattr(self, name)
+            raise RuntimeError(
+                "torch.amp.GradScaler cannot drive a GR step: it checks the gradients for inf/NaN "
+                "before step() has computed them, so it would never see an overflow of either "
+                "gradient. Use gr_fused.amp.GradScaler, a drop-in subclass, with the same "
+                "scaler.step(opt, closure) and scaler.update(). The weights are unchanged.")
         scale = getattr(self, "grad_scale", None)
         if scale is None:
             return None
@@ -280,11 +289,14 @@ class GROptimizer(Optimizer):
             if pending.buckets:
                 main = pending.main_device
                 inv = self._inv_grad_scale(main)
-                sq = _sum_on(main, [self._backend(b).sq_norm(b, False) for b in pending.buckets])
-                found_inf = None
-                for gi, combine in pending.combine.items():
-                    gscale, found_inf = update_scalars(sq, combine, inv,
-                                                       self.param_groups[gi]["max_grad_norm"])
+                groups = sorted(pending.combine)
+                sq_by_group = [_sum_on(main, [self._backend(b).sq_norm(b, False)
+                                              for b in pending.buckets
+                                              if b.extra["_group_index"] == gi]) for gi in groups]
+                gscales, found_inf = update_scalars(
+                    sq_by_group, [pending.combine[gi] for gi in groups], inv,
+                    [self.param_groups[gi]["max_grad_norm"] for gi in groups])
+                for gi, gscale in zip(groups, gscales):
                     for b in pending.buckets:
                         if b.extra["_group_index"] == gi:
                             self._backend(b).update(b, gscale.to(b.device), found_inf.to(b.device))
@@ -350,36 +362,40 @@ class GROptimizer(Optimizer):
         return params, grads
 
     def _plain_prepare(self) -> bool:
-        """AMP unscale and clipping for the plain (GR off) path. Returns False when the step
-        must be skipped for inf/NaN (one host sync, as torch.amp.GradScaler does for any
-        non-fused optimizer)."""
+        """AMP unscale and clipping for the plain (GR off) path, on local shards for FSDP2 /
+        DTensor grads (norms and inf flags reduced over the shard groups). Returns False when
+        the step must be skipped for inf/NaN (one host sync, as torch.amp.GradScaler does for
+        any non-fused optimizer)."""
+        per_group = [[local_shard(p)[1:] for p in g["params"] if p.grad is not None]
+                     for g in self.param_groups]
+        by_kind = defaultdict(list)  # (shard groups, device, dtype) -> local grads
+        for grads in per_group:
+            for grad, shard in grads:
+                by_kind[(shard, grad.device, grad.dtype)].append(grad)
         scale = getattr(self, "grad_scale", None)
         found = None
         if scale is not None:
-            by_device = defaultdict(list)
-            for g in self.param_groups:
-                for p in g["params"]:
-                    if p.grad is not None:
-                        by_device[p.device].append(p.grad)
             found = torch.zeros((), device=scale.device)
-            for device, grads in by_device.items():
+            for (shard, device, _), grads in by_kind.items():
                 f = torch.zeros((), device=device)
                 inv = scale.to(device=device, dtype=torch.float32).reciprocal()
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, f, inv)
-                found = torch.maximum(found, f.to(found.device))
+                found = torch.maximum(found, all_reduce_max(f, shard).to(found.device))
             self._report_found_inf(found)
-        clip = [g for g in self.param_groups if g["max_grad_norm"] is not None]
-        if clip:  # clip_grad_norm_ semantics over the global norm of every group's grads
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            main = grads[0].device
-            total = _sum_on(main, [torch.stack(torch._foreach_norm(
-                [x for x in grads if x.device == d], 2)).float().square().sum()
-                for d in sorted({x.device for x in grads}, key=str)]).sqrt()
-            for g in clip:
-                coef = torch.clamp(g["max_grad_norm"] / (total + 1e-6), max=1.0)
-                gs = [p.grad for p in g["params"] if p.grad is not None]
-                if gs:
-                    torch._foreach_mul_(gs, coef.to(gs[0].device))
+        elif isinstance(getattr(self, "found_inf", None), torch.Tensor):
+            found = self.found_inf  # scaler.unscale_(opt) already unscaled and checked them
+            self._report_found_inf(found)
+        clip = [i for i, g in enumerate(self.param_groups) if g["max_grad_norm"] is not None]
+        if clip and by_kind:  # clip_grad_norm_ semantics over the global norm of every group's grads
+            main = next(iter(by_kind.values()))[0].device
+            total = _sum_on(main, [all_reduce_sq_norm(torch.stack(torch._foreach_norm(
+                grads, 2)).float().square().sum(), shard)
+                for (shard, _, _), grads in by_kind.items()]).sqrt()
+            for i in clip:
+                coef = torch.clamp(self.param_groups[i]["max_grad_norm"] / (total + 1e-6), max=1.0)
+                for device in {grad.device for grad, _ in per_group[i]}:
+                    torch._foreach_mul_([grad for grad, _ in per_group[i] if grad.device == device],
+                                        coef.to(device))
         return found is None or not bool(found.item())
 
 
