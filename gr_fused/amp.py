@@ -1,0 +1,120 @@
+"""Mixed precision: a ``torch.amp.GradScaler`` that can drive a GR step.
+
+``torch.amp.GradScaler.step(optimizer, closure)`` checks the gradients for inf/NaN *before*
+it calls ``optimizer.step``. A GR step computes its gradients inside ``step`` (the closure
+runs twice), so torch's scaler would check stale or missing gradients, and its ``update()``
+would never learn that the second gradient overflowed. :class:`GradScaler` is a drop-in
+subclass whose ``step`` lets a gr_fused optimizer unscale both gradients itself (once each,
+fused into the step, ε_t and the combine use 1/S read from device memory) and report the
+inf/NaN flag it found; ``update()`` then backs the scale off exactly as torch's does::
+
+    scaler = gr_fused.amp.GradScaler("cuda")
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = loss_fn(model(x), y)
+        scaler.scale(loss).backward()      # both backward passes are scaled
+        return loss
+    scaler.step(opt, closure)              # skipped, θ restored exactly, if either grad has inf/NaN
+    scaler.update()
+
+Optimizers that are not gr_fused optimizers are passed to torch's ``GradScaler.step``
+unchanged, so one scaler can serve both. ``state_dict``/``load_state_dict`` are torch's.
+A torch ``GradScaler`` given a GR step raises an error that points here; the plain step of a
+gr_fused optimizer with GR off (``gamma=0``) works with either scaler.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.amp.grad_scaler import OptState
+
+from .optim.base import GROptimizer
+
+__all__ = ["GradScaler"]
+
+# The attribute a gr_fused optimizer checks to know that this scaler (not torch's) drives it.
+DRIVER_FLAG = "_gr_grad_scaler"
+
+
+class GradScaler(torch.amp.GradScaler):
+    """``torch.amp.GradScaler`` whose ``step(opt, closure)`` supports gr_fused optimizers.
+
+    Besides ``step(opt, closure)`` (the closure may be positional or ``closure=``), hand-written
+    loops use ``scaler.first_step(opt)`` and ``scaler.second_step(opt)`` in place of
+    ``opt.first_step()`` / ``opt.second_step()``; ``scaler.update()`` follows as usual.
+    """
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
+        if not self._enabled or not isinstance(optimizer, GROptimizer):
+            return super().step(optimizer, *args, **kwargs)
+        self._begin(optimizer, "step")
+        try:
+            retval = optimizer.step(*args, **kwargs)
+        except BaseException:
+            self._detach(optimizer)
+            raise
+        self._end(optimizer)
+        return retval
+
+    def first_step(self, optimizer: GROptimizer, zero_grad: bool = True) -> None:
+        """``optimizer.first_step()`` on scaled gradients (after ``scale(loss).backward()``)."""
+        if not self._enabled:
+            return optimizer.first_step(zero_grad)
+        self._begin(optimizer, "first_step")
+        try:
+            optimizer.first_step(zero_grad)
+        except BaseException:
+            self._detach(optimizer)
+            raise
+
+    def second_step(self, optimizer: GROptimizer, zero_grad: bool = True) -> None:
+        """``optimizer.second_step()`` after the second ``scale(loss).backward()``; records
+        whether the step was skipped for ``update()``."""
+        if not self._enabled:
+            return optimizer.second_step(zero_grad)
+        if not getattr(optimizer, DRIVER_FLAG, False):
+            raise RuntimeError("scaler.second_step(opt) without scaler.first_step(opt)")
+        try:
+            optimizer.second_step(zero_grad)
+        except BaseException:
+            self._detach(optimizer)
+            raise
+        self._end(optimizer)
+
+    # ------------------------------------------------------------------ internals
+    def _begin(self, optimizer: GROptimizer, what: str) -> None:
+        if self._scale is None:  # torch creates it in the first scale(); the closure runs later
+            devices = [p.device for g in optimizer.param_groups for p in g["params"]
+                       if p.device.type == self._device]
+            self._lazy_init_scale_growth_tracker(devices[0] if devices
+                                                 else torch.device(self._device))
+        self._check_scale_growth_tracker(what)
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.STEPPED:
+            raise RuntimeError(f"{what}() has already been called since the last update().")
+        if state["stage"] is OptState.UNSCALED:
+            raise RuntimeError(
+                f"scaler.unscale_(opt) before scaler.{what}(opt) is not supported for gr_fused "
+                "optimizers: the gradients are computed (and unscaled) inside the step. To clip, "
+                "give the optimizer max_grad_norm=..., which clips the unscaled combined gradient.")
+        if getattr(optimizer, DRIVER_FLAG, False):
+            raise RuntimeError(f"scaler.{what}(opt) while a scaled GR step is in progress")
+        scale = self._get_scale_async()
+        optimizer.grad_scale = scale
+        optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
+        setattr(optimizer, DRIVER_FLAG, True)
+
+    def _end(self, optimizer: GROptimizer) -> None:
+        found_inf = optimizer.found_inf
+        self._detach(optimizer)
+        state = self._per_optimizer_states[id(optimizer)]
+        state["found_inf_per_device"] = {found_inf.device: found_inf}
+        state["stage"] = OptState.STEPPED
+
+    @staticmethod
+    def _detach(optimizer: GROptimizer) -> None:
+        for name in ("grad_scale", "found_inf", DRIVER_FLAG):
+            if hasattr(optimizer, name):
+                delattr(optimizer, name)
