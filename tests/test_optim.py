@@ -319,3 +319,20 @@ def test_hypothesis_shapes_and_hyperparameters(shapes, gamma, rho, backward, nor
     got = torch.cat([p.detach().flatten() for p in params])
     exp = torch.cat([t.flatten() for t in want])
     assert (got - exp).norm() / exp.norm() <= 1e-11
+
+
+def test_sam_with_rho_zero_is_the_base_optimizer_bitwise():
+    init = mlp_params()
+    a = [t.clone().requires_grad_() for t in init]
+    b = [t.clone().requires_grad_() for t in init]
+    sam = gr_fused.SAM(a, torch.optim.SGD, rho=0.0, lr=0.1, momentum=0.9, backend="torch")
+    sgd = torch.optim.SGD(b, lr=0.1, momentum=0.9)
+    for _ in range(4):
+        mlp_loss([a]).backward()
+        sam.first_step(zero_grad=True)
+        mlp_loss([a]).backward()
+        sam.second_step(zero_grad=True)
+        sgd.zero_grad()
+        mlp_loss([b]).backward()
+        sgd.step()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

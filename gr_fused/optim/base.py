@@ -42,7 +42,7 @@ def check_gr_hparams(group: Dict[str, Any]) -> None:
         if gamma != 0:
             raise ValueError(f"Invalid gamma: {gamma!r} with alpha={alpha!r}: give gamma or a "
                              "fixed alpha, not both")
-    if (gamma != 0 or alpha is not None) and rho == 0:
+    if gamma != 0 and rho == 0:  # α = γ/ε needs ε ≠ 0; a fixed α with ρ = 0 is the base step
         raise ValueError("Invalid rho: 0 (GR needs a nonzero ascent step; rho > 0 is the "
                          "forward difference, rho < 0 the backward difference)")
     if group["difference"] not in DIFFERENCES:
@@ -242,8 +242,7 @@ class GROptimizer(Optimizer):
         main = buckets[0].device
         inv = self._inv_grad_scale(main)
         adaptive = {b.extra["_group_index"]: b.group["adaptive"] for b in buckets}
-        sq = _sum_on(main, [self._backend(b).sq_norm(b, adaptive[b.extra["_group_index"]])
-                            for b in buckets])
+        sq = _global_sq_norm(main, buckets, adaptive=True)
         scalars = {}
         for gi in sorted(adaptive):
             g = self.param_groups[gi]
@@ -290,9 +289,9 @@ class GROptimizer(Optimizer):
                 main = pending.main_device
                 inv = self._inv_grad_scale(main)
                 groups = sorted(pending.combine)
-                sq_by_group = [_sum_on(main, [self._backend(b).sq_norm(b, False)
-                                              for b in pending.buckets
-                                              if b.extra["_group_index"] == gi]) for gi in groups]
+                sq_by_group = [_global_sq_norm(main, [b for b in pending.buckets
+                                                      if b.extra["_group_index"] == gi],
+                                               adaptive=False) for gi in groups]
                 gscales, found_inf = update_scalars(
                     sq_by_group, [pending.combine[gi] for gi in groups], inv,
                     [self.param_groups[gi]["max_grad_norm"] for gi in groups])
@@ -397,6 +396,19 @@ class GROptimizer(Optimizer):
                     torch._foreach_mul_([grad for grad, _ in per_group[i] if grad.device == device],
                                         coef.to(device))
         return found is None or not bool(found.item())
+
+
+def _global_sq_norm(main, buckets: List[_backends.Bucket], adaptive: bool) -> torch.Tensor:
+    """Σ over ``buckets`` of their squared norms (with each group's ``adaptive`` weighting if
+    ``adaptive``), on ``main``. Buckets of sharded parameters (FSDP2 / DTensor local shards,
+    whose process groups ``_buckets`` puts in ``extra["shard_groups"]``) are summed over those
+    groups, so every rank gets the global norm and takes the same skip decision."""
+    parts: Dict[Tuple[Any, ...], List[torch.Tensor]] = defaultdict(list)
+    for b in buckets:
+        sq = b.extra["_backend"].sq_norm(b, adaptive and b.group["adaptive"])
+        parts[b.extra.get("shard_groups", ())].append(sq)
+    return _sum_on(main, [all_reduce_sq_norm(_sum_on(main, sqs), groups) if groups
+                          else _sum_on(main, sqs) for groups, sqs in parts.items()])
 
 
 def _sum_on(device, tensors: List[torch.Tensor]) -> torch.Tensor:
