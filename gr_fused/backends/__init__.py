@@ -19,6 +19,7 @@ log = logging.getLogger("gr_fused")
 # name -> "module:Class"; the module is imported only when the backend is asked for.
 _REGISTRY: Dict[str, str] = {
     "torch": "gr_fused.backends.torch_backend:TorchBackend",
+    "triton": "gr_fused.backends.triton_backend:TritonBackend",
 }
 
 AUTO_ORDER: Dict[str, List[str]] = {

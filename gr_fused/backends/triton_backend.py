@@ -1,0 +1,137 @@
+"""The Triton backend: every phase of a GR step is one or two kernel launches over the flat
+buffers of a bucket (see ``flat.py`` and ``gr_fused/kernels``), whatever the number of tensors.
+
+``TritonBackend`` is the :class:`~.flat.FlatBackend` that the registry hands out under the
+name ``"triton"``; ``TritonFlatKernels`` maps the phases of a *flat* bucket (one param, one
+grad, one state dict, one backup) onto the kernels. Per step with SGD: norm(g1) 2 launches,
+perturb 1, norm(G) 2, update 1 (AdamW: 2); the kernels themselves never sync with the host.
+
+The kernels run on CUDA tensors, and on CPU tensors only under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before ``gr_fused.kernels`` is first imported), which is how CI
+checks the same kernel code without a GPU.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from .base import Backend, Bucket
+from .flat import FlatBackend
+
+try:
+    import triton  # noqa: F401
+    _IMPORT_ERROR: Optional[BaseException] = None
+except Exception as exc:  # pragma: no cover - depends on the machine
+    _IMPORT_ERROR = exc
+
+
+def _interpret_requested() -> bool:
+    """Whether Triton would define kernels for its interpreter now (TRITON_INTERPRET)."""
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # triton versions before knobs
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _kernels():
+    import gr_fused.kernels as kernels  # defines the kernels on first import
+    return kernels
+
+
+def _defined_interpreted() -> Optional[bool]:
+    """How the kernels were defined (None: not imported yet, so they will follow the env)."""
+    module = sys.modules.get("gr_fused.kernels")
+    return None if module is None else module.INTERPRETED
+
+
+class TritonFlatKernels(Backend):
+    """The backend phases for a flat bucket (``params[0]`` the flat param, ``grads[0]`` the
+    flat grad, ``states[0]`` the flat state dict, ``extra["backup"][0]`` the flat backup)."""
+
+    name = "triton-flat"
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        if _IMPORT_ERROR is not None:
+            return f"triton is not importable ({_IMPORT_ERROR!r})"
+        device = torch.device(device)
+        defined = _defined_interpreted()
+        interpreted = _interpret_requested() if defined is None else defined
+        if device.type == "cuda":
+            if interpreted:
+                return ("the kernels were defined for the Triton interpreter (TRITON_INTERPRET=1) "
+                        "and would run on the host")
+            return None
+        if device.type == "cpu":
+            if interpreted:
+                return None
+            if _interpret_requested():
+                return ("TRITON_INTERPRET=1 was set after gr_fused.kernels was imported; set it "
+                        "before the first import")
+            return ("the Triton kernels need CUDA tensors (on CPU they run only under the Triton "
+                    "interpreter, TRITON_INTERPRET=1, which is for tests)")
+        return f"the Triton kernels do not run on {device.type} tensors"
+
+    @staticmethod
+    def _flat(b: Bucket):
+        return b.params[0], b.grads[0], b.extra["backup"][0]
+
+    def sq_norm(self, b, adaptive):
+        param, grad, _ = self._flat(b)
+        return _kernels().sq_norm(grad, param if adaptive else None)
+
+    def perturb(self, b, eps, fold, adaptive):
+        _kernels().perturb(*self._flat(b), eps, fold, adaptive)
+
+    def reflect(self, b):
+        _kernels().reflect(*self._flat(b))
+
+    def restore(self, b):
+        param, _, backup = self._flat(b)
+        param.copy_(backup)
+
+    def update(self, b, gscale, found_inf):
+        param, grad, backup = self._flat(b)
+        state, group, k = b.states[0], b.group, _kernels()
+        if b.algo == "none":
+            k.restore_and_combine(param, grad, backup, gscale, found_inf)
+        elif b.algo == "sgd":
+            buf, first = None, False
+            if group["momentum"] != 0:
+                buf = state.get("momentum_buffer")
+                first = buf is None
+                if first:  # filled by the kernel: g, or zeros if this step is skipped
+                    buf = state["momentum_buffer"] = torch.empty_like(param)
+            k.sgd_update(param, grad, backup, buf, gscale, found_inf, lr=_number(group["lr"]),
+                         momentum=group["momentum"], dampening=group["dampening"],
+                         weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                         first=first)
+        elif b.algo == "adamw":
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                state["exp_avg"] = torch.zeros_like(param)
+                state["exp_avg_sq"] = torch.zeros_like(param)
+            beta1, beta2 = group["betas"]
+            k.adamw_update(param, grad, backup, state["exp_avg"], state["exp_avg_sq"],
+                           state["step"], gscale, found_inf, lr=_number(group["lr"]),
+                           beta1=beta1, beta2=beta2, eps=group["eps"],
+                           weight_decay=group["weight_decay"])
+        else:
+            raise ValueError(f"unknown base update {b.algo!r}")
+
+
+def _number(x) -> float:
+    """A hyperparameter as a Python float (a tensor lr costs one read, as in torch.optim)."""
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+class TritonBackend(FlatBackend):
+    """``backend="triton"``: flat buffers per (param group, device, dtype) and Triton kernels."""
+
+    name = "triton"
+    kernel = TritonFlatKernels()
+    supported_dtypes = (torch.float32, torch.float16, torch.bfloat16)

@@ -1,0 +1,57 @@
+"""Deterministic squared norm of a flat buffer: Σ x² (or Σ (x·y)², the adaptive norm Σ (θ·g)²).
+
+Two stages and no float atomics, so the same input gives the same bits every run:
+``_partial_sq_kernel`` writes one fp32 partial sum per block into a small buffer, and
+``_finalize_kernel`` (one program) adds the partials in a fixed order into a 0-dim tensor on
+the device. Nothing is read back to the host.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import BLOCK, LAUNCH_OPTIONS, block_offsets, grid
+
+FINALIZE_BLOCK = 1024
+
+
+@triton.jit
+def _partial_sq_kernel(x_ptr, y_ptr, partial_ptr, n, HAS_Y: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = block_offsets(pid, BLOCK)
+    mask = offs < n
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Y:
+        v = v * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(partial_ptr + pid, tl.sum(v * v, axis=0))
+
+
+@triton.jit
+def _finalize_kernel(partial_ptr, out_ptr, num_partials, ITERS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ITERS):
+        offs = i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + offs, mask=offs < num_partials, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0))
+
+
+def sq_norm(x: torch.Tensor, y: Optional[torch.Tensor] = None, block: int = BLOCK) -> torch.Tensor:
+    """Σ x² (Σ (x·y)² when ``y`` is given) over flat buffers, as a 0-dim float32 tensor on
+    x's device. Two launches."""
+    n = x.numel()
+    out = torch.empty((), dtype=torch.float32, device=x.device)
+    if n == 0:
+        return out.zero_()
+    partials = torch.empty(triton.cdiv(n, block), dtype=torch.float32, device=x.device)
+    _partial_sq_kernel[grid(n, block)](x, x if y is None else y, partials, n,
+                                       HAS_Y=y is not None, BLOCK=block, **LAUNCH_OPTIONS)
+    # The loop count is a compile-time constant (rounded up to a power of two, so a few
+    # variants cover every size): the interpreter cannot loop to a runtime bound.
+    iters = triton.next_power_of_2(triton.cdiv(partials.numel(), FINALIZE_BLOCK))
+    _finalize_kernel[(1,)](partials, out, partials.numel(), ITERS=iters,
+                           BLOCK=FINALIZE_BLOCK, **LAUNCH_OPTIONS)
+    return out
