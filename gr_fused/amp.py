@@ -18,10 +18,11 @@ inf/NaN flag it found; ``update()`` then backs the scale off exactly as torch's 
     scaler.step(opt, closure)              # skipped, θ restored exactly, if either grad has inf/NaN
     scaler.update()
 
-Optimizers that are not gr_fused optimizers are passed to torch's ``GradScaler.step``
-unchanged, so one scaler can serve both. ``state_dict``/``load_state_dict`` are torch's.
-A torch ``GradScaler`` given a GR step raises an error that points here; the plain step of a
-gr_fused optimizer with GR off (``gamma=0``) works with either scaler.
+Optimizers that are not gr_fused optimizers, and gr_fused optimizers with GR off
+(``gamma=0``), go to torch's ``GradScaler.step`` unchanged, so one scaler serves all of them
+(``scaler.unscale_(opt)`` before a plain step works as in torch). ``state_dict`` and
+``load_state_dict`` are torch's. A torch ``GradScaler`` given a GR step raises an error that
+points here; a plain step works with either scaler.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ class GradScaler(torch.amp.GradScaler):
     """
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
-        if not self._enabled or not isinstance(optimizer, GROptimizer):
-            return super().step(optimizer, *args, **kwargs)
+        if not (self._enabled and isinstance(optimizer, GROptimizer) and optimizer.gr_active()):
+            return super().step(optimizer, *args, **kwargs)  # torch's protocol fits a plain step
         self._begin(optimizer, "step")
         try:
             retval = optimizer.step(*args, **kwargs)
