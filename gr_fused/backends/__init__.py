@@ -20,6 +20,8 @@ log = logging.getLogger("gr_fused")
 _REGISTRY: Dict[str, str] = {
     "torch": "gr_fused.backends.torch_backend:TorchBackend",
     "triton": "gr_fused.backends.triton_backend:TritonBackend",
+    "cpu": "gr_fused.backends.cext_backend:CpuBackend",
+    "cuda": "gr_fused.backends.cext_backend:CudaBackend",
 }
 
 AUTO_ORDER: Dict[str, List[str]] = {

@@ -1,0 +1,74 @@
+// gr_fused._C: the pybind11 module. Each phase takes (device, stream, threads) first and
+// runs on the host build when device < 0, else on that CUDA device (see grf_api.h).
+// C++ exceptions become Python exceptions (std::runtime_error -> RuntimeError, carrying the
+// CUDA error string; std::invalid_argument -> ValueError). The GIL is released meanwhile.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+
+#include "grf_api.h"
+
+#ifndef GRF_SOURCE_HASH
+#define GRF_SOURCE_HASH "unknown"
+#endif
+#ifndef GRF_CUDA_ARCHS
+#define GRF_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <class... A>
+auto route(void (*host_fn)(const grf::Where&, A...), void (*cuda_fn)(const grf::Where&, A...)) {
+  return [=](int device, uintptr_t stream, int threads, A... args) {
+    grf::Where w{device, stream, threads};
+    if (device < 0) return host_fn(w, args...);
+    if (cuda_fn == nullptr)
+      throw std::runtime_error("gr_fused._C was built without CUDA (nvcc was not found at "
+                               "build time); rebuild with GR_FUSED_BUILD_CUDA=1");
+    cuda_fn(w, args...);
+  };
+}
+
+}  // namespace
+
+#ifdef GRF_WITH_CUDA
+#define GRF_ROUTE(name) route(&grf::host::name, &grf::cuda::name)
+#else
+#define GRF_ROUTE(name) route(&grf::host::name, decltype(&grf::host::name)(nullptr))
+#endif
+
+#define GRF_DEF(name, doc) \
+  m.def(#name, GRF_ROUTE(name), doc, py::call_guard<py::gil_scoped_release>())
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gr_fused's compiled kernels (csrc/): the phases of a GR step over flat buffers";
+  GRF_DEF(sq_norm, "(device, stream, threads, dtype, n, g, theta_or_0, partials, out)");
+  GRF_DEF(perturb, "(device, stream, threads, dtype, n, theta, g, backup, eps, fold, adaptive)");
+  GRF_DEF(reflect, "(device, stream, threads, dtype, n, theta, g, backup)");
+  GRF_DEF(restore, "(device, stream, threads, dtype, n, theta, backup)");
+  GRF_DEF(update_none,
+          "(device, stream, threads, dtype, n, theta, G, backup, gscale, found_inf)");
+  GRF_DEF(update_sgd,
+          "(device, stream, threads, dtype, n, theta, G, backup, buf_or_0, first, gscale, "
+          "found_inf, lr, momentum, dampening, weight_decay, nesterov)");
+  GRF_DEF(update_adamw,
+          "(device, stream, threads, dtype, n, theta, G, backup, m, v, step, gscale, "
+          "found_inf, lr, beta1, beta2, eps, weight_decay)");
+  py::dict codes;
+  codes["float32"] = int(grf::kF32);
+  codes["float16"] = int(grf::kF16);
+  codes["bfloat16"] = int(grf::kBF16);
+  codes["float64"] = int(grf::kF64);
+  m.attr("dtype_codes") = codes;
+  m.attr("max_norm_blocks") = grf::kMaxNormBlocks;
+  m.attr("source_hash") = GRF_SOURCE_HASH;
+#ifdef GRF_WITH_CUDA
+  m.attr("with_cuda") = true;
+  m.attr("cuda_archs") = GRF_CUDA_ARCHS;
+#else
+  m.attr("with_cuda") = false;
+  m.attr("cuda_archs") = "";
+#endif
+}

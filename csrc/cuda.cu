@@ -1,0 +1,245 @@
+// The CUDA build: the phases of grf_api.h as grid-stride kernels over the ops of grf_ops.h.
+//
+// * 16-byte vector loads/stores (4 floats, 8 halves, 2 doubles) when every buffer of the
+//   call is 16-byte aligned, with a scalar tail; scalar accesses otherwise.
+// * Step scalars are read by the kernels from device memory: no host sync anywhere.
+// * The norm is deterministic: each block writes a partial sum (a fixed tree of warp
+//   shuffles), a one-block kernel adds the partials in a fixed order. No atomics. The
+//   number of blocks depends only on n and the alignment.
+// * Every CUDA call and launch is checked; a failure throws std::runtime_error with the CUDA
+//   error string, which pybind11 turns into a Python RuntimeError.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+
+#include "grf_ops.h"
+
+namespace grf {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBlocksPerSm = 8;
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("gr_fused CUDA error in ") + what + ": " +
+                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
+// Launch on the buffers' device, whatever the caller's current device is.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+    current_ = device;
+  }
+  ~DeviceGuard() {
+    if (previous_ != current_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = 0, current_ = 0;
+};
+
+int sm_count(int device) {
+  static std::atomic<int> cache[64];
+  if (device >= 64) device = 63;  // only a launch-size hint
+  int n = cache[device].load();
+  if (n == 0) {
+    check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device),
+          "cudaDeviceGetAttribute");
+    cache[device].store(n);
+  }
+  return n;
+}
+
+bool aligned16(std::initializer_list<ptr> ptrs) {
+  for (ptr p : ptrs)
+    if (p % 16 != 0) return false;
+  return true;
+}
+
+cudaStream_t stream_of(const Where& w) { return reinterpret_cast<cudaStream_t>(w.stream); }
+
+template <class T> constexpr int vec_width() { return 16 / int(sizeof(T)); }
+
+template <class T> T* as(ptr p) { return reinterpret_cast<T*>(p); }
+
+// ---------------------------------------------------------------- element-wise phases
+template <class Op, int V> __global__ void __launch_bounds__(kThreads)
+foreach_kernel(Op op, int64_t n) {
+  op.prepare();
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nvec = n / V;
+  for (int64_t j = tid; j < nvec; j += stride) op.template apply<V>(j * V);
+  for (int64_t i = nvec * V + tid; i < n; i += stride) op.template apply<1>(i);
+}
+
+template <class Op>
+void launch_foreach(const Where& w, const Op& op, int64_t n, bool aligned, const char* what) {
+  if (n <= 0) return;
+  using T = typename Op::value_type;
+  constexpr int V = vec_width<T>();
+  DeviceGuard guard(w.device);
+  const int64_t per_block = int64_t(kThreads) * (aligned ? V : 1);
+  const int64_t blocks = std::min<int64_t>((n + per_block - 1) / per_block,
+                                           int64_t(sm_count(w.device)) * kBlocksPerSm);
+  if (aligned)
+    foreach_kernel<Op, V><<<unsigned(blocks), kThreads, 0, stream_of(w)>>>(op, n);
+  else
+    foreach_kernel<Op, 1><<<unsigned(blocks), kThreads, 0, stream_of(w)>>>(op, n);
+  check(cudaGetLastError(), what);
+}
+
+// ---------------------------------------------------------------- the norm
+// Sum over the block in a fixed order; the result is valid in thread 0.
+template <class A> __device__ A block_sum(A x) {
+  __shared__ A warp_sums[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+GRF_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
+  if (lane == 0) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    x = lane < kThreads / 32 ? warp_sums[lane] : A(0);
+GRF_UNROLL
+    for (int offset = 16; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
+  }
+  return x;
+}
+
+template <class T, int V> __global__ void __launch_bounds__(kThreads)
+sq_norm_partial(SqNormOp<T> op, int64_t n, compute_t<T>* partials) {
+  using C = compute_t<T>;
+  C acc[V] = {};
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nvec = n / V;
+  for (int64_t j = tid; j < nvec; j += stride) op.template accumulate<V>(j * V, acc);
+  for (int64_t i = nvec * V + tid; i < n; i += stride) op.template accumulate<1>(i, acc);
+  C x = 0;
+GRF_UNROLL
+  for (int k = 0; k < V; ++k) x += acc[k];
+  x = block_sum(x);
+  if (threadIdx.x == 0) partials[blockIdx.x] = x;
+}
+
+template <class C> __global__ void __launch_bounds__(kThreads)
+sq_norm_finalize(const C* partials, int count, C* out) {
+  double x = 0;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) x += double(partials[i]);
+  x = block_sum(x);
+  if (threadIdx.x == 0) *out = C(x);
+}
+
+// AdamW's step count moves only when the step is taken.
+template <class C> __global__ void advance_step(float* step, const C* found_inf) {
+  if (*found_inf == C(0)) *step += 1.0f;
+}
+
+}  // namespace
+
+void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials, ptr out) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    constexpr int V = vec_width<T>();
+    DeviceGuard guard(w.device);
+    const bool adaptive = theta != 0;
+    const bool aligned = aligned16({g}) && (!adaptive || aligned16({theta}));
+    const int64_t per_block = int64_t(kThreads) * (aligned ? V : 1);
+    const int blocks = int(std::max<int64_t>(
+        1, std::min<int64_t>((n + per_block - 1) / per_block, kMaxNormBlocks)));
+    SqNormOp<T> op{as<const T>(g), as<const T>(theta), adaptive};
+    if (aligned)
+      sq_norm_partial<T, V><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<C>(partials));
+    else
+      sq_norm_partial<T, 1><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<C>(partials));
+    check(cudaGetLastError(), "sq_norm");
+    sq_norm_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(as<const C>(partials), blocks,
+                                                          as<C>(out));
+    check(cudaGetLastError(), "sq_norm (finalize)");
+  });
+}
+
+void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps,
+             ptr fold, bool adaptive) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    PerturbOp<T> op{as<T>(theta), as<T>(g), as<T>(backup), as<const C>(eps),
+                    as<const C>(fold), adaptive};
+    launch_foreach(w, op, n, aligned16({theta, g, backup}), "perturb");
+  });
+}
+
+void reflect(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    ReflectOp<T> op{as<T>(theta), as<T>(g), as<const T>(backup)};
+    launch_foreach(w, op, n, aligned16({theta, g, backup}), "reflect");
+  });
+}
+
+void restore(const Where& w, int dtype, int64_t n, ptr theta, ptr backup) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (n <= 0) return;
+    DeviceGuard guard(w.device);
+    check(cudaMemcpyAsync(as<T>(theta), as<const T>(backup), sizeof(T) * n,
+                          cudaMemcpyDeviceToDevice, stream_of(w)),
+          "restore (cudaMemcpyAsync)");
+  });
+}
+
+void update_none(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup,
+                 ptr gscale, ptr found_inf) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    UpdateNoneOp<T> op{as<T>(theta), as<T>(G), as<const T>(backup),
+                       {as<const C>(gscale), as<const C>(found_inf)}};
+    launch_foreach(w, op, n, aligned16({theta, G, backup}), "update_none");
+  });
+}
+
+void update_sgd(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr buf,
+                bool first, ptr gscale, ptr found_inf, double lr, double momentum,
+                double dampening, double weight_decay, bool nesterov) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    UpdateSgdOp<T> op{as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(buf),
+                      {as<const C>(gscale), as<const C>(found_inf)},
+                      make_sgd_hp<C>(lr, momentum, dampening, weight_decay, nesterov,
+                                     sgd_mode(buf, first))};
+    launch_foreach(w, op, n, aligned16({theta, G, backup, buf}), "update_sgd");
+  });
+}
+
+void update_adamw(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr m,
+                  ptr v, ptr step, ptr gscale, ptr found_inf, double lr, double beta1,
+                  double beta2, double eps, double weight_decay) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    UpdateAdamwOp<T> op{as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(m), as<T>(v),
+                        as<const float>(step),
+                        {as<const C>(gscale), as<const C>(found_inf)},
+                        make_adam_hp<C>(lr, beta1, beta2, eps, weight_decay)};
+    launch_foreach(w, op, n, aligned16({theta, G, backup, m, v}), "update_adamw");
+    DeviceGuard guard(w.device);
+    advance_step<C><<<1, 1, 0, stream_of(w)>>>(as<float>(step), as<const C>(found_inf));
+    check(cudaGetLastError(), "update_adamw (step count)");
+  });
+}
+
+}  // namespace cuda
+}  // namespace grf

@@ -1,0 +1,52 @@
+// The phases of a GR step over one flat buffer, as the Python side calls them
+// (gr_fused/backends/cext_backend.py through the pybind11 module gr_fused._C, bind.cpp).
+//
+// Every pointer is a raw address (torch's tensor.data_ptr()), so no torch header or ABI is
+// involved and one build works with any torch version. Buffers hold `n` elements of the
+// storage type named by `dtype`; step scalars (eps, fold, gscale, found_inf) are 0-dim
+// tensors of the compute type (float, or double for double buffers) in the same memory as
+// the buffers, read there by the kernels: no call synchronizes with the host.
+#pragma once
+
+#include <stdint.h>
+
+namespace grf {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+// device < 0: the host build, `threads` OpenMP threads. device ≥ 0: that CUDA device,
+// launched on the cudaStream_t `stream` (torch.cuda.current_stream().cuda_stream).
+struct Where {
+  int device;
+  uintptr_t stream;
+  int threads;
+};
+
+using ptr = uintptr_t;
+
+// The CUDA norm writes one partial sum per block into `partials` (room for this many).
+constexpr int kMaxNormBlocks = 1024;
+
+#define GRF_DECLARE_PHASES                                                                  \
+  /* out = Σ g² (Σ (θ·g)² when theta != 0), deterministic; partials: CUDA scratch */       \
+  void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials,        \
+               ptr out);                                                                    \
+  void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps, \
+               ptr fold, bool adaptive);                                                    \
+  void reflect(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup);         \
+  void restore(const Where& w, int dtype, int64_t n, ptr theta, ptr backup);                \
+  void update_none(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup,      \
+                   ptr gscale, ptr found_inf);                                              \
+  /* buf == 0: no momentum; first: buf is created by this step (written, never read) */    \
+  void update_sgd(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup,       \
+                  ptr buf, bool first, ptr gscale, ptr found_inf, double lr,                \
+                  double momentum, double dampening, double weight_decay, bool nesterov);   \
+  /* step: float32 step count, advanced by 1 unless found_inf */                           \
+  void update_adamw(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup,     \
+                    ptr m, ptr v, ptr step, ptr gscale, ptr found_inf, double lr,           \
+                    double beta1, double beta2, double eps, double weight_decay);
+
+namespace host { GRF_DECLARE_PHASES }  // host.cpp
+namespace cuda { GRF_DECLARE_PHASES }  // cuda.cu (only in builds with CUDA)
+
+}  // namespace grf

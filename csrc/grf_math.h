@@ -1,0 +1,204 @@
+// The per-element math of a GR step, written once for the CUDA kernels (cuda.cu) and the
+// host loops (host.cpp). It follows gr_fused/backends/torch_backend.py operation by
+// operation, so that every rounding happens where the torch reference rounds:
+//
+//   perturb   backup = θ;  θ = θ + eps·w·g (w = θ² if adaptive else 1);  g = fold·g
+//   reflect   θ = 2·backup − θ;  g = −g
+//   sgd       g = gscale·G (+ wd·backup);  buf = g on the first step else μ·buf + (1−damp)·g;
+//             d = g + μ·buf (nesterov) or buf;  θ = backup − lr·d
+//   adamw     step += 1;  θ = backup·(1 − lr·wd);  m = m + (1−β1)·(g − m);
+//             v = β2·v + (1−β2)·g²;  θ = θ − (lr/(1−β1^step))·m/(√v/√(1−β2^step) + eps)
+//   none      θ = backup;  G = g
+//
+// Storage types are float, double and two 16-bit types (half_t, bf16_t); the math runs in
+// float (double for double), and each result is rounded once, to nearest even, on store.
+// This header needs no CUDA header: g++ compiles it for the host build.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __CUDACC__
+#define GRF_HD __host__ __device__ __forceinline__
+#define GRF_UNROLL _Pragma("unroll")
+#else
+#define GRF_HD inline __attribute__((always_inline))
+#define GRF_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace grf {
+
+// ---------------------------------------------------------------- storage types
+struct half_t { uint16_t bits; };
+struct bf16_t { uint16_t bits; };
+
+template <class T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+template <class T> using compute_t = typename Compute<T>::type;
+
+GRF_HD uint32_t float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+GRF_HD float bits_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+// IEEE half <-> float on the host (the device uses the hardware conversions).
+GRF_HD float half_bits_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_float(sign | 0x7f800000u | (man << 13));      // inf / NaN
+  if (exp == 0) {                                                              // zero / subnormal
+    float mag = float(man) * 5.9604644775390625e-8f;                           // man · 2^-24, exact
+    return sign ? -mag : mag;
+  }
+  return bits_float(sign | ((exp + 112u) << 23) | (man << 13));                // rebias 15 -> 127
+}
+
+GRF_HD uint16_t float_to_half_bits(float f) {  // round to nearest, ties to even
+  uint32_t x = float_bits(f);
+  uint16_t sign = uint16_t((x >> 16) & 0x8000u);
+  uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return sign | 0x7e00u;                 // NaN stays NaN (quiet)
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;                // ≥ 65520 (or inf) -> inf
+  if (ax >= 0x38800000u)                                       // normal half: ≥ 2^-14
+    return sign | uint16_t((ax + 0xfffu + ((ax >> 13) & 1u) - (112u << 23)) >> 13);
+  uint32_t exp = ax >> 23;                                     // subnormal half or zero
+  if (exp < 102) return sign;                                  // ≤ 2^-25: rounds to ±0
+  uint32_t man = (ax & 0x7fffffu) | 0x800000u, shift = 126 - exp;   // shift in [14, 24]
+  uint32_t q = man >> shift, rest = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+  if (rest > half || (rest == half && (q & 1u))) ++q;
+  return sign | uint16_t(q);
+}
+
+GRF_HD float bf16_bits_to_float(uint16_t b) { return bits_float(uint32_t(b) << 16); }
+
+GRF_HD uint16_t float_to_bf16_bits(float f) {  // round to nearest, ties to even
+  uint32_t x = float_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return uint16_t((x >> 16) | 0x40u);  // quiet NaN
+  return uint16_t((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+GRF_HD float to_c(float v) { return v; }
+GRF_HD double to_c(double v) { return v; }
+GRF_HD float to_c(half_t v) {
+#ifdef __CUDA_ARCH__
+  return __half2float(__ushort_as_half(v.bits));
+#else
+  return half_bits_to_float(v.bits);
+#endif
+}
+GRF_HD float to_c(bf16_t v) {
+#ifdef __CUDA_ARCH__
+  return __bfloat162float(__ushort_as_bfloat16(v.bits));
+#else
+  return bf16_bits_to_float(v.bits);
+#endif
+}
+
+template <class T> GRF_HD T from_c(compute_t<T> v) { return T(v); }
+template <> GRF_HD half_t from_c<half_t>(float v) {
+#ifdef __CUDA_ARCH__
+  return half_t{__half_as_ushort(__float2half_rn(v))};
+#else
+  return half_t{float_to_half_bits(v)};
+#endif
+}
+template <> GRF_HD bf16_t from_c<bf16_t>(float v) {
+#ifdef __CUDA_ARCH__
+  return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(v))};
+#else
+  return bf16_t{float_to_bf16_bits(v)};
+#endif
+}
+
+GRF_HD float grf_sqrt(float x) { return sqrtf(x); }
+GRF_HD double grf_sqrt(double x) { return sqrt(x); }
+GRF_HD float grf_pow(float a, float b) { return powf(a, b); }
+GRF_HD double grf_pow(double a, double b) { return pow(a, b); }
+
+// ---------------------------------------------------------------- phase 1: the norm
+// Σ g² (Σ (θ·g)² when adaptive): the term of one element. A non-finite G makes the sum
+// non-finite, which is how the step driver finds inf/NaN (found_inf) without another pass.
+template <class C> GRF_HD C sq_term(C theta, C g, bool adaptive) {
+  C x = adaptive ? theta * g : g;
+  return x * x;
+}
+
+// ---------------------------------------------------------------- phase 2
+template <class C> GRF_HD void perturb_elem(C theta, C g, C eps, C fold, bool adaptive,
+                                            C& theta_out, C& g_out) {
+  C step = g * eps;
+  if (adaptive) step = step * (theta * theta);
+  theta_out = theta + step;
+  g_out = g * fold;
+}
+
+template <class C> GRF_HD C reflect_theta(C theta, C backup) { return backup * C(2) - theta; }
+
+// ---------------------------------------------------------------- phase 3
+// The combined, unscaled, clipped gradient g = gscale·G (AMP's 1/S and the clip factor are
+// folded into gscale by gr_fused/_scalars.py; inf/NaN was found by the norm of G).
+template <class C> GRF_HD C combined_grad(C G, C gscale) { return G * gscale; }
+
+// Hyperparameters arrive as Python floats (double); torch rounds each scalar operand to
+// the tensor's compute dtype before it multiplies, and so do these.
+enum MomentumMode { kNoMomentum = 0, kFirstMomentum = 1, kMomentum = 2 };
+
+template <class C> struct SgdHp {
+  C neg_lr, momentum, one_minus_dampening, weight_decay;
+  bool nesterov;
+  int mode;  // MomentumMode
+};
+
+template <class C> SgdHp<C> make_sgd_hp(double lr, double momentum, double dampening,
+                                        double weight_decay, bool nesterov, int mode) {
+  return SgdHp<C>{C(-lr), C(momentum), C(1.0 - dampening), C(weight_decay), nesterov, mode};
+}
+
+// Returns the new θ; updates buf (read only in kMomentum mode, written unless kNoMomentum).
+template <class C> GRF_HD C sgd_elem(C G, C gscale, C backup, C& buf, const SgdHp<C>& h) {
+  C g = combined_grad(G, gscale);
+  if (h.weight_decay != C(0)) g = g + h.weight_decay * backup;
+  C d = g;
+  if (h.mode != kNoMomentum) {
+    buf = h.mode == kFirstMomentum ? g : buf * h.momentum + h.one_minus_dampening * g;
+    d = h.nesterov ? g + h.momentum * buf : buf;
+  }
+  return backup + h.neg_lr * d;
+}
+
+template <class C> struct AdamHp {
+  C lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay;  // decay = 1 − lr·wd
+};
+
+template <class C> AdamHp<C> make_adam_hp(double lr, double beta1, double beta2, double eps,
+                                          double weight_decay) {
+  return AdamHp<C>{C(lr), C(beta1), C(beta2), C(1.0 - beta1), C(1.0 - beta2), C(eps),
+                   C(1.0 - lr * weight_decay)};
+}
+
+// The bias corrections of the step count `step` (already incremented), as torch computes
+// them on a step tensor: lr/bc1 is reciprocal(bc1)·lr (Tensor.__rtruediv__).
+template <class C> struct AdamStep { C step_size, bc2_sqrt; };
+
+template <class C> GRF_HD AdamStep<C> adam_step(C step, const AdamHp<C>& h) {
+  C bc1 = C(1) - grf_pow(h.beta1, step);
+  C bc2 = C(1) - grf_pow(h.beta2, step);
+  return AdamStep<C>{(C(1) / bc1) * h.lr, grf_sqrt(bc2)};
+}
+
+// Returns the new θ; updates m and v.
+template <class C> GRF_HD C adamw_elem(C G, C gscale, C backup, C& m, C& v, const AdamHp<C>& h,
+                                       const AdamStep<C>& s) {
+  C g = combined_grad(G, gscale);
+  C theta = backup * h.decay;
+  m = m + h.one_minus_beta1 * (g - m);
+  v = v * h.beta2 + (h.one_minus_beta2 * g) * g;
+  C denom = grf_sqrt(v) / s.bc2_sqrt + h.eps;
+  return theta - (s.step_size * m) / denom;
+}
+
+}  // namespace grf

@@ -1,0 +1,235 @@
+// What each phase reads and writes per element, for the CUDA kernels (cuda.cu) and the
+// host loops (host.cpp). An op is a small struct of pointers:
+//
+//   prepare()          reads the step scalars (eps, fold, gscale, found_inf, step) from
+//                      memory; a CUDA thread calls it once, the host once per call
+//   apply<V>(i)        processes elements i .. i+V-1 (V > 1 only on 16-byte aligned data)
+//   accumulate<V>(i,a) the norm: adds the terms of elements i .. i+V-1 into lanes a[0..V)
+//
+// The arithmetic itself is in grf_math.h; the drivers (grid-stride kernels, OpenMP loops)
+// decide which i each thread visits.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+#include "grf_api.h"
+#include "grf_math.h"
+
+namespace grf {
+
+// V consecutive elements, loaded or stored with one 16-byte access when V·sizeof(T) == 16.
+template <class T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
+
+template <int V, class T> GRF_HD Pack<T, V> ld(const T* p, int64_t i) {
+  if constexpr (V == 1) {
+    return Pack<T, 1>{{p[i]}};
+  } else {
+    return *reinterpret_cast<const Pack<T, V>*>(p + i);
+  }
+}
+
+template <int V, class T> GRF_HD void st(T* p, int64_t i, const Pack<T, V>& x) {
+  if constexpr (V == 1) {
+    p[i] = x.v[0];
+  } else {
+    *reinterpret_cast<Pack<T, V>*>(p + i) = x;
+  }
+}
+
+// Σ g² (adaptive: Σ (θ·g)²), phase 1.
+template <class T> struct SqNormOp {
+  using value_type = T;
+  using C = compute_t<T>;
+  const T* g;
+  const T* theta;  // read only when adaptive
+  bool adaptive;
+
+  GRF_HD void prepare() {}
+
+  template <int V> GRF_HD void accumulate(int64_t i, C* acc) const {
+    Pack<T, V> gp = ld<V>(g, i);
+    Pack<T, V> tp = adaptive ? ld<V>(theta, i) : gp;
+GRF_UNROLL
+    for (int k = 0; k < V; ++k) acc[k] += sq_term(to_c(tp.v[k]), to_c(gp.v[k]), adaptive);
+  }
+};
+
+// backup = θ;  θ = θ + eps·w·g;  g = fold·g, phase 2.
+template <class T> struct PerturbOp {
+  using value_type = T;
+  using C = compute_t<T>;
+  T* theta;
+  T* g;
+  T* backup;
+  const C* eps_ptr;
+  const C* fold_ptr;
+  bool adaptive;
+  C eps, fold;
+
+  GRF_HD void prepare() { eps = *eps_ptr; fold = *fold_ptr; }
+
+  template <int V> GRF_HD void apply(int64_t i) const {
+    Pack<T, V> t = ld<V>(theta, i), gp = ld<V>(g, i), nt, ng;
+GRF_UNROLL
+    for (int k = 0; k < V; ++k) {
+      C new_theta, new_g;
+      perturb_elem(to_c(t.v[k]), to_c(gp.v[k]), eps, fold, adaptive, new_theta, new_g);
+      nt.v[k] = from_c<T>(new_theta);
+      ng.v[k] = from_c<T>(new_g);
+    }
+    st<V>(backup, i, t);
+    st<V>(theta, i, nt);
+    st<V>(g, i, ng);
+  }
+};
+
+// θ = 2·backup − θ;  g = −g (central difference).
+template <class T> struct ReflectOp {
+  using value_type = T;
+  using C = compute_t<T>;
+  T* theta;
+  T* g;
+  const T* backup;
+
+  GRF_HD void prepare() {}
+
+  template <int V> GRF_HD void apply(int64_t i) const {
+    Pack<T, V> t = ld<V>(theta, i), gp = ld<V>(g, i), b = ld<V>(backup, i);
+GRF_UNROLL
+    for (int k = 0; k < V; ++k) {
+      t.v[k] = from_c<T>(reflect_theta(to_c(t.v[k]), to_c(b.v[k])));
+      gp.v[k] = from_c<T>(-to_c(gp.v[k]));
+    }
+    st<V>(theta, i, t);
+    st<V>(g, i, gp);
+  }
+};
+
+// Phase 3 reads gscale and found_inf; when found_inf is set, θ = backup and nothing else
+// is written (a momentum buffer created by this step is written as zeros).
+template <class T> struct UpdateScalars {
+  using C = compute_t<T>;
+  const C* gscale_ptr;
+  const C* found_inf_ptr;
+  C gscale;
+  bool skip;
+
+  GRF_HD void read() { gscale = *gscale_ptr; skip = *found_inf_ptr != C(0); }
+};
+
+// θ = backup;  G = gscale·G (the GR wrapper's base optimizer steps afterwards).
+template <class T> struct UpdateNoneOp {
+  using value_type = T;
+  using C = compute_t<T>;
+  T* theta;
+  T* G;
+  const T* backup;
+  UpdateScalars<T> s;
+
+  GRF_HD void prepare() { s.read(); }
+
+  template <int V> GRF_HD void apply(int64_t i) const {
+    st<V>(theta, i, ld<V>(backup, i));
+    if (s.skip) return;
+    Pack<T, V> gp = ld<V>(G, i);
+GRF_UNROLL
+    for (int k = 0; k < V; ++k) gp.v[k] = from_c<T>(combined_grad(to_c(gp.v[k]), s.gscale));
+    st<V>(G, i, gp);
+  }
+};
+
+// θ = backup, then torch.optim.SGD's update with g = gscale·G.
+template <class T> struct UpdateSgdOp {
+  using value_type = T;
+  using C = compute_t<T>;
+  T* theta;
+  const T* G;
+  const T* backup;
+  T* buf;  // null when momentum is 0
+  UpdateScalars<T> s;
+  SgdHp<C> h;
+
+  GRF_HD void prepare() { s.read(); }
+
+  template <int V> GRF_HD void apply(int64_t i) const {
+    Pack<T, V> b = ld<V>(backup, i);
+    if (s.skip) {
+      st<V>(theta, i, b);
+      if (h.mode == kFirstMomentum) {
+        Pack<T, V> zero;
+GRF_UNROLL
+        for (int k = 0; k < V; ++k) zero.v[k] = from_c<T>(C(0));
+        st<V>(buf, i, zero);
+      }
+      return;
+    }
+    Pack<T, V> gp = ld<V>(G, i), mp = h.mode == kMomentum ? ld<V>(buf, i) : b, nt;
+GRF_UNROLL
+    for (int k = 0; k < V; ++k) {
+      C m = to_c(mp.v[k]);
+      nt.v[k] = from_c<T>(sgd_elem(to_c(gp.v[k]), s.gscale, to_c(b.v[k]), m, h));
+      mp.v[k] = from_c<T>(m);
+    }
+    st<V>(theta, i, nt);
+    if (h.mode != kNoMomentum) st<V>(buf, i, mp);
+  }
+};
+
+// θ = backup, then torch.optim.AdamW's update with g = gscale·G. The stored step count is
+// advanced by the driver after the pass (every element reads the old one here).
+template <class T> struct UpdateAdamwOp {
+  using value_type = T;
+  using C = compute_t<T>;
+  T* theta;
+  const T* G;
+  const T* backup;
+  T* m;
+  T* v;
+  const float* step_ptr;  // torch keeps AdamW's step as a float32 tensor
+  UpdateScalars<T> s;
+  AdamHp<C> h;
+  AdamStep<C> bias;
+
+  GRF_HD void prepare() {
+    s.read();
+    bias = adam_step(C(*step_ptr + 1.0f), h);
+  }
+
+  template <int V> GRF_HD void apply(int64_t i) const {
+    Pack<T, V> b = ld<V>(backup, i);
+    if (s.skip) {
+      st<V>(theta, i, b);
+      return;
+    }
+    Pack<T, V> gp = ld<V>(G, i), mp = ld<V>(m, i), vp = ld<V>(v, i), nt;
+GRF_UNROLL
+    for (int k = 0; k < V; ++k) {
+      C mm = to_c(mp.v[k]), vv = to_c(vp.v[k]);
+      nt.v[k] = from_c<T>(adamw_elem(to_c(gp.v[k]), s.gscale, to_c(b.v[k]), mm, vv, h, bias));
+      mp.v[k] = from_c<T>(mm);
+      vp.v[k] = from_c<T>(vv);
+    }
+    st<V>(theta, i, nt);
+    st<V>(m, i, mp);
+    st<V>(v, i, vp);
+  }
+};
+
+// Calls f(T{}) with the storage type named by a dtype code (see grf_api.h).
+template <class F> void dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kF32: f(float{}); break;
+    case kF16: f(half_t{}); break;
+    case kBF16: f(bf16_t{}); break;
+    case kF64: f(double{}); break;
+    default:
+      throw std::invalid_argument("gr_fused._C: unknown dtype code " + std::to_string(dtype));
+  }
+}
+
+inline int sgd_mode(uintptr_t buf, bool first) {
+  return buf == 0 ? kNoMomentum : first ? kFirstMomentum : kMomentum;
+}
+
+}  // namespace grf

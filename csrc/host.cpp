@@ -1,0 +1,141 @@
+// The host build: the phases of grf_api.h as OpenMP loops over the ops of grf_ops.h, so the
+// CPU runs exactly the per-element math the CUDA kernels run.
+//
+// Work is cut into fixed chunks of kChunk elements, independent of the thread count; the
+// norm sums each chunk in kLanes float lanes, then the lanes and the chunks in double, in
+// index order. So the norm is the same bit for bit whatever the number of threads.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "grf_ops.h"
+
+namespace grf {
+namespace host {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;
+constexpr int kLanes = 16;
+
+int64_t chunks_of(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+template <class Op> void for_each(Op op, int64_t n, int threads) {
+  op.prepare();
+  const int64_t chunks = chunks_of(n);
+#pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1 && threads > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t end = std::min(n, (c + 1) * kChunk);
+    for (int64_t i = c * kChunk; i < end; ++i) op.template apply<1>(i);
+  }
+}
+
+template <class T> double sum_squares(const SqNormOp<T>& op, int64_t n, int threads) {
+  using C = compute_t<T>;
+  const int64_t chunks = chunks_of(n);
+  std::vector<double> partial(chunks);
+#pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1 && threads > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t end = std::min(n, (c + 1) * kChunk);
+    C acc[kLanes] = {};
+    int64_t i = c * kChunk;
+    for (; i + kLanes <= end; i += kLanes)
+      for (int k = 0; k < kLanes; ++k) op.template accumulate<1>(i + k, &acc[k]);
+    for (; i < end; ++i) op.template accumulate<1>(i, &acc[i % kLanes]);
+    double s = 0;
+    for (int k = 0; k < kLanes; ++k) s += double(acc[k]);
+    partial[c] = s;
+  }
+  double total = 0;
+  for (int64_t c = 0; c < chunks; ++c) total += partial[c];
+  return total;
+}
+
+template <class T> T* as(ptr p) { return reinterpret_cast<T*>(p); }
+
+}  // namespace
+
+void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr, ptr out) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    SqNormOp<T> op{as<const T>(g), as<const T>(theta), theta != 0};
+    *as<C>(out) = C(sum_squares(op, n, w.threads));
+  });
+}
+
+void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps,
+             ptr fold, bool adaptive) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    for_each(PerturbOp<T>{as<T>(theta), as<T>(g), as<T>(backup), as<const C>(eps),
+                          as<const C>(fold), adaptive},
+             n, w.threads);
+  });
+}
+
+void reflect(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    for_each(ReflectOp<T>{as<T>(theta), as<T>(g), as<const T>(backup)}, n, w.threads);
+  });
+}
+
+void restore(const Where& w, int dtype, int64_t n, ptr theta, ptr backup) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* dst = as<T>(theta);
+    const T* src = as<const T>(backup);
+    const int64_t chunks = chunks_of(n);
+#pragma omp parallel for num_threads(w.threads) schedule(static) if (chunks > 1 && w.threads > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+      std::memcpy(dst + begin, src + begin, sizeof(T) * (end - begin));
+    }
+  });
+}
+
+void update_none(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup,
+                 ptr gscale, ptr found_inf) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    for_each(UpdateNoneOp<T>{as<T>(theta), as<T>(G), as<const T>(backup),
+                             {as<const C>(gscale), as<const C>(found_inf)}},
+             n, w.threads);
+  });
+}
+
+void update_sgd(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr buf,
+                bool first, ptr gscale, ptr found_inf, double lr, double momentum,
+                double dampening, double weight_decay, bool nesterov) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    for_each(UpdateSgdOp<T>{as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(buf),
+                            {as<const C>(gscale), as<const C>(found_inf)},
+                            make_sgd_hp<C>(lr, momentum, dampening, weight_decay, nesterov,
+                                           sgd_mode(buf, first))},
+             n, w.threads);
+  });
+}
+
+void update_adamw(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr m,
+                  ptr v, ptr step, ptr gscale, ptr found_inf, double lr, double beta1,
+                  double beta2, double eps, double weight_decay) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    for_each(UpdateAdamwOp<T>{as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(m),
+                              as<T>(v), as<const float>(step),
+                              {as<const C>(gscale), as<const C>(found_inf)},
+                              make_adam_hp<C>(lr, beta1, beta2, eps, weight_decay)},
+             n, w.threads);
+    if (*as<const C>(found_inf) == C(0)) *as<float>(step) += 1.0f;
+  });
+}
+
+}  // namespace host
+}  // namespace grf
