@@ -54,6 +54,9 @@ class TritonFlatKernels(Backend):
 
     name = "triton-flat"
 
+    def __init__(self, block: Optional[int] = None):
+        self.block = block  # elements per program; None: the kernels' default (BLOCK)
+
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> Optional[str]:
         if _IMPORT_ERROR is not None:
@@ -80,15 +83,18 @@ class TritonFlatKernels(Backend):
     def _flat(b: Bucket):
         return b.params[0], b.grads[0], b.extra["backup"][0]
 
+    def _block(self):
+        return {} if self.block is None else {"block": self.block}
+
     def sq_norm(self, b, adaptive):
         param, grad, _ = self._flat(b)
-        return _kernels().sq_norm(grad, param if adaptive else None)
+        return _kernels().sq_norm(grad, param if adaptive else None, **self._block())
 
     def perturb(self, b, eps, fold, adaptive):
-        _kernels().perturb(*self._flat(b), eps, fold, adaptive)
+        _kernels().perturb(*self._flat(b), eps, fold, adaptive, **self._block())
 
     def reflect(self, b):
-        _kernels().reflect(*self._flat(b))
+        _kernels().reflect(*self._flat(b), **self._block())
 
     def restore(self, b):
         param, _, backup = self._flat(b)
@@ -98,7 +104,7 @@ class TritonFlatKernels(Backend):
         param, grad, backup = self._flat(b)
         state, group, k = b.states[0], b.group, _kernels()
         if b.algo == "none":
-            k.restore_and_combine(param, grad, backup, gscale, found_inf)
+            k.restore_and_combine(param, grad, backup, gscale, found_inf, **self._block())
         elif b.algo == "sgd":
             buf, first = None, False
             if group["momentum"] != 0:
@@ -109,7 +115,7 @@ class TritonFlatKernels(Backend):
             k.sgd_update(param, grad, backup, buf, gscale, found_inf, lr=_number(group["lr"]),
                          momentum=group["momentum"], dampening=group["dampening"],
                          weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                         first=first)
+                         first=first, **self._block())
         elif b.algo == "adamw":
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
@@ -119,7 +125,7 @@ class TritonFlatKernels(Backend):
             k.adamw_update(param, grad, backup, state["exp_avg"], state["exp_avg_sq"],
                            state["step"], gscale, found_inf, lr=_number(group["lr"]),
                            beta1=beta1, beta2=beta2, eps=group["eps"],
-                           weight_decay=group["weight_decay"])
+                           weight_decay=group["weight_decay"], **self._block())
         else:
             raise ValueError(f"unknown base update {b.algo!r}")
 

@@ -42,7 +42,9 @@ def _reflect_kernel(param_ptr, grad_ptr, backup_ptr, n, BLOCK: tl.constexpr):
     theta = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
     tl.store(param_ptr + offs, to_storage(backup * 2.0 - theta, param_ptr.dtype.element_ty),
              mask=mask)
-    tl.store(grad_ptr + offs, -tl.load(grad_ptr + offs, mask=mask), mask=mask)
+    g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)  # negated in fp32: exact, and the
+    tl.store(grad_ptr + offs, to_storage(-g, grad_ptr.dtype.element_ty), mask=mask)  # interpreter
+    # cannot negate bf16 (it holds bf16 as raw 16-bit integers)
 
 
 def perturb(param: torch.Tensor, grad: torch.Tensor, backup: torch.Tensor, eps: torch.Tensor,

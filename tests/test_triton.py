@@ -1,0 +1,443 @@
+"""The Triton backend (gr_fused/backends/triton_backend.py, gr_fused/kernels/).
+
+Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), with a GPU they run compiled: the same tests check both.
+
+* the shared equality cases (tests/equality.py) against the torch backend;
+* each kernel against the torch reference phases (TorchBackend on a flat bucket) on flat
+  tensors whose sizes are 1 element, not multiples of the block, and many blocks;
+* determinism of the norm, int64 offsets, found_inf skips, launches per step, no host sync,
+  and the auto selection.
+"""
+import dataclasses
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import gr_fused
+from gr_fused import backends
+from gr_fused.backends import triton_backend
+from gr_fused.backends.base import Bucket
+from gr_fused.backends.torch_backend import TorchBackend
+from gr_fused import kernels
+from gr_fused.kernels import triton_common, triton_norm, triton_perturb, triton_update
+from equality import CASE_IDS, CASES, assert_close, compare_backends
+from test_nosync import forbid_host_reads
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LOW = (torch.bfloat16, torch.float16)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [1, 1000, 4099]       # one element; not a multiple of any block; > BLOCK (4096)
+SMALL_BLOCK = 64              # with it, 4099 elements are 65 programs
+ALL_KERNELS = [triton_norm._partial_sq_kernel, triton_norm._finalize_kernel,
+               triton_perturb._perturb_kernel, triton_perturb._reflect_kernel,
+               triton_update._sgd_kernel, triton_update._adamw_kernel,
+               triton_update._advance_step_kernel, triton_update._restore_combine_kernel]
+
+
+# ----------------------------------------------------------------------- shared equality cases
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_torch_backend(case):
+    compare_backends(case, "triton", device=DEVICE)
+
+
+def test_bf16_five_steps_match_torch_backend():
+    """The kernels round fp32 → bf16 to nearest even themselves, so even under the
+    interpreter (which truncates) a 5-step bf16 trajectory stays within the bf16 tolerance."""
+    case = next(c for c in CASES if c.name == "sgd-bf16")
+    compare_backends(dataclasses.replace(case, name="sgd-bf16-5-steps", steps=5), "triton",
+                     device=DEVICE)
+
+
+def test_params_run_through_the_kernels_not_the_fallback():
+    params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in (7, 4099, 1)]
+    opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend="triton")
+    opt.step(_closure(opt, params))
+    (extra,) = opt._bucket_extra.values()
+    assert "flat" in extra, "the triton backend fell back to the per-tensor path"
+    assert opt.backends == {str(params[0].device): "triton"}
+
+
+# ----------------------------------------------------------------------- helpers
+def ulp_close(actual, expected, ulps, what):
+    """Each element within ``ulps`` units of the storage dtype's precision (relative to the
+    element, or to 1 for elements below 1: the operands here are O(1))."""
+    assert actual.dtype == expected.dtype, what
+    eps = torch.finfo(expected.dtype).eps
+    a, b = actual.double(), expected.double()
+    assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{what}: non-finite"
+    err = (a - b).abs() / b.abs().clamp_min(1.0)
+    worst = int(err.argmax())
+    assert err[worst] <= ulps * eps, (f"{what}: {float(err[worst] / eps):.2f} ulps at {worst}: "
+                                      f"{float(a[worst])!r} vs {float(b[worst])!r}")
+
+
+def flat_bucket(n, dtype, algo="sgd", group=None, state=None):
+    param = torch.randn(n, device=DEVICE).to(dtype)
+    grad = torch.randn(n, device=DEVICE).to(dtype)
+    backup = torch.randn(n, device=DEVICE).to(dtype)
+    return Bucket([param], [grad], [state or {}], group or {}, algo, {"backup": [backup]})
+
+
+def clone_bucket(b):
+    state = {k: v.clone() for k, v in b.states[0].items()}
+    return Bucket([b.params[0].clone()], [b.grads[0].clone()], [state], dict(b.group), b.algo,
+                  {"backup": [b.extra["backup"][0].clone()]})
+
+
+def scalar(x):
+    return torch.tensor(x, dtype=torch.float32, device=DEVICE)
+
+
+def _closure(opt, params, after_backward=None):
+    def closure():
+        opt.zero_grad()
+        loss = sum((p.sin() * p).sum() for p in params)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        return loss
+    return closure
+
+
+# ----------------------------------------------------------------------- fp32 → bf16 rounding
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = triton_common.block_offsets(tl.program_id(0), BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, triton_common.to_storage(x, out_ptr.dtype.element_ty), mask=mask)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_to_storage_rounds_like_torch_bit_for_bit(dtype):
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.39e38, -3.39e38, 1e-40,
+                            -1e-40, float("nan"), 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8])
+    bits = special.view(torch.int32)
+    x = torch.cat([special, bits.new_tensor([0x7F800001, -1, 0x3F808000]).view(torch.float32),
+                   torch.randn(3000) * torch.logspace(-30, 30, 3000)]).to(DEVICE)
+    out = torch.empty(x.shape, dtype=dtype, device=DEVICE)
+    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    ref = x.to(dtype)
+    same = (out.view(torch.int16) == ref.view(torch.int16)) | (out.isnan() & ref.isnan())
+    assert same.all(), f"differs at {(~same).nonzero().flatten()[:5].tolist()}"
+
+
+# ----------------------------------------------------------------------- int64 offsets
+@triton.jit
+def _offsets_kernel(out_ptr, pid, BLOCK: tl.constexpr):
+    tl.store(out_ptr + tl.arange(0, BLOCK), triton_common.block_offsets(pid, BLOCK))
+
+
+def test_block_offsets_are_int64_past_two_to_the_31():
+    """Every kernel indexes through block_offsets; for a program id whose first element lies
+    past 2^32 the offsets must be exact (int32 arithmetic would wrap)."""
+    block = 4096
+    pid = 2 ** 20 + 3                                  # first offset (2^20+3)·4096 > 2^32
+    out = torch.empty(block, dtype=torch.int64, device=DEVICE)
+    _offsets_kernel[(1,)](out, pid, BLOCK=block)
+    expected = pid * block + torch.arange(block, device=DEVICE)
+    assert torch.equal(out, expected)
+
+
+def test_every_kernel_indexes_through_block_offsets():
+    import inspect
+    for k in ALL_KERNELS:
+        src = inspect.getsource(k.fn)
+        if "tl.arange" in src and k is not triton_norm._finalize_kernel:
+            assert "block_offsets(" in src, f"{k.fn.__name__} builds its own offsets"
+
+
+# ----------------------------------------------------------------------- norm
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sq_norm_matches_float64_sum(n, dtype, adaptive):
+    b = flat_bucket(n, dtype)
+    x, y = b.grads[0], b.params[0] if adaptive else None
+    ref = ((x.double() * y.double()) if adaptive else x.double()).square().sum()
+    for block in (SMALL_BLOCK, triton_common.BLOCK):
+        got = kernels.sq_norm(x, y, block=block)
+        assert got.dtype == torch.float32 and got.dim() == 0 and got.device == x.device
+        assert abs(float(got) - float(ref)) <= 1e-6 * float(ref)
+    got = triton_backend.TritonFlatKernels().sq_norm(b, adaptive)  # the backend's phase
+    assert abs(float(got) - float(ref)) <= 1e-6 * float(ref)
+
+
+def test_sq_norm_with_many_partials_and_determinism():
+    """More partial sums than one finalize block (several finalize iterations), and the
+    same bits on every call."""
+    x = torch.randn(20011, device=DEVICE)
+    block = 16                                         # 1251 partials > FINALIZE_BLOCK
+    first = kernels.sq_norm(x, block=block)
+    assert abs(float(first) - float(x.double().square().sum())) <= 1e-6 * float(first)
+    for _ in range(2):
+        assert torch.equal(kernels.sq_norm(x, block=block), first)
+    y = torch.randn(9001, device=DEVICE)
+    assert torch.equal(kernels.sq_norm(y), kernels.sq_norm(y.clone()))
+
+
+def test_sq_norm_reports_inf_and_nan():
+    x = torch.randn(5000, device=DEVICE)
+    x[4321] = float("inf")
+    assert torch.isinf(kernels.sq_norm(x))
+    x[17] = float("nan")
+    assert torch.isnan(kernels.sq_norm(x))
+
+
+# ----------------------------------------------------------------------- perturb / reflect / restore
+def _ulps(dtype):
+    return 2 if dtype == torch.float32 else 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_perturb_matches_torch(n, dtype, adaptive):
+    b = flat_bucket(n, dtype)
+    ref = clone_bucket(b)
+    old_theta, eps, fold = b.params[0].clone(), scalar(0.037), scalar(-0.61)
+    kernels.perturb(*b.params, *b.grads, *b.extra["backup"], eps, fold, adaptive,
+                    block=SMALL_BLOCK)
+    TorchBackend().perturb(ref, eps, fold, adaptive)
+    assert torch.equal(b.extra["backup"][0], old_theta)
+    ulp_close(b.params[0], ref.params[0], _ulps(dtype), "theta")
+    ulp_close(b.grads[0], ref.grads[0], _ulps(dtype), "grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_reflect_and_restore_match_torch(n, dtype):
+    b = flat_bucket(n, dtype)
+    ref = clone_bucket(b)
+    kernels.reflect(*b.params, *b.grads, *b.extra["backup"], block=SMALL_BLOCK)
+    TorchBackend().reflect(ref)
+    ulp_close(b.params[0], ref.params[0], _ulps(dtype), "theta")
+    assert torch.equal(b.grads[0], ref.grads[0])
+    triton_backend.TritonFlatKernels().restore(b)
+    assert torch.equal(b.params[0], b.extra["backup"][0])
+
+
+# ----------------------------------------------------------------------- update
+SGD_GROUPS = {
+    "momentum-wd": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False),
+    "nesterov": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True),
+    "dampening": dict(lr=0.05, momentum=0.5, dampening=0.3, weight_decay=0.0, nesterov=False),
+    "plain": dict(lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.01, nesterov=False),
+}
+
+
+def _run_update(b, gscale, found_inf):
+    triton_backend.TritonFlatKernels(block=SMALL_BLOCK).update(b, gscale, found_inf)
+
+
+def _check_update(b, ref, skip, dtype, state_keys):
+    ulp_close(b.params[0], ref.params[0], _ulps(dtype), "theta")
+    if skip:
+        assert torch.equal(b.params[0], b.extra["backup"][0])
+    assert set(b.states[0]) == set(ref.states[0]) >= set(state_keys)
+    for key in state_keys:
+        got, want = b.states[0][key], ref.states[0][key]
+        assert got.dtype == want.dtype and got.shape == want.shape, key
+        if want.dim() == 0:
+            assert torch.equal(got, want), key
+        else:
+            ulp_close(got, want, _ulps(dtype), key)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["taken", "found-inf"])
+@pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
+@pytest.mark.parametrize("hp", list(SGD_GROUPS), ids=list(SGD_GROUPS))
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 4099), (torch.bfloat16, 1000),
+                                     (torch.float16, 1)], ids=["fp32-4099", "bf16-1000", "fp16-1"])
+def test_sgd_update_matches_torch(hp, first, skip, dtype, n):
+    group = SGD_GROUPS[hp]
+    state = {} if first or group["momentum"] == 0 else \
+        {"momentum_buffer": torch.randn(n, device=DEVICE).to(dtype)}
+    b = flat_bucket(n, dtype, "sgd", group, state)
+    ref = clone_bucket(b)
+    old_state = {k: v.clone() for k, v in state.items()}
+    gscale, found_inf = scalar(0.73), scalar(float(skip))
+    _run_update(b, gscale, found_inf)
+    TorchBackend().update(ref, gscale, found_inf)
+    keys = ["momentum_buffer"] if group["momentum"] else []
+    _check_update(b, ref, skip, dtype, keys)
+    if skip and not first and keys:
+        assert torch.equal(b.states[0]["momentum_buffer"], old_state["momentum_buffer"])
+    if skip and first and keys:
+        assert not b.states[0]["momentum_buffer"].any()
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # skipped step 0: 1/0
+@pytest.mark.parametrize("skip", [False, True], ids=["taken", "found-inf"])
+@pytest.mark.parametrize("first", [True, False], ids=["first", "step-7"])
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 4099), (torch.bfloat16, 1000),
+                                     (torch.float16, 1)], ids=["fp32-4099", "bf16-1000", "fp16-1"])
+def test_adamw_update_matches_torch(first, skip, dtype, n):
+    group = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    state = {} if first else {
+        "step": torch.tensor(7.0, device=DEVICE),
+        "exp_avg": (0.1 * torch.randn(n, device=DEVICE)).to(dtype),
+        "exp_avg_sq": (0.01 * torch.rand(n, device=DEVICE)).to(dtype)}
+    b = flat_bucket(n, dtype, "adamw", group, state)
+    ref = clone_bucket(b)
+    old_state = {k: v.clone() for k, v in state.items()}
+    gscale, found_inf = scalar(0.73), scalar(float(skip))
+    _run_update(b, gscale, found_inf)
+    TorchBackend().update(ref, gscale, found_inf)
+    _check_update(b, ref, skip, dtype, ["step", "exp_avg", "exp_avg_sq"])
+    if skip:
+        for key, old in old_state.items():
+            assert torch.equal(b.states[0][key], old), key
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["taken", "found-inf"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_restore_and_combine_matches_torch(dtype, skip):
+    b = flat_bucket(4099, dtype, "none")
+    ref = clone_bucket(b)
+    old_grad = b.grads[0].clone()
+    gscale, found_inf = scalar(-1.37), scalar(float(skip))
+    _run_update(b, gscale, found_inf)
+    TorchBackend().update(ref, gscale, found_inf)
+    assert torch.equal(b.params[0], b.extra["backup"][0])
+    ulp_close(b.grads[0], ref.grads[0], _ulps(dtype), "grad")
+    if skip:
+        assert torch.equal(b.grads[0], old_grad)
+
+
+# ----------------------------------------------------------------------- through the optimizer
+def _params(n_tensors=4):
+    return [torch.randn(s, device=DEVICE, requires_grad=True)
+            for s in ([7, 300, 1, 4099] * n_tensors)[:n_tensors]]
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: gr_fused.GRSGD(p, lr=0.1, momentum=0.9, gamma=0.05, backend="triton"),
+    lambda p: gr_fused.GRAdamW(p, lr=1e-2, gamma=0.05, backend="triton"),
+], ids=["sgd", "adamw"])
+def test_found_inf_skips_with_theta_restored_and_state_untouched(make):
+    params = _params()
+    opt = make(params)
+    calls = []
+
+    def poison_second_gradient():  # NaN in g2 only, so it lands in G = fold·g1 + g2
+        calls.append(1)
+        if len(calls) == 4:
+            params[3].grad[123] += float("nan")
+
+    closure = _closure(opt, params, poison_second_gradient)
+    opt.step(closure)
+    theta = [p.detach().clone() for p in params]
+    state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in opt.state[p].items()}
+    opt.step(closure)
+    assert len(calls) == 4 and bool(opt.last_step_skipped)
+    for p, t in zip(params, theta):
+        assert torch.equal(p, t)
+    for (i, k), v in state.items():
+        assert torch.equal(opt.state[params[i]][k], v), (i, k)
+    opt.step(closure)  # and the next step is taken
+    assert not bool(opt.last_step_skipped) and not torch.equal(params[0], theta[0])
+
+
+def _count_launches(monkeypatch):
+    """Record the name of every Triton kernel launched (compiled or interpreted)."""
+    launched = []
+    cls = type(triton_norm._partial_sq_kernel)  # JITFunction, or InterpretedFunction
+    original = cls.run
+
+    def run(self, *args, **kw):
+        launched.append(self.fn.__name__)
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(cls, "run", run)
+    return launched
+
+
+@pytest.mark.parametrize("algo,expected", [("sgd", 6), ("adamw", 7)])
+def test_launches_per_step_do_not_grow_with_the_number_of_tensors(monkeypatch, algo, expected):
+    launched = _count_launches(monkeypatch)
+    per_step = {}
+    for n_tensors in (1, 200):
+        params = [torch.randn(5, device=DEVICE, requires_grad=True) for _ in range(n_tensors)]
+        opt = (gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend="triton")
+               if algo == "sgd" else gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, backend="triton"))
+        opt.step(_closure(opt, params))  # the first step builds the flat buffers and state
+        launched.clear()
+        opt.step(_closure(opt, params))
+        per_step[n_tensors] = list(launched)
+    assert len(per_step[1]) == expected, per_step[1]
+    assert per_step[200] == per_step[1]
+
+
+def test_gr_step_reads_nothing_back_to_the_host():
+    params = _params()
+    opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, max_grad_norm=1.0,
+                         difference="central", backend="triton")
+    opt.step(_closure(opt, params))
+    with forbid_host_reads():
+        opt.step(_closure(opt, params))
+    params = _params()
+    adamw = gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, backend="triton")
+    adamw.step(_closure(adamw, params))
+    with forbid_host_reads():
+        adamw.step(_closure(adamw, params))
+    for o in (opt, adamw):
+        (extra,) = o._bucket_extra.values()
+        assert "flat" in extra
+
+
+# ----------------------------------------------------------------------- availability and auto
+def test_auto_prefers_triton_on_cuda_and_reasons_are_given(monkeypatch):
+    assert backends.AUTO_ORDER["cuda"][0] == "triton"
+    assert "triton" not in backends.AUTO_ORDER["cpu"]  # the interpreter is for tests only
+    kernels_cls = triton_backend.TritonFlatKernels
+    # as compiled on a GPU machine: cuda runs, cpu says why not
+    monkeypatch.setattr(triton_backend, "_defined_interpreted", lambda: False)
+    monkeypatch.setattr(triton_backend, "_interpret_requested", lambda: False)
+    assert backends.unavailable_reason("triton", "cuda") is None
+    assert "CUDA" in kernels_cls.unavailable_reason(torch.device("cpu"))
+    monkeypatch.setattr(backends, "_instances", {})
+    assert isinstance(backends.get_backend("auto", torch.device("cuda")),
+                      triton_backend.TritonBackend)
+    with pytest.raises(backends.BackendUnavailable, match="CUDA tensors"):
+        backends.get_backend("triton", torch.device("cpu"))
+    # as under the interpreter: cpu runs, cuda says why not (and auto moves on)
+    monkeypatch.setattr(triton_backend, "_defined_interpreted", lambda: True)
+    assert kernels_cls.unavailable_reason(torch.device("cpu")) is None
+    assert "interpreter" in kernels_cls.unavailable_reason(torch.device("cuda"))
+    assert backends.get_backend("auto", torch.device("cuda")).name != "triton"
+    # interpreter asked for after compiled kernels were defined
+    monkeypatch.setattr(triton_backend, "_defined_interpreted", lambda: False)
+    monkeypatch.setattr(triton_backend, "_interpret_requested", lambda: True)
+    assert "before the first import" in kernels_cls.unavailable_reason(torch.device("cpu"))
+    # no triton at all
+    monkeypatch.setattr(triton_backend, "_IMPORT_ERROR", ImportError("No module named 'triton'"))
+    assert "not importable" in backends.unavailable_reason("triton", "cuda")
+
+
+def test_other_devices_get_a_reason():
+    assert "mps" in triton_backend.TritonFlatKernels.unavailable_reason(torch.device("mps"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the same kernels "
+                    "are tested above under the Triton interpreter)")
+def test_auto_picks_triton_for_cuda_tensors_and_matches_torch_without_syncs():
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in (7, 4099, 1)]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend="auto")
+    ref_opt = gr_fused.GRSGD(ref, lr=0.1, momentum=0.9, gamma=0.05, backend="torch")
+    assert opt.backends == {"cuda:0": "triton"}
+    for _ in range(3):
+        opt.step(_closure(opt, params))
+        ref_opt.step(_closure(ref_opt, ref))
+    for a, b in zip(params, ref):
+        assert_close(a, b, 1e-6, "cuda: triton vs torch backend")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step(_closure(opt, params))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
