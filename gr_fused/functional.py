@@ -4,6 +4,22 @@
 (1 − α)·g1 + α·g2 form cannot express (it is the α → ∞ limit); the flooding example uses it.
 ``fd_gr_grad`` is the full GR gradient g1 + γ·H g1. Both leave the parameters exactly as they
 found them, also when ``loss_fn`` raises.
+
+``loss_fn`` is a function of no arguments that runs the forward pass at the parameters'
+current values and returns the scalar loss; ``params`` are leaf tensors that require grad
+(e.g. ``list(model.parameters())``). Results are lists of tensors shaped like ``params``::
+
+    from gr_fused.functional import fd_penalty_grad
+    params = list(model.parameters())
+    loss_fn = lambda: F.cross_entropy(model(x), y)
+    hg = fd_penalty_grad(loss_fn, params, eps=0.01)   # ≈ H(θ)∇L(θ) = ∇(½‖∇L‖²)
+    with torch.no_grad():                              # a descent step on ½‖∇L‖² alone
+        for p, h in zip(params, hg):
+            p.sub_(h, alpha=lr)
+
+Flooding (Ishida et al. 2020) trains on ``flooded(L, b)`` = |L − b| + b. With learning rate
+η, an ascent step (L < b) followed by a descent step (L ≥ b) equals, up to rounding,
+θ ← θ − η²·fd_penalty_grad(loss_fn, params, eps=η) (paper, Section 5; examples/flooding.py).
 """
 from __future__ import annotations
 
@@ -15,6 +31,8 @@ from ._scalars import NORM_EPS
 
 LossFn = Callable[[], torch.Tensor]
 
+__all__ = ["gradient", "global_norm", "fd_penalty_grad", "fd_gr_grad", "flooded"]
+
 
 def gradient(loss_fn: LossFn, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """∇L at the current parameters (zeros for params the loss does not use)."""
@@ -24,6 +42,7 @@ def gradient(loss_fn: LossFn, params: Sequence[torch.Tensor]) -> List[torch.Tens
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all the tensors together, as a float64 0-dim tensor."""
     return torch.stack([t.double().pow(2).sum() for t in tensors]).sum().sqrt()
 
 
@@ -44,7 +63,12 @@ def fd_penalty_grad(loss_fn: LossFn, params: Sequence[torch.Tensor], eps: float,
                     ) -> List[torch.Tensor]:
     """Finite-difference H·g1 ≈ ∇(½‖∇L‖²) with step ``eps`` along g1 = ∇L(θ):
     forward (∇L(θ+εg1) − g1)/ε, or central (∇L(θ+εg1) − ∇L(θ−εg1))/(2ε).
-    A negative ``eps`` is the backward difference."""
+    A negative ``eps`` is the backward difference.
+
+    ``eps`` is used as given (not divided by ‖g1‖). Pass ``g1`` when ∇L(θ) is already
+    known to save one gradient. The parameters are moved in place to θ ± ε·g1 for the
+    extra gradients and copied back bit for bit. Cost: 2 gradients (forward/backward) or
+    3 (central), 1 fewer with ``g1``."""
     if eps == 0:
         raise ValueError("Invalid eps: 0 (a nonzero finite-difference step)")
     params = list(params)
@@ -67,3 +91,9 @@ def fd_gr_grad(loss_fn: LossFn, params: Sequence[torch.Tensor], gamma: float, rh
     eps = rho / (float(global_norm(g1)) + NORM_EPS) if normalize else rho
     hg = fd_penalty_grad(loss_fn, params, eps, difference, g1=g1)
     return [a + gamma * h for a, h in zip(g1, hg)]
+
+
+def flooded(loss: torch.Tensor, b: float) -> torch.Tensor:
+    """The flooding objective |L − b| + b of Ishida et al. (2020): descent on L while L > b,
+    ascent while L < b (its gradient is sign(L − b)·∇L)."""
+    return (loss - b).abs() + b
