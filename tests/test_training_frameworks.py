@@ -1,0 +1,71 @@
+"""PyTorch Lightning: a gr_fused optimizer under automatic optimization (Lightning passes its
+closure to optimizer.step, which calls it once per gradient) and manual optimization (the
+closure uses manual_backward). Both must equal the plain PyTorch loop bit for bit."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gr_fused
+
+L = pytest.importorskip("lightning", reason="lightning is not installed (pip install lightning; "
+                        "it keeps the installed torch)")
+
+
+def make_opt(params):
+    return gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, rho=0.05)
+
+
+class AutoGR(L.LightningModule):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return make_opt(self.parameters())
+
+
+class ManualGR(AutoGR):
+    def __init__(self, net):
+        super().__init__(net)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+
+        def closure():
+            opt.zero_grad()
+            loss = F.mse_loss(self.net(x), y)
+            self.manual_backward(loss)
+            return loss
+        return opt.step(closure=closure)
+
+
+@pytest.mark.parametrize("module_cls", [AutoGR, ManualGR])
+def test_lightning_trains_like_the_plain_loop(module_cls):
+    x, y = torch.randn(24, 6), torch.randn(24, 3)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    ref = copy.deepcopy(net)
+    opt = make_opt(ref.parameters())
+    for xb, yb in zip(x.split(8), y.split(8)):
+        def closure():
+            opt.zero_grad()
+            loss = F.mse_loss(ref(xb), yb)
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+    module = module_cls(copy.deepcopy(net))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(list(zip(x, y)), batch_size=8))
+    assert trainer.global_step == 3
+    for a, b in zip(module.net.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
