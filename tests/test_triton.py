@@ -441,3 +441,24 @@ def test_auto_picks_triton_for_cuda_tensors_and_matches_torch_without_syncs():
         opt.step(_closure(opt, params))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ----------------------------------------------------------------------- the benchmark script
+def test_bench_script_runs_and_accounts_bytes(tmp_path):
+    """bench/bench_kernels.py on a tiny size (interpreter numbers are not speed figures):
+    every phase and method is timed, and the launch count is the one asserted above."""
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import bench_kernels
+    out = tmp_path / "r.json"
+    bench_kernels.main(["--sizes", "4K", "--dtypes", "fp32", "--tensors", "3",
+                        "--launch-counts", "2", "--reps", "1", "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert {r["phase"] for r in results["phases"]} == set(bench_kernels.PHASE_BYTES)
+    assert all(r["ms"] > 0 for r in results["phases"])
+    (step,) = results["steps"]
+    assert all(step[m] > 0 for m in bench_kernels.METHODS)
+    assert results["launches"][0]["triton"]["triton"] == 6
+    assert sum(bench_kernels.PHASE_BYTES["gr-step"]) * 4 == 48  # bytes per fp32 parameter
