@@ -133,25 +133,36 @@ class GROptimizer(Optimizer):
         return {str(d): self.backend_for(d).name for d in sorted(devices, key=str)}
 
     def _buckets(self) -> List[_backends.Bucket]:
+        """Group the params that have a grad by (param group, device, dtype, shard groups).
+        FSDP2/DTensor params are stepped through their local shards with the per-tensor torch
+        backend; their bucket records the process groups its norms are summed over."""
         buckets = []
         for gi, group in enumerate(self.param_groups):
-            split: Dict[Tuple[torch.device, torch.dtype], Tuple[list, list, list]] = {}
+            split: Dict[tuple, Tuple[list, list, list, list]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                        f"(param of shape {tuple(p.shape)} in group {gi})")
-                lists = split.setdefault((p.device, p.dtype), ([], [], []))
-                lists[0].append(p)
-                lists[1].append(p.grad)
+                local_p, local_g, shard_groups = local_shard(p)
+                lists = split.setdefault((local_p.device, local_p.dtype, shard_groups),
+                                         ([], [], [], []))
+                lists[0].append(local_p)
+                lists[1].append(local_g)
                 lists[2].append(self.state[p])
-            for (device, dtype), (ps, gs, sts) in split.items():
-                backend = self.backend_for(device)
-                b = backend.make_bucket(ps, gs, sts, group, self._algo,
-                                        self._bucket_extra[(gi, device, dtype)])
+                lists[3].append(p)
+            for (device, dtype, shard_groups), (ps, gs, sts, originals) in split.items():
+                sharded = any(o is not q for o, q in zip(originals, ps))
+                backend = _backends.get_backend("torch", device) if sharded else self.backend_for(device)
+                extra = self._bucket_extra[(gi, device, dtype, shard_groups)]
+                b = backend.make_bucket(ps, gs, sts, group, self._algo, extra)
                 b.extra["_group_index"] = gi
                 b.extra["_backend"] = backend
+                if sharded:
+                    b.extra["shard_params"] = originals
+                if shard_groups:
+                    b.extra["shard_groups"] = shard_groups
                 buckets.append(b)
         return buckets
 
@@ -333,10 +344,19 @@ class GROptimizer(Optimizer):
     def _adopt_replaced_grads(self) -> None:
         """If a closure replaced p.grad (``model.zero_grad()`` sets it to None, then backward
         allocates a fresh tensor), add the fresh gradient onto the buffer that holds the
-        folded first gradient and put that buffer back as p.grad."""
+        folded first gradient and put that buffer back as p.grad. (For a DTensor shard the
+        fresh local grad takes the held one in, and the bucket follows it.)"""
         for b in self._pending.buckets:
+            originals = b.extra.get("shard_params")
             for i, p in enumerate(b.params):
                 held = b.grads[i]
+                if originals is not None:
+                    grad = originals[i].grad
+                    local = None if grad is None else local_shard(originals[i])[1]
+                    if local is not None and local.data_ptr() != held.data_ptr():
+                        local.add_(held)
+                        b.grads[i] = local
+                    continue
                 if p.grad is held:
                     continue
                 if p.grad is not None:
