@@ -1,15 +1,66 @@
 """Install gr_fused. A plain install needs only torch; the compiled extension ``gr_fused._C``
 (csrc/) is built when a compiler is present (see the csrc section below)."""
-from setuptools import find_packages, setup
+import importlib.util
+import os
+import sys
+from pathlib import Path
 
-ext_modules, cmdclass = [], {}
-# csrc/: the host (CPU) and CUDA kernels are added here by the extension build.
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).resolve().parent
+
+# ------------------------------------------------------------------------------ csrc
+# gr_fused._C: the host build (C++/OpenMP) and, when nvcc is found, the CUDA kernels. The
+# recipe is csrc/build.py (ninja), shared with the build on first use in gr_fused/_ext.py.
+#   GR_FUSED_BUILD_CUDA=1   build the CUDA part too; any build failure is an error
+#   GR_FUSED_BUILD_CUDA=0   host build only
+#   unset                   CUDA part when nvcc is found; on failure, the host build alone;
+#                           on failure again, a pure-Python install with a warning
+
+
+def _csrc_build():
+    spec = importlib.util.spec_from_file_location("gr_fused_csrc_build", HERE / "csrc" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildCsrc(build_ext):
+    def build_extensions(self):
+        self.extensions[:] = [ext for ext in self.extensions if self._build(ext)]
+
+    def _build(self, ext) -> bool:
+        flag = os.environ.get("GR_FUSED_BUILD_CUDA", "").strip()
+        recipe = _csrc_build()
+        output = Path(self.get_ext_fullpath(ext.name))
+        tmp = Path(self.build_temp) / "csrc"
+        if flag == "1":
+            recipe.build(output, tmp, cuda=True, verbose=True)  # failure fails the install
+            return True
+        attempts = [True, False] if flag != "0" and recipe.find_nvcc() else [False]
+        for cuda in attempts:
+            try:
+                recipe.build(output, tmp, cuda=cuda, verbose=True)
+                return True
+            except Exception as exc:
+                sys.stderr.write(f"gr_fused: building gr_fused._C ({'host + CUDA' if cuda else 'host'}) "
+                                 f"failed: {exc}\n")
+        sys.stderr.write("gr_fused: WARNING: installing without gr_fused._C (pure Python; the "
+                         "Triton and torch backends still work)\n")
+        return False
+
+
+csrc_sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.c*"))
+ext_modules = [Extension("gr_fused._C", sources=csrc_sources)] if csrc_sources else []
+cmdclass = {"build_ext": BuildCsrc}
 
 setup(
     name="gr_fused",
     version="0.1.0",
     description="Fused finite-difference gradient regularization (GR, SAM, GNP) for PyTorch",
     packages=find_packages(include=["gr_fused", "gr_fused.*"]),
+    exclude_package_data={"gr_fused": ["_C.*"]},  # an in-place build is never package data
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require={

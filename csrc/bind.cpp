@@ -1,10 +1,12 @@
 // gr_fused._C: the pybind11 module. Each phase takes (device, stream, threads) first and
-// runs on the host build when device < 0, else on that CUDA device (see grf_api.h).
+// runs on the host build when device < 0 (its AVX2 compilation where the CPU has it), else
+// on that CUDA device (see grf_api.h).
 // C++ exceptions become Python exceptions (std::runtime_error -> RuntimeError, carrying the
 // CUDA error string; std::invalid_argument -> ValueError). The GIL is released meanwhile.
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
+#include <string>
 
 #include "grf_api.h"
 
@@ -19,11 +21,36 @@ namespace py = pybind11;
 
 namespace {
 
+// Which compilation of host.cpp runs: "avx2" where the CPU has AVX2 and FMA, else "baseline".
+#ifdef GRF_WITH_HOST_AVX2
+bool use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+bool use_avx2 = false;
+#endif
+
+std::string host_isa(const std::string& name) {
+  if (name == "baseline") {
+    use_avx2 = false;
+  } else if (name == "avx2") {
+#ifdef GRF_WITH_HOST_AVX2
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
+      throw std::invalid_argument("this CPU lacks AVX2/FMA");
+    use_avx2 = true;
+#else
+    throw std::invalid_argument("gr_fused._C was built without the AVX2 host code");
+#endif
+  } else if (!name.empty()) {
+    throw std::invalid_argument("host_isa: expected 'baseline' or 'avx2', got '" + name + "'");
+  }
+  return use_avx2 ? "avx2" : "baseline";
+}
+
 template <class... A>
-auto route(void (*host_fn)(const grf::Where&, A...), void (*cuda_fn)(const grf::Where&, A...)) {
+auto route(void (*host_fn)(const grf::Where&, A...), void (*avx2_fn)(const grf::Where&, A...),
+           void (*cuda_fn)(const grf::Where&, A...)) {
   return [=](int device, uintptr_t stream, int threads, A... args) {
     grf::Where w{device, stream, threads};
-    if (device < 0) return host_fn(w, args...);
+    if (device < 0) return (use_avx2 && avx2_fn ? avx2_fn : host_fn)(w, args...);
     if (cuda_fn == nullptr)
       throw std::runtime_error("gr_fused._C was built without CUDA (nvcc was not found at "
                                "build time); rebuild with GR_FUSED_BUILD_CUDA=1");
@@ -33,11 +60,18 @@ auto route(void (*host_fn)(const grf::Where&, A...), void (*cuda_fn)(const grf::
 
 }  // namespace
 
-#ifdef GRF_WITH_CUDA
-#define GRF_ROUTE(name) route(&grf::host::name, &grf::cuda::name)
+#define GRF_NONE(name) decltype(&grf::host::name)(nullptr)
+#ifdef GRF_WITH_HOST_AVX2
+#define GRF_AVX2(name) &grf::host_avx2::name
 #else
-#define GRF_ROUTE(name) route(&grf::host::name, decltype(&grf::host::name)(nullptr))
+#define GRF_AVX2(name) GRF_NONE(name)
 #endif
+#ifdef GRF_WITH_CUDA
+#define GRF_CUDA(name) &grf::cuda::name
+#else
+#define GRF_CUDA(name) GRF_NONE(name)
+#endif
+#define GRF_ROUTE(name) route(&grf::host::name, GRF_AVX2(name), GRF_CUDA(name))
 
 #define GRF_DEF(name, doc) \
   m.def(#name, GRF_ROUTE(name), doc, py::call_guard<py::gil_scoped_release>())
@@ -56,6 +90,8 @@ PYBIND11_MODULE(_C, m) {
   GRF_DEF(update_adamw,
           "(device, stream, threads, dtype, n, theta, G, backup, m, v, step, gscale, "
           "found_inf, lr, beta1, beta2, eps, weight_decay)");
+  m.def("host_isa", &host_isa, py::arg("name") = "",
+        "The host code in use ('avx2' or 'baseline'); pass a name to switch (for tests).");
   py::dict codes;
   codes["float32"] = int(grf::kF32);
   codes["float16"] = int(grf::kF16);

@@ -4,7 +4,8 @@ headers, a C++17 compiler with OpenMP and, for the CUDA part, nvcc.
 
 The build is a ninja file (plain commands, run one by one, when ninja is missing):
 
-* bind.cpp, host.cpp   c++ -O3 -fopenmp       the module and the host build
+* bind.cpp, host.cpp   c++ -O3 -fopenmp       the module and the host build (host.cpp a
+                                              second time with AVX2 + FMA on x86-64)
 * cuda.cu              nvcc for sm_80 and sm_90 SASS plus compute_90 PTX (only with CUDA)
 * link                 c++ (or nvcc, which adds the static CUDA runtime)
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -93,13 +95,20 @@ def commands(output: Path, build_dir: Path, cuda: bool, nvcc: Optional[str] = No
                     f'-DGRF_CUDA_ARCHS="{",".join("sm_" + a for a in CUDA_ARCHS)}"']
     includes = [f"-I{CSRC}", f"-I{_pybind11_include()}",
                 f"-I{sysconfig.get_paths()['include']}"]
-    cxxflags = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-Wall"]
+    cxxflags = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-std=c++17", "-fPIC",
+                "-fopenmp", "-fvisibility=hidden", "-Wall"]
+    # host.cpp once more with AVX2 + FMA on x86-64 (bind.cpp picks it where the CPU has it)
+    variants = [(src, src, []) for src in HOST_SOURCES]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        defines.append("-DGRF_WITH_HOST_AVX2")
+        variants.append(("host.cpp", "host_avx2.cpp", ["-mavx2", "-mfma", "-DGRF_HOST_NS=host_avx2"]))
     steps, objects = [], []
     headers = [str(CSRC / h) for h in HEADERS]
-    for src in HOST_SOURCES:
-        obj = str(build_dir / (src + ".o"))
+    for src, name, extra in variants:
+        obj = str(build_dir / (name + ".o"))
         steps.append((obj, [str(CSRC / src)] + headers,
-                      [cxx, *cxxflags, *defines, *includes, "-c", str(CSRC / src), "-o", obj]))
+                      [cxx, *cxxflags, *extra, *defines, *includes, "-c", str(CSRC / src),
+                       "-o", obj]))
         objects.append(obj)
     if cuda:
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]

@@ -69,17 +69,28 @@ cudaStream_t stream_of(const Where& w) { return reinterpret_cast<cudaStream_t>(w
 
 template <class T> constexpr int vec_width() { return 16 / int(sizeof(T)); }
 
+template <int V> struct Width { static constexpr int value = V; };
+
 template <class T> T* as(ptr p) { return reinterpret_cast<T*>(p); }
 
 // ---------------------------------------------------------------- element-wise phases
-template <class Op, int V> __global__ void __launch_bounds__(kThreads)
-foreach_kernel(Op op, int64_t n) {
-  op.prepare();
+// f(i, Width<V>{}) for the packs of V elements, then f(i, Width<1>{}) for the tail.
+template <int V, class F> __device__ void grid_stride(int64_t n, F f) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nvec = n / V;
-  for (int64_t j = tid; j < nvec; j += stride) op.template apply<V>(j * V);
-  for (int64_t i = nvec * V + tid; i < n; i += stride) op.template apply<1>(i);
+  for (int64_t j = tid; j < nvec; j += stride) f(j * V, Width<V>{});
+  for (int64_t i = nvec * V + tid; i < n; i += stride) f(i, Width<1>{});
+}
+
+template <class Op, int V> __global__ void __launch_bounds__(kThreads)
+foreach_kernel(Op op, int64_t n) {
+  op.prepare();
+  if (op.skipped()) {
+    grid_stride<V>(n, [&](int64_t i, auto w) { op.template apply_skipped<decltype(w)::value>(i); });
+  } else {
+    grid_stride<V>(n, [&](int64_t i, auto w) { op.template apply<decltype(w)::value>(i); });
+  }
 }
 
 template <class Op>
@@ -115,15 +126,11 @@ GRF_UNROLL
   return x;
 }
 
-template <class T, int V> __global__ void __launch_bounds__(kThreads)
-sq_norm_partial(SqNormOp<T> op, int64_t n, compute_t<T>* partials) {
-  using C = compute_t<T>;
+template <class Op, int V> __global__ void __launch_bounds__(kThreads)
+sq_norm_partial(Op op, int64_t n, typename Op::C* partials) {
+  using C = typename Op::C;
   C acc[V] = {};
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nvec = n / V;
-  for (int64_t j = tid; j < nvec; j += stride) op.template accumulate<V>(j * V, acc);
-  for (int64_t i = nvec * V + tid; i < n; i += stride) op.template accumulate<1>(i, acc);
+  grid_stride<V>(n, [&](int64_t i, auto w) { op.template accumulate<decltype(w)::value>(i, acc); });
   C x = 0;
 GRF_UNROLL
   for (int k = 0; k < V; ++k) x += acc[k];
@@ -152,16 +159,18 @@ void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partial
     using C = compute_t<T>;
     constexpr int V = vec_width<T>();
     DeviceGuard guard(w.device);
-    const bool adaptive = theta != 0;
-    const bool aligned = aligned16({g}) && (!adaptive || aligned16({theta}));
+    const bool aligned = aligned16({g, theta});
     const int64_t per_block = int64_t(kThreads) * (aligned ? V : 1);
     const int blocks = int(std::max<int64_t>(
         1, std::min<int64_t>((n + per_block - 1) / per_block, kMaxNormBlocks)));
-    SqNormOp<T> op{as<const T>(g), as<const T>(theta), adaptive};
-    if (aligned)
-      sq_norm_partial<T, V><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<C>(partials));
-    else
-      sq_norm_partial<T, 1><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<C>(partials));
+    dispatch_bool(theta != 0, [&](auto adaptive) {
+      using Op = SqNormOp<T, decltype(adaptive)::value>;
+      Op op{as<const T>(g), as<const T>(theta)};
+      if (aligned)
+        sq_norm_partial<Op, V><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<C>(partials));
+      else
+        sq_norm_partial<Op, 1><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<C>(partials));
+    });
     check(cudaGetLastError(), "sq_norm");
     sq_norm_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(as<const C>(partials), blocks,
                                                           as<C>(out));
@@ -174,9 +183,11 @@ void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup,
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
-    PerturbOp<T> op{as<T>(theta), as<T>(g), as<T>(backup), as<const C>(eps),
-                    as<const C>(fold), adaptive};
-    launch_foreach(w, op, n, aligned16({theta, g, backup}), "perturb");
+    dispatch_bool(adaptive, [&](auto adaptive_) {
+      PerturbOp<T, decltype(adaptive_)::value> op{as<T>(theta), as<T>(g), as<T>(backup),
+                                                  as<const C>(eps), as<const C>(fold)};
+      launch_foreach(w, op, n, aligned16({theta, g, backup}), "perturb");
+    });
   });
 }
 
@@ -216,11 +227,13 @@ void update_sgd(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr back
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
-    UpdateSgdOp<T> op{as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(buf),
-                      {as<const C>(gscale), as<const C>(found_inf)},
-                      make_sgd_hp<C>(lr, momentum, dampening, weight_decay, nesterov,
-                                     sgd_mode(buf, first))};
-    launch_foreach(w, op, n, aligned16({theta, G, backup, buf}), "update_sgd");
+    dispatch_momentum(buf, first, [&](auto mode) {
+      UpdateSgdOp<T, decltype(mode)::value> op{
+          as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(buf),
+          {as<const C>(gscale), as<const C>(found_inf)},
+          make_sgd_hp<C>(lr, momentum, dampening, weight_decay, nesterov)};
+      launch_foreach(w, op, n, aligned16({theta, G, backup, buf}), "update_sgd");
+    });
   });
 }
 

@@ -46,7 +46,8 @@ constexpr int kMaxNormBlocks = 1024;
                     ptr m, ptr v, ptr step, ptr gscale, ptr found_inf, double lr,           \
                     double beta1, double beta2, double eps, double weight_decay);
 
-namespace host { GRF_DECLARE_PHASES }  // host.cpp
+namespace host { GRF_DECLARE_PHASES }       // host.cpp, for any CPU of its architecture
+namespace host_avx2 { GRF_DECLARE_PHASES }  // host.cpp again, with AVX2 + FMA (x86-64 only)
 namespace cuda { GRF_DECLARE_PHASES }  // cuda.cu (only in builds with CUDA)
 
 }  // namespace grf

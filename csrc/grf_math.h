@@ -150,21 +150,22 @@ enum MomentumMode { kNoMomentum = 0, kFirstMomentum = 1, kMomentum = 2 };
 template <class C> struct SgdHp {
   C neg_lr, momentum, one_minus_dampening, weight_decay;
   bool nesterov;
-  int mode;  // MomentumMode
 };
 
 template <class C> SgdHp<C> make_sgd_hp(double lr, double momentum, double dampening,
-                                        double weight_decay, bool nesterov, int mode) {
-  return SgdHp<C>{C(-lr), C(momentum), C(1.0 - dampening), C(weight_decay), nesterov, mode};
+                                        double weight_decay, bool nesterov) {
+  return SgdHp<C>{C(-lr), C(momentum), C(1.0 - dampening), C(weight_decay), nesterov};
 }
 
-// Returns the new θ; updates buf (read only in kMomentum mode, written unless kNoMomentum).
-template <class C> GRF_HD C sgd_elem(C G, C gscale, C backup, C& buf, const SgdHp<C>& h) {
+// Returns the new θ. MODE (a MomentumMode): buf is read only with kMomentum and written
+// unless kNoMomentum (kFirstMomentum: the step that creates the buffer, buf = g).
+template <int MODE, class C>
+GRF_HD C sgd_elem(C G, C gscale, C backup, C& buf, const SgdHp<C>& h) {
   C g = combined_grad(G, gscale);
   if (h.weight_decay != C(0)) g = g + h.weight_decay * backup;
   C d = g;
-  if (h.mode != kNoMomentum) {
-    buf = h.mode == kFirstMomentum ? g : buf * h.momentum + h.one_minus_dampening * g;
+  if (MODE != kNoMomentum) {
+    buf = MODE == kFirstMomentum ? g : buf * h.momentum + h.one_minus_dampening * g;
     d = h.nesterov ? g + h.momentum * buf : buf;
   }
   return backup + h.neg_lr * d;

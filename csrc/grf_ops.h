@@ -3,15 +3,20 @@
 //
 //   prepare()          reads the step scalars (eps, fold, gscale, found_inf, step) from
 //                      memory; a CUDA thread calls it once, the host once per call
+//   skipped()          after prepare(): true when found_inf is set (phase 3 only)
 //   apply<V>(i)        processes elements i .. i+V-1 (V > 1 only on 16-byte aligned data)
+//   apply_skipped<V>(i)  the same when skipped(): θ = backup, state untouched
 //   accumulate<V>(i,a) the norm: adds the terms of elements i .. i+V-1 into lanes a[0..V)
 //
 // The arithmetic itself is in grf_math.h; the drivers (grid-stride kernels, OpenMP loops)
-// decide which i each thread visits.
+// decide which i each thread visits. Flags that decide which memory is touched (adaptive,
+// the momentum mode) are template parameters and skipped() is tested once per loop, so the
+// inner loops have no branches and the host compiler vectorizes them.
 #pragma once
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "grf_api.h"
 #include "grf_math.h"
@@ -37,26 +42,31 @@ template <int V, class T> GRF_HD void st(T* p, int64_t i, const Pack<T, V>& x) {
   }
 }
 
+// Phases 1 and 2 are never skipped.
+#define GRF_NEVER_SKIPPED                                       \
+  GRF_HD bool skipped() const { return false; }                 \
+  template <int V> GRF_HD void apply_skipped(int64_t) const {}
+
 // Σ g² (adaptive: Σ (θ·g)²), phase 1.
-template <class T> struct SqNormOp {
+template <class T, bool ADAPTIVE> struct SqNormOp {
   using value_type = T;
   using C = compute_t<T>;
   const T* g;
-  const T* theta;  // read only when adaptive
-  bool adaptive;
+  const T* theta;  // read only when ADAPTIVE
 
   GRF_HD void prepare() {}
 
   template <int V> GRF_HD void accumulate(int64_t i, C* acc) const {
     Pack<T, V> gp = ld<V>(g, i);
-    Pack<T, V> tp = adaptive ? ld<V>(theta, i) : gp;
+    Pack<T, V> tp = gp;
+    if constexpr (ADAPTIVE) tp = ld<V>(theta, i);
 GRF_UNROLL
-    for (int k = 0; k < V; ++k) acc[k] += sq_term(to_c(tp.v[k]), to_c(gp.v[k]), adaptive);
+    for (int k = 0; k < V; ++k) acc[k] += sq_term(to_c(tp.v[k]), to_c(gp.v[k]), ADAPTIVE);
   }
 };
 
 // backup = θ;  θ = θ + eps·w·g;  g = fold·g, phase 2.
-template <class T> struct PerturbOp {
+template <class T, bool ADAPTIVE> struct PerturbOp {
   using value_type = T;
   using C = compute_t<T>;
   T* theta;
@@ -64,17 +74,17 @@ template <class T> struct PerturbOp {
   T* backup;
   const C* eps_ptr;
   const C* fold_ptr;
-  bool adaptive;
   C eps, fold;
 
   GRF_HD void prepare() { eps = *eps_ptr; fold = *fold_ptr; }
+  GRF_NEVER_SKIPPED
 
   template <int V> GRF_HD void apply(int64_t i) const {
     Pack<T, V> t = ld<V>(theta, i), gp = ld<V>(g, i), nt, ng;
 GRF_UNROLL
     for (int k = 0; k < V; ++k) {
       C new_theta, new_g;
-      perturb_elem(to_c(t.v[k]), to_c(gp.v[k]), eps, fold, adaptive, new_theta, new_g);
+      perturb_elem(to_c(t.v[k]), to_c(gp.v[k]), eps, fold, ADAPTIVE, new_theta, new_g);
       nt.v[k] = from_c<T>(new_theta);
       ng.v[k] = from_c<T>(new_g);
     }
@@ -93,6 +103,7 @@ template <class T> struct ReflectOp {
   const T* backup;
 
   GRF_HD void prepare() {}
+  GRF_NEVER_SKIPPED
 
   template <int V> GRF_HD void apply(int64_t i) const {
     Pack<T, V> t = ld<V>(theta, i), gp = ld<V>(g, i), b = ld<V>(backup, i);
@@ -118,6 +129,9 @@ template <class T> struct UpdateScalars {
   GRF_HD void read() { gscale = *gscale_ptr; skip = *found_inf_ptr != C(0); }
 };
 
+#define GRF_SKIPPED_WHEN_FOUND_INF \
+  GRF_HD bool skipped() const { return s.skip; }
+
 // θ = backup;  G = gscale·G (the GR wrapper's base optimizer steps afterwards).
 template <class T> struct UpdateNoneOp {
   using value_type = T;
@@ -128,10 +142,12 @@ template <class T> struct UpdateNoneOp {
   UpdateScalars<T> s;
 
   GRF_HD void prepare() { s.read(); }
+  GRF_SKIPPED_WHEN_FOUND_INF
+
+  template <int V> GRF_HD void apply_skipped(int64_t i) const { st<V>(theta, i, ld<V>(backup, i)); }
 
   template <int V> GRF_HD void apply(int64_t i) const {
     st<V>(theta, i, ld<V>(backup, i));
-    if (s.skip) return;
     Pack<T, V> gp = ld<V>(G, i);
 GRF_UNROLL
     for (int k = 0; k < V; ++k) gp.v[k] = from_c<T>(combined_grad(to_c(gp.v[k]), s.gscale));
@@ -140,39 +156,40 @@ GRF_UNROLL
 };
 
 // θ = backup, then torch.optim.SGD's update with g = gscale·G.
-template <class T> struct UpdateSgdOp {
+template <class T, int MODE> struct UpdateSgdOp {  // MODE: a MomentumMode
   using value_type = T;
   using C = compute_t<T>;
   T* theta;
   const T* G;
   const T* backup;
-  T* buf;  // null when momentum is 0
+  T* buf;  // null when MODE is kNoMomentum
   UpdateScalars<T> s;
   SgdHp<C> h;
 
   GRF_HD void prepare() { s.read(); }
+  GRF_SKIPPED_WHEN_FOUND_INF
+
+  template <int V> GRF_HD void apply_skipped(int64_t i) const {
+    st<V>(theta, i, ld<V>(backup, i));
+    if constexpr (MODE == kFirstMomentum) {  // the buffer this step creates: zeros
+      Pack<T, V> zero;
+GRF_UNROLL
+      for (int k = 0; k < V; ++k) zero.v[k] = from_c<T>(C(0));
+      st<V>(buf, i, zero);
+    }
+  }
 
   template <int V> GRF_HD void apply(int64_t i) const {
-    Pack<T, V> b = ld<V>(backup, i);
-    if (s.skip) {
-      st<V>(theta, i, b);
-      if (h.mode == kFirstMomentum) {
-        Pack<T, V> zero;
-GRF_UNROLL
-        for (int k = 0; k < V; ++k) zero.v[k] = from_c<T>(C(0));
-        st<V>(buf, i, zero);
-      }
-      return;
-    }
-    Pack<T, V> gp = ld<V>(G, i), mp = h.mode == kMomentum ? ld<V>(buf, i) : b, nt;
+    Pack<T, V> b = ld<V>(backup, i), gp = ld<V>(G, i), mp = b, nt;
+    if constexpr (MODE == kMomentum) mp = ld<V>(buf, i);
 GRF_UNROLL
     for (int k = 0; k < V; ++k) {
       C m = to_c(mp.v[k]);
-      nt.v[k] = from_c<T>(sgd_elem(to_c(gp.v[k]), s.gscale, to_c(b.v[k]), m, h));
+      nt.v[k] = from_c<T>(sgd_elem<MODE>(to_c(gp.v[k]), s.gscale, to_c(b.v[k]), m, h));
       mp.v[k] = from_c<T>(m);
     }
     st<V>(theta, i, nt);
-    if (h.mode != kNoMomentum) st<V>(buf, i, mp);
+    if constexpr (MODE != kNoMomentum) st<V>(buf, i, mp);
   }
 };
 
@@ -195,13 +212,12 @@ template <class T> struct UpdateAdamwOp {
     s.read();
     bias = adam_step(C(*step_ptr + 1.0f), h);
   }
+  GRF_SKIPPED_WHEN_FOUND_INF
+
+  template <int V> GRF_HD void apply_skipped(int64_t i) const { st<V>(theta, i, ld<V>(backup, i)); }
 
   template <int V> GRF_HD void apply(int64_t i) const {
     Pack<T, V> b = ld<V>(backup, i);
-    if (s.skip) {
-      st<V>(theta, i, b);
-      return;
-    }
     Pack<T, V> gp = ld<V>(G, i), mp = ld<V>(m, i), vp = ld<V>(v, i), nt;
 GRF_UNROLL
     for (int k = 0; k < V; ++k) {
@@ -228,8 +244,16 @@ template <class F> void dispatch_dtype(int dtype, F&& f) {
   }
 }
 
-inline int sgd_mode(uintptr_t buf, bool first) {
-  return buf == 0 ? kNoMomentum : first ? kFirstMomentum : kMomentum;
+// Calls f(std::integral_constant<bool, b>{}).
+template <class F> void dispatch_bool(bool b, F&& f) {
+  if (b) f(std::true_type{}); else f(std::false_type{});
+}
+
+// Calls f(std::integral_constant<int, mode>{}) with the MomentumMode of an update_sgd call.
+template <class F> void dispatch_momentum(uintptr_t buf, bool first, F&& f) {
+  if (buf == 0) f(std::integral_constant<int, kNoMomentum>{});
+  else if (first) f(std::integral_constant<int, kFirstMomentum>{});
+  else f(std::integral_constant<int, kMomentum>{});
 }
 
 }  // namespace grf

@@ -1,6 +1,11 @@
 // The host build: the phases of grf_api.h as OpenMP loops over the ops of grf_ops.h, so the
 // CPU runs exactly the per-element math the CUDA kernels run.
 //
+// It is compiled twice on x86-64: into namespace grf::host for any x86-64 CPU, and with
+// -mavx2 -mfma into grf::host_avx2 (GRF_HOST_NS); bind.cpp picks one at run time. Both are
+// compiled with -ffp-contract=off, so every operation rounds once, as grf_math.h writes it,
+// and the two give the same bits.
+//
 // Work is cut into fixed chunks of kChunk elements, independent of the thread count; the
 // norm sums each chunk in kLanes float lanes, then the lanes and the chunks in double, in
 // index order. So the norm is the same bit for bit whatever the number of threads.
@@ -12,8 +17,12 @@
 
 #include "grf_ops.h"
 
+#ifndef GRF_HOST_NS
+#define GRF_HOST_NS host
+#endif
+
 namespace grf {
-namespace host {
+namespace GRF_HOST_NS {
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;
@@ -23,26 +32,33 @@ int64_t chunks_of(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
 template <class Op> void for_each(Op op, int64_t n, int threads) {
   op.prepare();
+  const bool skipped = op.skipped();
   const int64_t chunks = chunks_of(n);
 #pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1 && threads > 1)
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t end = std::min(n, (c + 1) * kChunk);
-    for (int64_t i = c * kChunk; i < end; ++i) op.template apply<1>(i);
+    const Op local = op;  // a private copy: the compiler need not reload it after stores
+    const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+    if (skipped) {
+      for (int64_t i = begin; i < end; ++i) local.template apply_skipped<1>(i);
+    } else {
+      for (int64_t i = begin; i < end; ++i) local.template apply<1>(i);
+    }
   }
 }
 
-template <class T> double sum_squares(const SqNormOp<T>& op, int64_t n, int threads) {
-  using C = compute_t<T>;
+template <class Op> double sum_squares(const Op& op, int64_t n, int threads) {
+  using C = typename Op::C;
   const int64_t chunks = chunks_of(n);
   std::vector<double> partial(chunks);
 #pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1 && threads > 1)
   for (int64_t c = 0; c < chunks; ++c) {
+    const Op local = op;
     const int64_t end = std::min(n, (c + 1) * kChunk);
     C acc[kLanes] = {};
     int64_t i = c * kChunk;
     for (; i + kLanes <= end; i += kLanes)
-      for (int k = 0; k < kLanes; ++k) op.template accumulate<1>(i + k, &acc[k]);
-    for (; i < end; ++i) op.template accumulate<1>(i, &acc[i % kLanes]);
+      for (int k = 0; k < kLanes; ++k) local.template accumulate<1>(i + k, &acc[k]);
+    for (; i < end; ++i) local.template accumulate<1>(i, &acc[i % kLanes]);
     double s = 0;
     for (int k = 0; k < kLanes; ++k) s += double(acc[k]);
     partial[c] = s;
@@ -60,8 +76,10 @@ void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr, ptr ou
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
-    SqNormOp<T> op{as<const T>(g), as<const T>(theta), theta != 0};
-    *as<C>(out) = C(sum_squares(op, n, w.threads));
+    dispatch_bool(theta != 0, [&](auto adaptive) {
+      SqNormOp<T, decltype(adaptive)::value> op{as<const T>(g), as<const T>(theta)};
+      *as<C>(out) = C(sum_squares(op, n, w.threads));
+    });
   });
 }
 
@@ -70,9 +88,11 @@ void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup,
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
-    for_each(PerturbOp<T>{as<T>(theta), as<T>(g), as<T>(backup), as<const C>(eps),
-                          as<const C>(fold), adaptive},
-             n, w.threads);
+    dispatch_bool(adaptive, [&](auto adaptive_) {
+      for_each(PerturbOp<T, decltype(adaptive_)::value>{as<T>(theta), as<T>(g), as<T>(backup),
+                                                        as<const C>(eps), as<const C>(fold)},
+               n, w.threads);
+    });
   });
 }
 
@@ -114,11 +134,13 @@ void update_sgd(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr back
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
-    for_each(UpdateSgdOp<T>{as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(buf),
-                            {as<const C>(gscale), as<const C>(found_inf)},
-                            make_sgd_hp<C>(lr, momentum, dampening, weight_decay, nesterov,
-                                           sgd_mode(buf, first))},
-             n, w.threads);
+    dispatch_momentum(buf, first, [&](auto mode) {
+      for_each(UpdateSgdOp<T, decltype(mode)::value>{
+                   as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(buf),
+                   {as<const C>(gscale), as<const C>(found_inf)},
+                   make_sgd_hp<C>(lr, momentum, dampening, weight_decay, nesterov)},
+               n, w.threads);
+    });
   });
 }
 
@@ -137,5 +159,5 @@ void update_adamw(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr ba
   });
 }
 
-}  // namespace host
+}  // namespace GRF_HOST_NS
 }  // namespace grf
