@@ -49,16 +49,17 @@ def _image_batch(batch_size: int):
 
 # --------------------------------------------------------------------------- mlp
 def mlp(batch_size: int, device, *, width: int = 512, depth: int = 4, in_features: int = 784):
-    """``depth`` Linear layers (in_features → width → … → width → 10) with ReLU between."""
+    """``depth`` Linear layers (in_features → width → … → width → 10), ReLU between."""
     _check_positive(width=width, depth=depth, in_features=in_features)
     sizes = [in_features] + [width] * (depth - 1) + [NUM_CLASSES]
     layers = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        if i:
-            layers.append(nn.ReLU())
-        layers.append(nn.Linear(n_in, n_out))
+    with torch.device(device):
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            if i:
+                layers.append(nn.ReLU())
+            layers.append(nn.Linear(n_in, n_out))
     batch = (torch.randn(batch_size, in_features), torch.randint(0, NUM_CLASSES, (batch_size,)))
-    return nn.Sequential(*layers).to(device), batch, classification_loss
+    return nn.Sequential(*layers), batch, classification_loss
 
 
 # --------------------------------------------------------------------------- cnn
@@ -71,10 +72,11 @@ def cnn(batch_size: int, device, *, width: int = 32):
     """Three 3x3 conv + BatchNorm + ReLU layers (width, 2·width, 4·width channels; the last
     two with stride 2), global average pooling and a Linear classifier; 32x32 input."""
     _check_positive(width=width)
-    model = nn.Sequential(_conv_bn_relu(3, width, 1), _conv_bn_relu(width, 2 * width, 2),
-                          _conv_bn_relu(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(4 * width, NUM_CLASSES))
-    return model.to(device), _image_batch(batch_size), classification_loss
+    with torch.device(device):
+        model = nn.Sequential(_conv_bn_relu(3, width, 1), _conv_bn_relu(width, 2 * width, 2),
+                              _conv_bn_relu(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(4 * width, NUM_CLASSES))
+    return model, _image_batch(batch_size), classification_loss
 
 
 # --------------------------------------------------------------------------- resnet18
@@ -100,14 +102,16 @@ def resnet18(batch_size: int, device, *, width: int = 64):
     """ResNet-18 for CIFAR (3x3 stem, no max-pool, 32x32 input); stages of width, 2·, 4· and
     8·width channels (width 64 is the standard model, 11.2M parameters)."""
     _check_positive(width=width)
-    layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-    c_in = width
-    for stage, stride in enumerate((1, 2, 2, 2)):
-        c_out = width * 2 ** stage
-        layers += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
-        c_in = c_out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, NUM_CLASSES)]
-    return nn.Sequential(*layers).to(device), _image_batch(batch_size), classification_loss
+    with torch.device(device):
+        layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        c_in = width
+        for stage, stride in enumerate((1, 2, 2, 2)):
+            c_out = width * 2 ** stage
+            layers += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            c_in = c_out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, NUM_CLASSES)]
+        model = nn.Sequential(*layers)
+    return model, _image_batch(batch_size), classification_loss
 
 
 # --------------------------------------------------------------------------- wide resnet
@@ -137,16 +141,18 @@ def wide_resnet(batch_size: int, device, *, depth: int = 28, width: int = 10):
     if (depth - 4) % 6 or depth < 10:
         raise ValueError(f"Invalid depth: {depth} (wide resnets need depth = 6n + 4, n >= 1)")
     blocks_per_stage = (depth - 4) // 6
-    layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False)]
-    c_in = 16
-    for stage, stride in enumerate((1, 2, 2)):
-        c_out = 16 * width * 2 ** stage
-        for i in range(blocks_per_stage):
-            layers.append(WideBlock(c_in, c_out, stride if i == 0 else 1))
-            c_in = c_out
-    layers += [nn.BatchNorm2d(c_in), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-               nn.Linear(c_in, NUM_CLASSES)]
-    return nn.Sequential(*layers).to(device), _image_batch(batch_size), classification_loss
+    with torch.device(device):
+        layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False)]
+        c_in = 16
+        for stage, stride in enumerate((1, 2, 2)):
+            c_out = 16 * width * 2 ** stage
+            for i in range(blocks_per_stage):
+                layers.append(WideBlock(c_in, c_out, stride if i == 0 else 1))
+                c_in = c_out
+        layers += [nn.BatchNorm2d(c_in), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                   nn.Linear(c_in, NUM_CLASSES)]
+        model = nn.Sequential(*layers)
+    return model, _image_batch(batch_size), classification_loss
 
 
 # --------------------------------------------------------------------------- gpt

@@ -1,0 +1,132 @@
+"""The profiler's report as a terminal table, JSON, CSV and a PNG bar chart."""
+from __future__ import annotations
+
+import csv
+import json
+from typing import Any, Dict, List, Optional
+
+Report = Dict[str, Any]
+
+MIB = 2 ** 20
+# Report fields copied into every CSV row, before the per-method fields.
+CSV_CONTEXT = ("device", "device_name", "model", "dtype", "batch_size", "torch_version")
+CSV_RESULT = ("method", "backend", "step_time_ms", "step_time_ms_min", "step_time_ms_max",
+              "ratio_to_sgd", "ratio_to_db_gr", "peak_memory_bytes", "flops",
+              "flops_per_forward", "analytic_flops_per_forward", "analytic_flops",
+              "loss_first", "loss_last", "skipped_steps")
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_table(report: Report) -> str:
+    """The report as a table, with what was measured and how, for the terminal."""
+    options = ", ".join(f"{k}={v}" for k, v in report["model_options"].items())
+    lines = [
+        f"model {report['model']}" + (f" ({options})" if options else "")
+        + f", {report['parameters'] / 1e6:.2f}M parameters, batch {report['batch_size']}, "
+        f"{report['dtype']}",
+        f"device {report['device']} ({report['device_name']}), torch {report['torch_version']}"
+        f", gr_fused {report['gr_fused_version']}",
+    ]
+    if report["size_note"]:
+        lines.append(f"size: {report['size_note']}")
+    header = ("method", "backend", "step ms", "x sgd", "x db-gr", "peak MiB", "GFLOP/step",
+              "FLOPs/fwd", "paper/fwd", "loss first→last")
+    rows = [header]
+    for r in report["results"]:
+        rows.append((r["method"], r["backend"], f"{r['step_time_ms']:.2f}",
+                     _ratio(r["ratio_to_sgd"]), _ratio(r["ratio_to_db_gr"]),
+                     f"{r['peak_memory_bytes'] / MIB:.1f}", f"{r['flops'] / 1e9:.3f}",
+                     _ratio(r["flops_per_forward"]), str(r["analytic_flops_per_forward"]),
+                     f"{r['loss_first']:.4f}→{r['loss_last']:.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for n, row in enumerate(rows):
+        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        f"step ms: median of {report['repeat']} steps after {report['warmup']} warm-up steps; "
+        f"{report['timer']}.",
+        f"peak MiB: {report['memory_measure']}.",
+        f"GFLOP/step: {report['flop_counter']}. FLOPs/fwd: the same as a multiple of one forward"
+        f" pass ({report['forward_flops'] / 1e9:.3f} GFLOP); paper/fwd: the analytic count of "
+        "the paper's Section 3.2 (3L products per gradient, FD 6L, central and DB 9L).",
+    ]
+    for name, why in report["skipped_backends"].items():
+        lines.append(f"backend {name} not run: {why}")
+    lines += [f"WARNING: {r['method']} ({r['backend']}) skipped {r['skipped_steps']} steps on "
+              "inf/NaN; its time is not that of a full step" for r in report["results"]
+              if r["skipped_steps"]]
+    lines += summary(report)
+    return "\n".join(lines)
+
+
+def summary(report: Report) -> List[str]:
+    """The headline ratios: the fastest fd-gr against sgd and sam-ref, and db-gr against it."""
+    by_method: Dict[str, Dict[str, Any]] = {}
+    for r in report["results"]:
+        best = by_method.get(r["method"])
+        if best is None or r["step_time_ms"] < best["step_time_ms"]:
+            by_method[r["method"]] = r
+    fd = by_method.get("fd-gr")
+    if fd is None:
+        return []
+    parts = [f"{fd['step_time_ms'] / by_method[m]['step_time_ms']:.2f}x {m}"
+             for m in ("sgd", "sam-ref") if m in by_method]
+    text = (f"summary: fd-gr ({fd['backend']}) step = " + ", ".join(parts)) if parts else ""
+    if "db-gr" in by_method:
+        text += ("; " if text else "summary: ") + (
+            f"db-gr step = {by_method['db-gr']['step_time_ms'] / fd['step_time_ms']:.2f}x "
+            f"fd-gr ({fd['backend']})")
+    return [text] if text else []
+
+
+def write_json(report: Report, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+
+
+def write_csv(report: Report, path: str) -> None:
+    """One row per profiled (method, backend), with the run's context in every row."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_CONTEXT + CSV_RESULT)
+        writer.writeheader()
+        for r in report["results"]:
+            row = {k: report[k] for k in CSV_CONTEXT}
+            row.update({k: r[k] for k in CSV_RESULT})
+            writer.writerow(row)
+
+
+def write_plot(report: Report, path: str) -> None:
+    """A PNG with two bar charts: median step time (labelled with the ratio to sgd) and
+    peak memory, one bar per (method, backend)."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    labels = [r["method"] if r["method"] not in ("fd-gr", "bd-gr", "central-gr")
+              else f"{r['method']}\n({r['backend']})" for r in results]
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(results)), 4.5))
+    bars = ax_time.bar(labels, [r["step_time_ms"] for r in results], color="tab:blue")
+    ax_time.bar_label(bars, [f"{_ratio(r['ratio_to_sgd'])}x" if r["ratio_to_sgd"] else ""
+                             for r in results], fontsize=8)
+    ax_time.set_ylabel("median step time (ms)")
+    ax_time.set_title("step time (label: x sgd)")
+    ax_mem.bar(labels, [r["peak_memory_bytes"] / MIB for r in results], color="tab:orange")
+    ax_mem.set_ylabel("peak memory (MiB)")
+    ax_mem.set_title("peak memory")
+    for ax in (ax_time, ax_mem):
+        ax.tick_params(axis="x", labelsize=8, rotation=45)
+    fig.suptitle(f"{report['model']}, batch {report['batch_size']}, {report['dtype']}, "
+                 f"{report['device']} ({report['device_name']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

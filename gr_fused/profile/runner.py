@@ -1,0 +1,420 @@
+"""``compare()``: profile the training step of each method on one model, side by side."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import platform
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import __version__, backends as gr_backends
+from .measure import MEMORY_MEASURE, TIMER, StepTimer, count_flops, measure_peak_memory
+from .methods import (ANALYTIC_FORWARD_MULTIPLE, BASELINE_BACKEND, GR_METHODS, METHODS,
+                      Hyperparameters, make_step)
+from .models import BUILTIN_MODELS, Factory, load_user_factory
+
+# name -> (parameter dtype, autocast dtype or None)
+DTYPES: Dict[str, Tuple[torch.dtype, Optional[torch.dtype]]] = {
+    "float32": (torch.float32, None),
+    "float64": (torch.float64, None),
+    "bfloat16": (torch.bfloat16, None),
+    "bf16-autocast": (torch.float32, torch.bfloat16),
+}
+DEFAULT_MODEL = "cnn"
+DEFAULT_USER_BATCH_SIZE = 32
+DEFAULT_REPEATS = {"cuda": (5, 20), "cpu": (2, 10)}  # (warmup, repeat) per device type
+MEMORY_STEPS = 2  # the first steps of every run, measured for peak memory (not timed)
+FLOP_COUNTER = ("torch.utils.flop_counter.FlopCounterMode: matmul, conv and attention ops of "
+                "one step (elementwise ops and the optimizer update are not counted)")
+
+
+@dataclass
+class Plan:
+    """Everything ``compare`` will do, checked before anything runs."""
+    model_name: str
+    factory: Factory
+    model_options: Dict[str, Any]
+    size_note: str
+    device: torch.device
+    dtype: str
+    batch_size: int
+    runs: List[Tuple[str, str]]  # (method, backend)
+    skipped_backends: Dict[str, str]
+    warmup: int
+    repeat: int
+    hyperparameters: Hyperparameters
+    seed: int = 0
+    sequential: bool = False
+
+
+def compare(model: Union[str, Factory] = DEFAULT_MODEL, *, device: Optional[str] = None,
+            dtype: str = "float32", batch_size: Optional[int] = None,
+            methods: Optional[Union[str, Sequence[str]]] = None,
+            backends: Optional[Union[str, Sequence[str]]] = None,
+            warmup: Optional[int] = None, repeat: Optional[int] = None,
+            hyperparameters: Optional[Hyperparameters] = None,
+            model_options: Optional[Dict[str, Any]] = None, seed: int = 0,
+            sequential: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Profile one training step of each method on ``model`` and return the report (a dict,
+    the JSON schema of ``python -m gr_fused.profile --json``).
+
+    ``model``: a built-in name (``gr_fused.profile.BUILTIN_MODELS``), ``"package.module:
+    factory"`` or a factory callable (contract in ``gr_fused.profile.models``).
+    ``model_options``: keyword arguments for the factory (the built-in models' sizes).
+    ``methods``: names from ``METHODS`` (default all); ``backends``: gr_fused backends to run
+    the GR methods on (default every one that can run on ``device``). ``sequential``: run
+    the methods one after another, holding one model at a time, instead of interleaving
+    their timed steps (which holds every method's model at once).
+    Raises ValueError, naming the argument, for bad input.
+    """
+    plan = make_plan(model, device=device, dtype=dtype, batch_size=batch_size, methods=methods,
+                     backends=backends, warmup=warmup, repeat=repeat,
+                     hyperparameters=hyperparameters, model_options=model_options, seed=seed,
+                     sequential=sequential)
+    return run_plan(plan, progress=progress)
+
+
+# --------------------------------------------------------------------------- planning
+def make_plan(model: Union[str, Factory] = DEFAULT_MODEL, *, device: Optional[str] = None,
+              dtype: str = "float32", batch_size: Optional[int] = None,
+              methods=None, backends=None, warmup: Optional[int] = None,
+              repeat: Optional[int] = None, hyperparameters: Optional[Hyperparameters] = None,
+              model_options: Optional[Dict[str, Any]] = None, seed: int = 0,
+              sequential: bool = False) -> Plan:
+    """Check every argument of :func:`compare` and resolve the defaults."""
+    device = _resolve_device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"Invalid dtype: {dtype!r} (choose from {', '.join(DTYPES)})")
+    model_name, factory, options, size_note, default_batch = _resolve_model(
+        model, dict(model_options or {}), device)
+    batch_size = default_batch if batch_size is None else batch_size
+    default_warmup, default_repeat = DEFAULT_REPEATS[device.type]
+    warmup = default_warmup if warmup is None else warmup
+    repeat = default_repeat if repeat is None else repeat
+    for name, value, least in (("batch_size", batch_size, 1), ("warmup", warmup, 0),
+                               ("repeat", repeat, 1)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            raise ValueError(f"Invalid {name}: {value!r} (an integer >= {least})")
+    methods = _resolve_methods(methods)
+    hp = hyperparameters or Hyperparameters()
+    for name, value in asdict(hp).items():
+        if not (isinstance(value, (int, float)) and value >= 0) or (name == "rho" and value == 0):
+            raise ValueError(f"Invalid {name}: {value!r} (a number >= 0; rho > 0)")
+    run_backends, skipped = _resolve_backends(backends, device, any(m in GR_METHODS
+                                                                    for m in methods))
+    runs = []
+    for method in methods:
+        if method in GR_METHODS:
+            runs += [(method, b) for b in run_backends]
+        else:
+            runs.append((method, BASELINE_BACKEND))
+    return Plan(model_name, factory, options, size_note, device, dtype, batch_size, runs,
+                skipped, warmup, repeat, hp, seed, sequential)
+
+
+def _resolve_device(device: Optional[str]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"Invalid device: {device!r} ({exc})") from exc
+    if resolved.type not in DEFAULT_REPEATS:
+        raise ValueError(f"Invalid device: {device!r} (cpu or cuda)")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Invalid device: {device!r} (CUDA is not available here)")
+    return resolved
+
+
+def _resolve_model(model, options: Dict[str, Any], device: torch.device):
+    """(name, factory, options, size note, default batch size)."""
+    if callable(model):
+        name = getattr(model, "__qualname__", repr(model))
+        return name, model, options, "", DEFAULT_USER_BATCH_SIZE
+    if not isinstance(model, str):
+        raise ValueError(f"Invalid model: {model!r} (a name, 'package.module:factory' or a "
+                         "factory callable)")
+    if ":" in model:
+        return model, load_user_factory(model), options, "", DEFAULT_USER_BATCH_SIZE
+    if model not in BUILTIN_MODELS:
+        raise ValueError(f"Invalid model: {model!r} (built-in: {', '.join(BUILTIN_MODELS)}; or "
+                         "'package.module:factory')")
+    builtin = BUILTIN_MODELS[model]
+    unknown = sorted(set(options) - set(builtin.full))
+    if unknown:
+        raise ValueError(f"Invalid model option for {model}: {', '.join(unknown)} (it takes "
+                         f"{', '.join(builtin.full)})")
+    resolved = dict(builtin.full)
+    reduced = {}
+    if device.type == "cpu":
+        reduced = {k: v for k, v in builtin.cpu.items() if k not in options}
+        resolved.update(reduced)
+    resolved.update(options)
+    size_note = ""
+    if reduced:
+        size_note = ("reduced for CPU: " + ", ".join(f"{k}={v}" for k, v in reduced.items())
+                     + " (full size: " + ", ".join(f"{k}={builtin.full[k]}" for k in reduced)
+                     + "; give the size options to change it)")
+    batch = builtin.batch_size
+    if device.type == "cpu" and builtin.cpu_batch_size:
+        batch = builtin.cpu_batch_size
+    return model, builtin.factory, resolved, size_note, batch
+
+
+def _as_list(value, what: str) -> List[str]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    value = list(value)
+    if not value:
+        raise ValueError(f"Invalid {what}: empty")
+    return value
+
+
+def _resolve_methods(methods) -> List[str]:
+    if methods is None:
+        return list(METHODS)
+    methods = _as_list(methods, "methods")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Invalid methods: {', '.join(map(repr, unknown))} (choose from "
+                         f"{', '.join(METHODS)})")
+    return [m for m in METHODS if m in methods]
+
+
+def _resolve_backends(requested, device: torch.device, needed: bool
+                      ) -> Tuple[List[str], Dict[str, str]]:
+    """(backends to run, {backend: why it is not run}) for the GR methods."""
+    concrete = [n for n in gr_backends.names() if n != "auto"]
+    if requested is None or requested == "all":
+        run, skipped = [], {}
+        for name in concrete:
+            why = gr_backends.unavailable_reason(name, device)
+            if why is None:
+                run.append(name)
+            else:
+                skipped[name] = why
+        if needed and not run:
+            raise ValueError(f"Invalid backends: none can run on {device} ({skipped})")
+        return run, skipped
+    requested = _as_list(requested, "backends")
+    for name in requested:
+        if name not in concrete:
+            raise ValueError(f"Invalid backend: {name!r} (choose from {', '.join(concrete)}, "
+                             "or 'all')")
+        why = gr_backends.unavailable_reason(name, device)
+        if why is not None:
+            raise ValueError(f"Invalid backend: {name!r} cannot run on {device}: {why}")
+    return list(dict.fromkeys(requested)), {}
+
+
+# --------------------------------------------------------------------------- running
+class _Workload:
+    """One freshly built model with its batch, on the plan's device and dtype."""
+
+    def __init__(self, plan: Plan):
+        param_dtype, autocast_dtype = DTYPES[plan.dtype]
+        torch.manual_seed(plan.seed)
+        built = plan.factory(plan.batch_size, plan.device, **plan.model_options)
+        if not (isinstance(built, tuple) and len(built) == 3):
+            raise ValueError(f"Invalid model: the factory of {plan.model_name!r} must return "
+                             f"(model, batch, loss_fn), got {type(built).__name__}")
+        model, batch, self.loss_fn = built
+        if not isinstance(model, torch.nn.Module) or not callable(self.loss_fn):
+            raise ValueError(f"Invalid model: the factory of {plan.model_name!r} must return "
+                             "(torch.nn.Module, batch, loss_fn callable)")
+        self.model = model.to(device=plan.device, dtype=param_dtype)
+        self.batch = _move(batch, plan.device, param_dtype)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"Invalid model: {plan.model_name!r} has no trainable parameters")
+        self._autocast = (torch.autocast(plan.device.type, dtype=autocast_dtype)
+                          if autocast_dtype is not None else contextlib.nullcontext())
+
+    def compute_loss(self) -> torch.Tensor:
+        with self._autocast:
+            return self.loss_fn(self.model, self.batch)
+
+
+def _move(batch, device: torch.device, dtype: torch.dtype):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device=device, dtype=dtype if batch.is_floating_point() else None)
+    if isinstance(batch, (list, tuple)):
+        moved = [_move(item, device, dtype) for item in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    if isinstance(batch, dict):
+        return {k: _move(v, device, dtype) for k, v in batch.items()}
+    return batch
+
+
+def _forward_flops(plan: Plan) -> Tuple[int, int]:
+    """(matmul/conv FLOPs of one forward pass, number of trainable parameters)."""
+    work = _Workload(plan)
+    with torch.no_grad():
+        losses = []
+        flops = count_flops(lambda: losses.append(work.compute_loss()))
+    loss = losses[0]
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        raise ValueError(f"Invalid model: loss_fn of {plan.model_name!r} must return a 0-dim "
+                         f"tensor, got {getattr(loss, 'shape', type(loss).__name__)}")
+    return flops, sum(p.numel() for p in work.params)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _progress_bar(total: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: count steps without a bar
+        return contextlib.nullcontext(_NoBar())
+    return tqdm(total=total, disable=not enabled, unit="step", leave=False)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, text: str) -> None:
+        pass
+
+
+def run_plan(plan: Plan, progress: bool = True) -> Dict[str, Any]:
+    """Run a checked :class:`Plan` and return the report.
+
+    Unless ``plan.sequential``, every method keeps its model alive and the timed steps are
+    taken in rounds, one step of each method per round, so that a drift of the machine's
+    speed (other jobs, clocks) hits every method alike and the ratios stay honest."""
+    forward_flops, n_params = _forward_flops(plan)
+    runs = [_Run(plan, method, backend) for method, backend in plan.runs]
+    steps_per_run = MEMORY_STEPS + plan.warmup + plan.repeat + 1
+    results = []
+    with _progress_bar(len(runs) * steps_per_run, progress) as bar:
+        def phase(run: _Run, name: str, *args):
+            bar.set_description(f"{run.method} ({run.backend})")
+            getattr(run, name)(*args, on_step=bar.update)
+
+        if plan.sequential:
+            for run in runs:
+                for name, args in (("start", ()), ("warm", ()), ("time", (plan.repeat,))):
+                    phase(run, name, *args)
+                results.append(run.finish(on_step=bar.update))
+                _free_memory(plan.device)
+        else:
+            for run in runs:
+                phase(run, "start")
+            for run in runs:
+                phase(run, "warm")
+            for _ in range(plan.repeat):
+                for run in runs:
+                    phase(run, "time", 1)
+            results = [run.finish(on_step=bar.update) for run in runs]
+    del runs
+    _free_memory(plan.device)
+    for r in results:
+        r["flops_per_forward"] = r["flops"] / forward_flops if forward_flops else None
+        r["analytic_flops_per_forward"] = ANALYTIC_FORWARD_MULTIPLE[r["method"]]
+        r["analytic_flops"] = ANALYTIC_FORWARD_MULTIPLE[r["method"]] * forward_flops
+    _add_ratios(results)
+    return {
+        "device": str(plan.device),
+        "device_name": _device_name(plan.device),
+        "model": plan.model_name,
+        "model_options": plan.model_options,
+        "size_note": plan.size_note,
+        "parameters": n_params,
+        "dtype": plan.dtype,
+        "batch_size": plan.batch_size,
+        "warmup": plan.warmup,
+        "repeat": plan.repeat,
+        "schedule": "sequential" if plan.sequential else "interleaved",
+        "hyperparameters": asdict(plan.hyperparameters),
+        "forward_flops": forward_flops,
+        "torch_version": torch.__version__,
+        "gr_fused_version": __version__,
+        "python_version": platform.python_version(),
+        "timer": TIMER[plan.device.type],
+        "memory_measure": MEMORY_MEASURE[plan.device.type].format(steps=MEMORY_STEPS),
+        "flop_counter": FLOP_COUNTER,
+        "skipped_backends": plan.skipped_backends,
+        "results": results,
+    }
+
+
+class _Run:
+    """One (method, backend): its own freshly built model, optimizer and measurements."""
+
+    def __init__(self, plan: Plan, method: str, backend: str):
+        self.plan, self.method, self.backend = plan, method, backend
+        self.timer = StepTimer(plan.device)
+        self.losses: List[torch.Tensor] = []
+        self.peak_memory_bytes = 0
+
+    def _step(self) -> None:
+        self.losses.append(self.step_fn().detach())
+        del self.losses[1:-1]  # keep the first and the latest
+
+    def start(self, on_step: Callable[[], None]) -> None:
+        """Build the model and take the first steps, measuring peak memory."""
+        def first_steps():
+            for _ in range(MEMORY_STEPS):
+                self._step()
+                on_step()
+
+        self.peak_memory_bytes = measure_peak_memory(self._build, first_steps, self.plan.device)
+
+    def _build(self) -> None:
+        self.workload = _Workload(self.plan)
+        self.step_fn, self.optimizer = make_step(
+            self.method, self.workload.params, self.workload.compute_loss,
+            self.plan.hyperparameters, self.backend if self.method in GR_METHODS else None)
+
+    def warm(self, on_step: Callable[[], None]) -> None:
+        for _ in range(self.plan.warmup):
+            self._step()
+            on_step()
+
+    def time(self, count: int, on_step: Callable[[], None]) -> None:
+        for _ in range(count):
+            self.timer.time(self._step)
+            on_step()
+
+    def finish(self, on_step: Callable[[], None]) -> Dict[str, Any]:
+        """One more step under the FLOP counter; the result; then free the model."""
+        flops = count_flops(self._step)
+        on_step()
+        times = self.timer.times_ms()
+        skipped = getattr(self.optimizer, "skipped_steps", None)
+        result = {
+            "method": self.method,
+            "backend": self.backend,
+            "step_time_ms": statistics.median(times),
+            "step_time_ms_min": min(times),
+            "step_time_ms_max": max(times),
+            "peak_memory_bytes": int(self.peak_memory_bytes),
+            "flops": int(flops),
+            "loss_first": float(self.losses[0]),
+            "loss_last": float(self.losses[-1]),
+            "skipped_steps": 0 if skipped is None else int(skipped),
+        }
+        del self.workload, self.step_fn, self.optimizer, self.losses
+        return result
+
+
+def _add_ratios(results: List[Dict[str, Any]]) -> None:
+    reference = {m: next((r["step_time_ms"] for r in results if r["method"] == m), None)
+                 for m in ("sgd", "db-gr")}
+    for r in results:
+        for m, key in (("sgd", "ratio_to_sgd"), ("db-gr", "ratio_to_db_gr")):
+            r[key] = r["step_time_ms"] / reference[m] if reference[m] else None
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

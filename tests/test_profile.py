@@ -1,0 +1,240 @@
+"""Tests of the FD-vs-DB profiler, gr_fused.profile (CLI and compare())."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gr_fused.profile import (BUILTIN_MODELS, GR_METHODS, METHODS, Hyperparameters, compare,
+                              format_table, make_plan, write_csv, write_json)
+from gr_fused.profile.__main__ import main
+from gr_fused.profile.measure import measure_peak_memory
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIB = 2 ** 20
+
+# A small MLP whose matmul FLOPs are easy to count by hand: Linear 20→16→16→10, batch 8.
+BATCH, SIZES = 8, (20, 16, 16, 10)
+MLP_OPTIONS = dict(in_features=SIZES[0], width=SIZES[1], depth=len(SIZES) - 1)
+
+
+@pytest.fixture(scope="module")
+def mlp_report():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"profile seed {seed}")
+    return compare("mlp", device="cpu", batch_size=BATCH, model_options=MLP_OPTIONS,
+                   backends="torch", warmup=1, repeat=3, seed=seed, progress=False,
+                   hyperparameters=Hyperparameters(lr=0.05))
+
+
+def by_method(report):
+    return {r["method"]: r for r in report["results"]}
+
+
+def test_flops_match_hand_count_for_mlp(mlp_report):
+    # Linear(in, out) on a batch B: forward 2·B·in·out; backward 2·B·in·out for the weight
+    # gradient and 2·B·in·out for the input gradient, which autograd skips for the first
+    # layer (its input needs no gradient).
+    layer = [2 * BATCH * n_in * n_out for n_in, n_out in zip(SIZES[:-1], SIZES[1:])]
+    forward = sum(layer)
+    sgd = forward + forward + (forward - layer[0])
+    r = by_method(mlp_report)
+    assert mlp_report["forward_flops"] == forward
+    assert r["sgd"]["flops"] == sgd
+    for method in ("fd-gr", "bd-gr", "sam-ref"):
+        assert r[method]["flops"] == 2 * sgd, method
+    assert r["central-gr"]["flops"] == 3 * sgd
+    assert r["db-gr"]["flops"] > r["fd-gr"]["flops"]
+    for method, multiple in (("sgd", 3), ("fd-gr", 6), ("central-gr", 9), ("db-gr", 9)):
+        assert r[method]["analytic_flops"] == multiple * forward
+        assert r[method]["flops_per_forward"] == r[method]["flops"] / forward
+
+
+def test_every_method_trains(mlp_report):
+    r = by_method(mlp_report)
+    assert set(r) == set(METHODS)
+    for method, result in r.items():
+        assert result["loss_last"] < result["loss_first"], method
+        assert result["skipped_steps"] == 0, method
+    for method in GR_METHODS + ("db-gr", "sam-ref"):  # not the plain SGD step in disguise
+        assert r[method]["loss_last"] != r["sgd"]["loss_last"], method
+
+
+def test_ratios_and_memory(mlp_report):
+    r = by_method(mlp_report)
+    assert r["sgd"]["ratio_to_sgd"] == 1 and r["db-gr"]["ratio_to_db_gr"] == 1
+    for result in r.values():
+        assert result["ratio_to_sgd"] == pytest.approx(result["step_time_ms"]
+                                                       / r["sgd"]["step_time_ms"])
+    # The GR optimizer and the SAM pattern both keep a copy of θ (SPEC §3).
+    param_bytes = 4 * sum(n_in * n_out + n_out for n_in, n_out in zip(SIZES[:-1], SIZES[1:]))
+    for method in ("fd-gr", "sam-ref"):
+        assert r[method]["peak_memory_bytes"] >= r["sgd"]["peak_memory_bytes"] + param_bytes
+    assert r["db-gr"]["peak_memory_bytes"] > r["sgd"]["peak_memory_bytes"]
+
+
+def test_cpu_peak_memory_counts_what_was_built_and_the_run_peak():
+    earlier = [torch.empty(MIB // 4)]  # 1 MiB from before: neither it nor its free counts
+    held = []
+
+    def build():
+        held.append(torch.empty(MIB // 4))  # 1 MiB, kept
+
+    def run():
+        earlier.clear()
+        temp = torch.empty(MIB // 2)  # 2 MiB while it lives: 1 + 2 MiB at once
+        del temp
+        held.append(torch.empty(MIB // 8))  # 0.5 MiB, kept: 1.5 MiB at the end
+
+    assert measure_peak_memory(build, run, torch.device("cpu")) == 3 * MIB
+
+
+def test_json_and_csv_schema(mlp_report, tmp_path):
+    write_json(mlp_report, tmp_path / "r.json")
+    write_csv(mlp_report, tmp_path / "r.csv")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["device"] == "cpu" and data["model"] == "mlp"
+    assert data["torch_version"] == torch.__version__ and data["batch_size"] == BATCH
+    assert [(r["method"], r["backend"]) for r in data["results"]] == [
+        ("sgd", "torch.optim"), ("fd-gr", "torch"), ("bd-gr", "torch"),
+        ("central-gr", "torch"), ("db-gr", "torch.optim"), ("sam-ref", "torch.optim")]
+    for r in data["results"]:
+        assert r["step_time_ms"] > 0 and r["peak_memory_bytes"] > 0
+        assert isinstance(r["flops"], int) and r["flops"] > 0
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["method"] for row in rows] == [r["method"] for r in data["results"]]
+    for row, r in zip(rows, data["results"]):
+        assert row["device"] == "cpu" and row["model"] == "mlp"
+        assert int(row["flops"]) == r["flops"]
+        assert int(row["peak_memory_bytes"]) == r["peak_memory_bytes"]
+        assert float(row["step_time_ms"]) == pytest.approx(r["step_time_ms"])
+
+
+def test_table_shows_every_method_and_what_is_measured(mlp_report):
+    table = format_table(mlp_report)
+    for method in METHODS:
+        assert f"\n{method} " in table
+    assert "median of 3 steps" in table and "torch.profiler" in table
+    assert "FlopCounterMode" in table and "summary: fd-gr (torch)" in table
+
+
+@pytest.mark.parametrize("model, options", [
+    ("cnn", dict(width=4)),  # conv, BatchNorm
+    ("gpt", dict(n_layer=1, n_embd=16, n_head=2, seq_len=8, vocab=32)),  # attention, tied
+])
+def test_builtin_models_run_every_method(model, options):
+    report = compare(model, device="cpu", dtype="bf16-autocast", batch_size=4,
+                     model_options=options, backends="torch", warmup=0, repeat=1,
+                     progress=False)
+    r = by_method(report)
+    assert set(r) == set(METHODS)
+    for result in r.values():
+        assert torch.isfinite(torch.tensor([result["loss_first"], result["loss_last"]])).all()
+    assert r["fd-gr"]["flops"] == r["bd-gr"]["flops"] == r["sam-ref"]["flops"] \
+        == 2 * r["sgd"]["flops"]
+    assert r["central-gr"]["flops"] == 3 * r["sgd"]["flops"]
+    assert r["db-gr"]["flops"] > r["fd-gr"]["flops"]
+
+
+@pytest.mark.parametrize("model, options", [
+    ("resnet18", dict(width=2)), ("wrn28-10", dict(depth=10, width=1))])
+def test_builtin_resnets_train(model, options):
+    report = compare(model, device="cpu", batch_size=2, model_options=options,
+                     methods="sgd", warmup=0, repeat=1, progress=False)
+    (result,) = report["results"]
+    assert result["flops"] == pytest.approx(3 * report["forward_flops"], rel=0.1)
+    assert result["loss_last"] < result["loss_first"]
+
+
+def test_builtin_model_sizes_are_the_published_ones():
+    # Parameter counts of the standard models: ResNet-18 for CIFAR 11,173,962; WRN-28-10
+    # 36,479,194; GPT-2 small 124,439,808 with its 1024 positions (the default 512 has
+    # 512·768 fewer). Built on the meta device, so nothing is allocated.
+    expected = {"resnet18": 11_173_962, "wrn28-10": 36_479_194,
+                "gpt": 124_439_808 - 512 * 768}
+    for name, count in expected.items():
+        builtin = BUILTIN_MODELS[name]
+        model, _, _ = builtin.factory(1, "meta", **builtin.full)
+        assert sum(p.numel() for p in model.parameters()) == count, name
+
+
+def test_cpu_defaults_are_reduced_and_say_so():
+    plan = make_plan("gpt", device="cpu")
+    assert plan.model_options["n_layer"] < BUILTIN_MODELS["gpt"].full["n_layer"]
+    assert "reduced for CPU" in plan.size_note and "n_layer=12" in plan.size_note
+    plan = make_plan("gpt", device="cpu", model_options=dict(n_layer=3))
+    assert plan.model_options["n_layer"] == 3 and "n_layer" not in plan.size_note
+    assert make_plan("mlp", device="cpu").size_note == ""
+
+
+def run_cli(*args, cwd=REPO):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # profile what a user's machine would run
+    return subprocess.run([sys.executable, "-m", "gr_fused.profile", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_end_to_end_writes_json_csv_png(tmp_path):
+    out = run_cli("--model", "mlp", "--width", "16", "--depth", "2", "--batch-size", "8",
+                  "--device", "cpu", "--warmup", "0", "--repeat", "2", "--no-progress",
+                  "--json", str(tmp_path / "p.json"), "--csv", str(tmp_path / "p.csv"),
+                  "--plot", str(tmp_path / "p.png"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "p.json").read_text())
+    methods = [r["method"] for r in data["results"]]
+    assert set(methods) == set(METHODS)
+    assert data["command"].startswith("python -m gr_fused.profile --model mlp")
+    with open(tmp_path / "p.csv", newline="") as f:
+        assert [row["method"] for row in csv.DictReader(f)] == methods
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for method in METHODS:
+        assert f"\n{method} " in out.stdout
+
+
+def test_cli_user_factory_with_size_option(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(REPO)  # as `python -m` run from the repository root has it
+    assert main(["--model", "tests.profile_user_model:factory", "--width", "5",
+                 "--methods", "sgd,fd-gr,db-gr", "--backend", "torch", "--device", "cpu",
+                 "--warmup", "0", "--repeat", "2", "--no-progress",
+                 "--json", str(tmp_path / "u.json")]) == 0
+    assert "tests.profile_user_model:factory" in capsys.readouterr().out
+    data = json.loads((tmp_path / "u.json").read_text())
+    assert data["model"] == "tests.profile_user_model:factory"
+    assert data["parameters"] == 6 * 5 + 5 + 5 + 1
+    assert [r["method"] for r in data["results"]] == ["sgd", "fd-gr", "db-gr"]
+    assert all(r["loss_last"] < r["loss_first"] for r in data["results"])
+
+
+def test_cli_unknown_model_exits_nonzero_with_clear_error():
+    out = run_cli("--model", "nosuch", "--no-progress")
+    assert out.returncode == 2
+    assert "Invalid model: 'nosuch'" in out.stderr and "resnet18" in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "sgd,nosuch"], "Invalid methods: 'nosuch'"),
+    (["--backend", "nosuch"], "Invalid backend: 'nosuch'"),
+    (["--dtype", "int8"], "Invalid dtype: 'int8'"),
+    (["--model", "tests.no_such_module:factory"], "cannot import 'tests.no_such_module'"),
+    (["--model", "tests.profile_user_model:nothing"], "no callable 'nothing'"),
+    (["--model", "gpt", "--width", "8"], "Invalid model option for gpt: width"),
+    (["--repeat", "0"], "Invalid repeat: 0"),
+    (["--device", "tpu"], "Invalid device"),
+])
+def test_cli_bad_input_exits_nonzero_with_clear_error(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--device", "cpu", "--no-progress"] if "--device" not in args
+             else [*args, "--no-progress"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_api_bad_input_raises_value_error():
+    with pytest.raises(ValueError, match="Invalid model"):
+        compare("nosuch", device="cpu")
+    with pytest.raises(ValueError, match="Invalid methods"):
+        compare("mlp", device="cpu", methods=["fd-gr", "fdgr"])
