@@ -229,7 +229,7 @@ def plot(results: Dict, path: str) -> None:
 
 
 CONFIGS = {
-    "smoke": dict(n=20, d=60, k=3, seeds=[0], lr=0.02, tol=1e-6, max_steps=5000,
+    "smoke": dict(n=20, d=60, k=3, seeds=[0], lr=0.05, tol=1e-6, max_steps=3000,
                   init_scale=0.3, gd_init_scales=[1.0], gammas=[1.0], eps=[0.05, 0.5],
                   restart_check=False),
     "default": dict(n=20, d=60, k=3, seeds=[0, 1, 2], lr=0.02, tol=1e-10, max_steps=20000,

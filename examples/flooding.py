@@ -246,8 +246,8 @@ def plot(results: Dict, path: str) -> None:
 
 
 CONFIGS = {
-    "smoke": dict(n_train=100, n_test=500, flip=0.1, seed=0, hidden=32, lr=0.5, flood=0.3,
-                  iters=400, every=10),
+    "smoke": dict(n_train=100, n_test=300, flip=0.1, seed=0, hidden=32, lr=0.5, flood=0.3,
+                  iters=300, every=10),
     "default": dict(n_train=100, n_test=2000, flip=0.1, seed=0, hidden=64, lr=0.5,
                     flood=0.2, iters=3000, every=10),
 }
