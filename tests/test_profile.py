@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from gr_fused import backends
 from gr_fused.profile import (BUILTIN_MODELS, GR_METHODS, METHODS, Hyperparameters, compare,
                               format_table, make_plan, write_csv, write_json)
 from gr_fused.profile.__main__ import main
@@ -169,6 +170,17 @@ def test_cpu_defaults_are_reduced_and_say_so():
     plan = make_plan("gpt", device="cpu", model_options=dict(n_layer=3))
     assert plan.model_options["n_layer"] == 3 and "n_layer" not in plan.size_note
     assert make_plan("mlp", device="cpu").size_note == ""
+
+
+def test_default_backends_are_every_one_that_can_run():
+    cpu = torch.device("cpu")
+    names = [n for n in backends.names() if n != "auto"]
+    runnable = [n for n in names if backends.unavailable_reason(n, cpu) is None]
+    plan = make_plan("mlp", device="cpu", methods="sgd,fd-gr,central-gr")
+    assert plan.runs == ([("sgd", "torch.optim")] + [("fd-gr", n) for n in runnable]
+                         + [("central-gr", n) for n in runnable])
+    assert sorted(plan.skipped_backends) == sorted(set(names) - set(runnable))
+    assert make_plan("mlp", device="cpu", methods="db-gr").runs == [("db-gr", "torch.optim")]
 
 
 def run_cli(*args, cwd=REPO):

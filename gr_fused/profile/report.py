@@ -64,24 +64,43 @@ def format_table(report: Report) -> str:
     return "\n".join(lines)
 
 
-def summary(report: Report) -> List[str]:
-    """The headline ratios: the fastest fd-gr against sgd and sam-ref, and db-gr against it."""
-    by_method: Dict[str, Dict[str, Any]] = {}
+def headline_ratios(report: Report, fd_backends: Optional[List[str]] = None
+                    ) -> Optional[Dict[str, Any]]:
+    """The fastest fd-gr (among ``fd_backends``, default all) against sgd and sam-ref, and
+    db-gr against it: ``{"fd_backend", "fd_over_sgd", "fd_over_sam_ref", "db_over_fd"}``
+    (a ratio is None when its method was not run), or None without such an fd-gr."""
+    fastest: Dict[str, Dict[str, Any]] = {}
     for r in report["results"]:
-        best = by_method.get(r["method"])
+        if r["method"] == "fd-gr" and fd_backends is not None and r["backend"] not in fd_backends:
+            continue
+        best = fastest.get(r["method"])
         if best is None or r["step_time_ms"] < best["step_time_ms"]:
-            by_method[r["method"]] = r
-    fd = by_method.get("fd-gr")
+            fastest[r["method"]] = r
+    fd = fastest.get("fd-gr")
     if fd is None:
+        return None
+
+    def over(a: str, b: str) -> Optional[float]:
+        if a in fastest and b in fastest:
+            return fastest[a]["step_time_ms"] / fastest[b]["step_time_ms"]
+        return None
+
+    return {"fd_backend": fd["backend"], "fd_over_sgd": over("fd-gr", "sgd"),
+            "fd_over_sam_ref": over("fd-gr", "sam-ref"), "db_over_fd": over("db-gr", "fd-gr")}
+
+
+def summary(report: Report) -> List[str]:
+    """The headline ratios as one line (see :func:`headline_ratios`)."""
+    h = headline_ratios(report)
+    if h is None:
         return []
-    parts = [f"{fd['step_time_ms'] / by_method[m]['step_time_ms']:.2f}x {m}"
-             for m in ("sgd", "sam-ref") if m in by_method]
-    text = (f"summary: fd-gr ({fd['backend']}) step = " + ", ".join(parts)) if parts else ""
-    if "db-gr" in by_method:
-        text += ("; " if text else "summary: ") + (
-            f"db-gr step = {by_method['db-gr']['step_time_ms'] / fd['step_time_ms']:.2f}x "
-            f"fd-gr ({fd['backend']})")
-    return [text] if text else []
+    ratios = [f"{h[key]:.2f}x {name}" for key, name in (("fd_over_sgd", "sgd"),
+                                                         ("fd_over_sam_ref", "sam-ref"))
+              if h[key] is not None]
+    parts = [f"fd-gr ({h['fd_backend']}) step = " + ", ".join(ratios)] if ratios else []
+    if h["db_over_fd"] is not None:
+        parts.append(f"db-gr step = {h['db_over_fd']:.2f}x fd-gr ({h['fd_backend']})")
+    return ["summary: " + "; ".join(parts)] if parts else []
 
 
 def write_json(report: Report, path: str) -> None:

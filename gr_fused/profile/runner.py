@@ -186,28 +186,26 @@ def _resolve_methods(methods) -> List[str]:
 
 def _resolve_backends(requested, device: torch.device, needed: bool
                       ) -> Tuple[List[str], Dict[str, str]]:
-    """(backends to run, {backend: why it is not run}) for the GR methods."""
+    """(backends to run, {backend: why it is not run}) for the GR methods; ``needed`` is
+    False when no GR method is profiled (then the names are checked, no backend loaded)."""
     concrete = [n for n in gr_backends.names() if n != "auto"]
-    if requested is None or requested == "all":
-        run, skipped = [], {}
-        for name in concrete:
-            why = gr_backends.unavailable_reason(name, device)
-            if why is None:
-                run.append(name)
-            else:
-                skipped[name] = why
-        if needed and not run:
-            raise ValueError(f"Invalid backends: none can run on {device} ({skipped})")
-        return run, skipped
-    requested = _as_list(requested, "backends")
-    for name in requested:
+    every = requested is None or requested == "all"
+    names = concrete if every else list(dict.fromkeys(_as_list(requested, "backends")))
+    for name in names:
         if name not in concrete:
             raise ValueError(f"Invalid backend: {name!r} (choose from {', '.join(concrete)}, "
                              "or 'all')")
-        why = gr_backends.unavailable_reason(name, device)
-        if why is not None:
-            raise ValueError(f"Invalid backend: {name!r} cannot run on {device}: {why}")
-    return list(dict.fromkeys(requested)), {}
+    if not needed:
+        return [], {}
+    reasons = {name: gr_backends.unavailable_reason(name, device) for name in names}
+    run = [name for name, why in reasons.items() if why is None]
+    skipped = {name: why for name, why in reasons.items() if why is not None}
+    if skipped and not every:
+        name, why = next(iter(skipped.items()))
+        raise ValueError(f"Invalid backend: {name!r} cannot run on {device}: {why}")
+    if not run:
+        raise ValueError(f"Invalid backends: none can run on {device} ({skipped})")
+    return run, skipped
 
 
 # --------------------------------------------------------------------------- running
