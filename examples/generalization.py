@@ -131,7 +131,18 @@ def run_all(cfg: Dict) -> Dict:
     results = dict(config=cfg, SGD=over_seeds("SGD"), DB=over_seeds("DB"), by_rho={})
     for rho in cfg["rhos"]:
         results["by_rho"][str(rho)] = {m: over_seeds(m, rho) for m in ("F-GR", "B-GR", "SAM")}
+    sgd = results["SGD"]["test_acc_all"]
+    for r in [results["DB"]] + [r for ms in results["by_rho"].values() for r in ms.values()]:
+        paired_vs_sgd(r, sgd)
     return results
+
+
+def paired_vs_sgd(r: Dict, sgd: List[float]) -> None:
+    """Each seed shares its split, init and batch order across methods: compare per seed."""
+    deltas = [a - b for a, b in zip(r["test_acc_all"], sgd)]
+    r["delta_vs_sgd"] = statistics.fmean(deltas)
+    r["delta_vs_sgd_std"] = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+    r["seeds_better_than_sgd"] = sum(d > 0 for d in deltas)
 
 
 def print_table(results: Dict) -> None:
@@ -140,11 +151,15 @@ def print_table(results: Dict) -> None:
           f"{cfg['hidden']}-{cfg['hidden']}-10, {cfg['epochs']} epochs, batch {cfg['batch']}, "
           f"lr {cfg['lr']}, momentum {cfg['momentum']}, wd {cfg['weight_decay']}, "
           f"γ={cfg['gamma']}, seeds {cfg['seeds']}, device {cfg['device']}")
-    print(f"{'method':<8}{'ρ':>7}{'test acc':>18}{'train loss':>12}")
+    n = len(cfg["seeds"])
+    print(f"{'method':<8}{'ρ':>7}{'test acc':>18}{'Δ vs SGD, paired':>22}{'better':>8}"
+          f"{'train loss':>12}")
 
     def row(name, rho, r):
-        print(f"{name:<8}{rho:>7}  {100 * r['test_acc']:6.2f} ± {100 * r['test_acc_std']:4.2f} %"
-              f"{r['train_loss']:>12.4f}")
+        delta = (f"{100 * r['delta_vs_sgd']:+6.2f} ± {100 * r['delta_vs_sgd_std']:5.2f}"
+                 f"{r['seeds_better_than_sgd']:>6}/{n}" if "delta_vs_sgd" in r else " " * 21)
+        print(f"{name:<8}{rho:>7}  {100 * r['test_acc']:6.2f} ± {100 * r['test_acc_std']:5.2f} %"
+              f"   {delta}{r['train_loss']:>12.4f}")
 
     row("SGD", "-", results["SGD"])
     row("DB", "-", results["DB"])
@@ -167,11 +182,12 @@ def plot(results: Dict, path: str) -> None:
         ms = [results["by_rho"][str(r)][name] for r in cfg["rhos"]]
         xs = [r * (1 + 0.04 * (i - 1)) for r in rhos]
         ys = [100 * m["test_acc"] for m in ms]
-        line = ax.errorbar(xs, [max(y, ymin) for y in ys], [100 * m["test_acc_std"] for m in ms],
-                           marker="o", capsize=3, label=name)
+        errs = [100 * m["test_acc_std"] if y >= ymin else 0.0 for m, y in zip(ms, ys)]
+        line = ax.errorbar(xs, [max(y, ymin) for y in ys], errs, marker="o", capsize=3,
+                           label=name)
         for x, y in zip(xs, ys):
             if y < ymin:
-                ax.annotate(f"{name}: {y:.0f}%", (x, ymin), xytext=(0, 12),
+                ax.annotate(f"{name}: {y:.0f}%", (x, ymin), xytext=(-30, 12 + 12 * i),
                             textcoords="offset points", fontsize=7, ha="center",
                             color=line[0].get_color(), arrowprops=dict(arrowstyle="->"))
     ax.set_ylim(ymin - 0.3, max(accs + [100 * results["SGD"]["test_acc"]]) + 1.0)
