@@ -3,9 +3,9 @@
 // * 16-byte vector loads/stores (4 floats, 8 halves, 2 doubles) when every buffer of the
 //   call is 16-byte aligned, with a scalar tail; scalar accesses otherwise.
 // * Step scalars are read by the kernels from device memory: no host sync anywhere.
-// * The norm is deterministic: each block writes a partial sum (a fixed tree of warp
-//   shuffles), a one-block kernel adds the partials in a fixed order. No atomics. The
-//   number of blocks depends only on n and the alignment.
+// * The norm is deterministic: each thread sums in double, each block writes a partial sum
+//   (a fixed tree of warp shuffles), a one-block kernel adds the partials in a fixed order.
+//   No atomics. The number of blocks depends only on n and the alignment.
 // * Every CUDA call and launch is checked; a failure throws std::runtime_error with the CUDA
 //   error string, which pybind11 turns into a Python RuntimeError.
 #include <cuda_runtime.h>
@@ -127,11 +127,10 @@ GRF_UNROLL
 }
 
 template <class Op, int V> __global__ void __launch_bounds__(kThreads)
-sq_norm_partial(Op op, int64_t n, typename Op::C* partials) {
-  using C = typename Op::C;
-  C acc[V] = {};
+sq_norm_partial(Op op, int64_t n, double* partials) {
+  double acc[V] = {};
   grid_stride<V>(n, [&](int64_t i, auto w) { op.template accumulate<decltype(w)::value>(i, acc); });
-  C x = 0;
+  double x = 0;
 GRF_UNROLL
   for (int k = 0; k < V; ++k) x += acc[k];
   x = block_sum(x);
@@ -139,9 +138,9 @@ GRF_UNROLL
 }
 
 template <class C> __global__ void __launch_bounds__(kThreads)
-sq_norm_finalize(const C* partials, int count, C* out) {
+sq_norm_finalize(const double* partials, int count, C* out) {
   double x = 0;
-  for (int i = threadIdx.x; i < count; i += blockDim.x) x += double(partials[i]);
+  for (int i = threadIdx.x; i < count; i += blockDim.x) x += partials[i];
   x = block_sum(x);
   if (threadIdx.x == 0) *out = C(x);
 }
@@ -167,12 +166,12 @@ void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partial
       using Op = SqNormOp<T, decltype(adaptive)::value>;
       Op op{as<const T>(g), as<const T>(theta)};
       if (aligned)
-        sq_norm_partial<Op, V><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<C>(partials));
+        sq_norm_partial<Op, V><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<double>(partials));
       else
-        sq_norm_partial<Op, 1><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<C>(partials));
+        sq_norm_partial<Op, 1><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<double>(partials));
     });
     check(cudaGetLastError(), "sq_norm");
-    sq_norm_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(as<const C>(partials), blocks,
+    sq_norm_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(as<const double>(partials), blocks,
                                                           as<C>(out));
     check(cudaGetLastError(), "sq_norm (finalize)");
   });

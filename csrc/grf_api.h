@@ -24,11 +24,12 @@ struct Where {
 
 using ptr = uintptr_t;
 
-// The CUDA norm writes one partial sum per block into `partials` (room for this many).
+// The CUDA norm writes one partial sum (double) per block into `partials` (room for this
+// many).
 constexpr int kMaxNormBlocks = 1024;
 
 #define GRF_DECLARE_PHASES                                                                  \
-  /* out = Σ g² (Σ (θ·g)² when theta != 0), deterministic; partials: CUDA scratch */       \
+  /* out = Σ g² (Σ (θ·g)² when theta != 0), deterministic; partials: CUDA scratch of doubles */       \
   void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials,        \
                ptr out);                                                                    \
   void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps, \

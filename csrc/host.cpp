@@ -7,8 +7,8 @@
 // and the two give the same bits.
 //
 // Work is cut into fixed chunks of kChunk elements, independent of the thread count; the
-// norm sums each chunk in kLanes float lanes, then the lanes and the chunks in double, in
-// index order. So the norm is the same bit for bit whatever the number of threads.
+// norm sums each chunk in kLanes double lanes, then the lanes and the chunks in index order.
+// So the norm is the same bit for bit whatever the number of threads.
 #include <omp.h>
 
 #include <algorithm>
@@ -47,20 +47,19 @@ template <class Op> void for_each(Op op, int64_t n, int threads) {
 }
 
 template <class Op> double sum_squares(const Op& op, int64_t n, int threads) {
-  using C = typename Op::C;
   const int64_t chunks = chunks_of(n);
   std::vector<double> partial(chunks);
 #pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1 && threads > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const Op local = op;
     const int64_t end = std::min(n, (c + 1) * kChunk);
-    C acc[kLanes] = {};
+    double acc[kLanes] = {};
     int64_t i = c * kChunk;
     for (; i + kLanes <= end; i += kLanes)
       for (int k = 0; k < kLanes; ++k) local.template accumulate<1>(i + k, &acc[k]);
     for (; i < end; ++i) local.template accumulate<1>(i, &acc[i % kLanes]);
     double s = 0;
-    for (int k = 0; k < kLanes; ++k) s += double(acc[k]);
+    for (int k = 0; k < kLanes; ++k) s += acc[k];
     partial[c] = s;
   }
   double total = 0;

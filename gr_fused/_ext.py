@@ -15,6 +15,7 @@ Nothing here runs at ``import gr_fused``; the first backend that asks triggers i
 """
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import importlib.util
 import logging
@@ -63,13 +64,14 @@ def _csrc_build() -> ModuleType:
 
 
 def _load() -> Tuple[Optional[ModuleType], Optional[str]]:
-    why = None
-    try:
-        from . import _C
-    except ImportError as exc:
-        _C = None
-        missing = isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}._C"
-        why = "gr_fused._C was not built" if missing else f"gr_fused._C failed to load ({exc})"
+    why, _C = None, None
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        why = "gr_fused._C was not built"
+    else:
+        try:
+            _C = importlib.import_module(f"{__package__}._C")
+        except ImportError as exc:
+            why = f"gr_fused._C failed to load ({exc})"
     checkout = (_CSRC / "build.py").is_file()
     if _C is not None:
         if not checkout or getattr(_C, "source_hash", None) == _csrc_build().source_hash():

@@ -51,7 +51,7 @@ class CKernels(Backend):
         p, g = b.params[0], b.grads[0]
         out = torch.empty((), dtype=compute_dtype(p.dtype), device=p.device)
         partials = torch.empty(_ext.load().max_norm_blocks if p.is_cuda else 0,
-                               dtype=out.dtype, device=p.device)
+                               dtype=torch.float64, device=p.device)
         self._call("sq_norm", p, g.data_ptr(), p.data_ptr() if adaptive else 0,
                    partials.data_ptr(), out.data_ptr())
         return out

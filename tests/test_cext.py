@@ -1,0 +1,490 @@
+"""The compiled kernels of csrc/ (gr_fused._C, backends "cpu" and "cuda").
+
+The host build runs on every machine, so CI checks the C++ math that the CUDA kernels also
+run (csrc/grf_math.h is compiled for both); on a GPU the same tests also run the CUDA
+kernels, against torch and against Triton.
+
+* the shared equality cases (tests/equality.py) against the torch backend;
+* each phase against the torch reference phases (TorchBackend on a flat bucket): sizes of
+  1 element, not a multiple of a vector or a host chunk, unaligned buffers, every dtype;
+* rounding to fp16/bf16 bit for bit like torch, over all 65536 bit patterns;
+* found_inf skips (θ == backup bit for bit, state untouched), determinism of the norm;
+* errors: CUDA errors and bad arguments become Python exceptions; a broken or missing
+  gr_fused._C costs one warning, never ``import gr_fused``.
+"""
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import gr_fused
+from gr_fused import _ext, backends
+from gr_fused.backends.base import Bucket
+from gr_fused.backends.cext_backend import CKernels
+from gr_fused.backends.torch_backend import TorchBackend
+from equality import CASE_IDS, CASES, compare_backends
+from test_nosync import forbid_host_reads
+
+HAS_CUDA = torch.cuda.is_available()
+NEEDS_GPU = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; the same math is "
+                               "tested through the host build on every machine")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_GPU)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SIZES = [1, 4099, 70001]     # one element; odd; > two host chunks (2^15) and many CUDA blocks
+ULPS = {torch.float32: 2, torch.float64: 2, torch.bfloat16: 1, torch.float16: 1}
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def lib():
+    C = _ext.load()
+    assert C is not None, f"gr_fused._C is unavailable: {_ext.unavailable_reason()}"
+    return C
+
+
+def backend_name(device):
+    return "cuda" if device == "cuda" else "cpu"
+
+
+# ----------------------------------------------------------------------- shared equality cases
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_host_build_matches_torch_backend(case, lib):
+    compare_backends(case, "cpu")
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cuda_kernels_match_torch_backend(case, lib):
+    compare_backends(case, "cuda", device="cuda")
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cuda_kernels_match_triton(case, lib):
+    why = backends.unavailable_reason("triton", torch.device("cuda"))
+    if why is not None:
+        pytest.skip(f"the triton backend cannot run here: {why}")
+    compare_backends(case, "cuda", reference="triton", device="cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_five_steps_match_torch_backend(device, lib):
+    case = next(c for c in CASES if c.name == "sgd-bf16")
+    compare_backends(dataclasses.replace(case, name="sgd-bf16-5-steps", steps=5),
+                     backend_name(device), device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_params_run_through_the_kernels_not_the_fallback(device, lib):
+    params = [torch.randn(s, device=device, requires_grad=True) for s in (7, 4099, 1)]
+    opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend=backend_name(device))
+    opt.step(closure_for(opt, params))
+    (extra,) = opt._bucket_extra.values()
+    assert "flat" in extra, "the compiled backend fell back to the per-tensor path"
+    assert opt.backends == {str(params[0].device): backend_name(device)}
+
+
+# ----------------------------------------------------------------------- helpers
+def closure_for(opt, params, after_backward=None):
+    def closure():
+        opt.zero_grad()
+        loss = sum((p.sin() * p).sum() for p in params)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        return loss
+    return closure
+
+
+def ulp_close(actual, expected, ulps, what):
+    """Each element within ``ulps`` units of the dtype's precision (relative to the element,
+    or to 1 below 1); NaN/inf count as a mismatch."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    a, b = actual.double(), expected.double()
+    assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{what}: non-finite"
+    err = (a - b).abs() / b.abs().clamp_min(1.0)
+    worst = int(err.argmax())
+    eps = torch.finfo(expected.dtype).eps
+    assert err[worst] <= ulps * eps, (f"{what}: {float(err[worst] / eps):.2f} ulps at {worst}: "
+                                      f"{float(a[worst])!r} vs {float(b[worst])!r}")
+
+
+def flat_bucket(n, dtype, device, algo="sgd", group=None, state=None, offset=0):
+    """A flat bucket of n elements; ``offset`` > 0 makes every buffer start off a 16-byte
+    boundary (the CUDA kernels' scalar path)."""
+    def buf():
+        return torch.randn(n + offset, device=device).to(dtype)[offset:]
+    return Bucket([buf()], [buf()], [state or {}], group or {}, algo, {"backup": [buf()]})
+
+
+def clone_bucket(b):
+    state = {k: v.clone() for k, v in b.states[0].items()}
+    return Bucket([b.params[0].clone()], [b.grads[0].clone()], [state], dict(b.group), b.algo,
+                  {"backup": [b.extra["backup"][0].clone()]})
+
+
+def scalar(x, device, dtype=torch.float32):
+    return torch.tensor(x, dtype=dtype, device=device)
+
+
+def compute(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------- phase 1: the norm
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
+def test_sq_norm_matches_float64_sum(device, dtype, n, adaptive, lib):
+    for offset in (0, 1):
+        b = flat_bucket(n, dtype, device, offset=offset)
+        x = b.grads[0].double() * (b.params[0].double() if adaptive else 1.0)
+        ref = float(x.square().sum())
+        got = CKernels().sq_norm(b, adaptive)
+        assert got.dtype == compute(dtype) and got.dim() == 0 and got.device == b.grads[0].device
+        assert abs(float(got) - ref) <= 1e-6 * ref, (float(got), ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sq_norm_is_deterministic(device, lib):
+    """The same bits on every call, whatever the host thread count (fixed chunks, partial
+    sums added in a fixed order; on CUDA a fixed tree and no atomics)."""
+    g = torch.randn(1_000_003, device=device) * torch.logspace(-3, 3, 1_000_003, device=device)
+    out = torch.empty((), device=device)
+    partials = torch.empty(lib.max_norm_blocks, dtype=torch.float64, device=device)
+    stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
+    dev = 0 if device == "cuda" else -1
+    results = set()
+    for threads in (1, 2, 3, 1, 2):
+        lib.sq_norm(dev, stream, threads, 0, g.numel(), g.data_ptr(), 0, partials.data_ptr(),
+                    out.data_ptr())
+        results.add(out.item())
+    assert len(results) == 1, results
+    assert abs(results.pop() - float(g.double().square().sum())) <= 1e-6 * float(g.double().square().sum())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sq_norm_reports_inf_and_nan(device, lib):
+    b = flat_bucket(5000, torch.float32, device)
+    b.grads[0][4321] = float("inf")
+    assert torch.isinf(CKernels().sq_norm(b, False))
+    b.grads[0][17] = float("nan")
+    assert torch.isnan(CKernels().sq_norm(b, False))
+
+
+# ----------------------------------------------------------------------- phase 2
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
+def test_perturb_matches_torch(device, dtype, n, adaptive, lib):
+    for offset in (0, 1):
+        b = flat_bucket(n, dtype, device, offset=offset)
+        ref = clone_bucket(b)
+        old_theta = b.params[0].clone()
+        eps, fold = scalar(0.037, device, compute(dtype)), scalar(-0.61, device, compute(dtype))
+        CKernels().perturb(b, eps, fold, adaptive)
+        TorchBackend().perturb(ref, eps, fold, adaptive)
+        assert torch.equal(b.extra["backup"][0], old_theta)
+        ulp_close(b.params[0], ref.params[0], ULPS[dtype], "theta")
+        ulp_close(b.grads[0], ref.grads[0], ULPS[dtype], "grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reflect_and_restore_match_torch(device, dtype, lib):
+    b = flat_bucket(4099, dtype, device, offset=1)
+    ref = clone_bucket(b)
+    CKernels().reflect(b)
+    TorchBackend().reflect(ref)
+    ulp_close(b.params[0], ref.params[0], ULPS[dtype], "theta")
+    assert torch.equal(b.grads[0], ref.grads[0])
+    CKernels().restore(b)
+    assert torch.equal(b.params[0], b.extra["backup"][0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rounding_to_16_bits_is_torchs_bit_for_bit(device, dtype, lib):
+    """Every one of the 65536 bit patterns, through the 'none' update (G = gscale·G in fp32,
+    rounded once): the same bits as torch's conversion (any NaN for NaN). gscale = 1 checks
+    the exact round trip, 1/3 and 3 rounding, underflow to subnormals and overflow to inf."""
+    bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    patterns = bits.view(dtype).to(device)
+    for gscale in (1.0, 1.0 / 3.0, 3.0, 2.0 ** -10):
+        b = Bucket([torch.zeros_like(patterns)], [patterns.clone()], [{}], {}, "none",
+                   {"backup": [torch.zeros_like(patterns)]})
+        g = scalar(gscale, device)
+        CKernels().update(b, g, scalar(0.0, device))
+        want = (patterns.float() * g).to(dtype)
+        got = b.grads[0]
+        same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+        assert same.all(), f"gscale {gscale}: differs at {(~same).nonzero().flatten()[:5].tolist()}"
+
+
+# ----------------------------------------------------------------------- phase 3
+SGD_GROUPS = {
+    "momentum-wd": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False),
+    "nesterov": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True),
+    "dampening": dict(lr=0.05, momentum=0.5, dampening=0.3, weight_decay=0.0, nesterov=False),
+    "plain": dict(lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.01, nesterov=False),
+}
+UPDATE_SHAPES = [(torch.float32, 4099, 0), (torch.float32, 70001, 1), (torch.bfloat16, 1000, 0),
+                 (torch.float16, 1, 0), (torch.float64, 333, 0)]
+UPDATE_IDS = ["fp32-4099", "fp32-70001-unaligned", "bf16-1000", "fp16-1", "fp64-333"]
+
+
+def check_update(b, ref, skip, dtype, keys, old_state):
+    ulp_close(b.params[0], ref.params[0], ULPS[dtype], "theta")
+    if skip:
+        assert torch.equal(b.params[0], b.extra["backup"][0]), "theta must be the backup"
+    assert set(b.states[0]) == set(ref.states[0]) >= set(keys)
+    for key in keys:
+        got, want = b.states[0][key], ref.states[0][key]
+        assert got.dtype == want.dtype and got.shape == want.shape, key
+        if key in old_state and skip:
+            assert torch.equal(got, old_state[key]), f"{key} changed in a skipped step"
+        elif want.dim() == 0:
+            assert torch.equal(got, want), key
+        else:
+            ulp_close(got, want, ULPS[dtype], key)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("skip", [False, True], ids=["taken", "found-inf"])
+@pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
+@pytest.mark.parametrize("hp", list(SGD_GROUPS))
+@pytest.mark.parametrize("dtype,n,offset", UPDATE_SHAPES, ids=UPDATE_IDS)
+def test_sgd_update_matches_torch(device, hp, first, skip, dtype, n, offset, lib):
+    group = SGD_GROUPS[hp]
+    state = {} if first or group["momentum"] == 0 else \
+        {"momentum_buffer": torch.randn(n, device=device).to(dtype)}
+    b = flat_bucket(n, dtype, device, "sgd", group, state, offset=offset)
+    ref = clone_bucket(b)
+    old_state = {k: v.clone() for k, v in state.items()}
+    gscale, found_inf = scalar(0.73, device, compute(dtype)), scalar(float(skip), device, compute(dtype))
+    CKernels().update(b, gscale, found_inf)
+    TorchBackend().update(ref, gscale, found_inf)
+    keys = ["momentum_buffer"] if group["momentum"] else []
+    check_update(b, ref, skip, dtype, keys, old_state)
+    if skip and first and keys:
+        assert not b.states[0]["momentum_buffer"].any(), "a buffer born in a skipped step is 0"
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("skip", [False, True], ids=["taken", "found-inf"])
+@pytest.mark.parametrize("first", [True, False], ids=["first", "step-7"])
+@pytest.mark.parametrize("dtype,n,offset", UPDATE_SHAPES, ids=UPDATE_IDS)
+def test_adamw_update_matches_torch(device, first, skip, dtype, n, offset, lib):
+    group = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    m = 0.1 * torch.randn(n, device=device)  # a reachable state: v ≥ m²
+    state = {} if first else {
+        "step": torch.tensor(7.0, device=device), "exp_avg": m.to(dtype),
+        "exp_avg_sq": (m * m + 0.01 * torch.rand(n, device=device)).to(dtype)}
+    b = flat_bucket(n, dtype, device, "adamw", group, state, offset=offset)
+    ref = clone_bucket(b)
+    old_state = {k: v.clone() for k, v in state.items()}
+    gscale, found_inf = scalar(0.73, device, compute(dtype)), scalar(float(skip), device, compute(dtype))
+    CKernels().update(b, gscale, found_inf)
+    TorchBackend().update(ref, gscale, found_inf)
+    check_update(b, ref, skip, dtype, ["step", "exp_avg", "exp_avg_sq"], old_state)
+    assert float(b.states[0]["step"]) == (0.0 if first else 7.0) + (0.0 if skip else 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("skip", [False, True], ids=["taken", "found-inf"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_restore_and_combine_matches_torch(device, dtype, skip, lib):
+    b = flat_bucket(4099, dtype, device, "none")
+    ref = clone_bucket(b)
+    old_grad = b.grads[0].clone()
+    gscale, found_inf = scalar(-1.37, device, compute(dtype)), scalar(float(skip), device, compute(dtype))
+    CKernels().update(b, gscale, found_inf)
+    TorchBackend().update(ref, gscale, found_inf)
+    assert torch.equal(b.params[0], b.extra["backup"][0])
+    ulp_close(b.grads[0], ref.grads[0], ULPS[dtype], "grad")
+    if skip:
+        assert torch.equal(b.grads[0], old_grad)
+
+
+def test_host_avx2_and_baseline_code_give_the_same_bits(lib):
+    """host.cpp is compiled twice (x86-64 baseline and AVX2+FMA, -ffp-contract=off): both
+    must produce identical results, so a run does not depend on the CPU it lands on."""
+    if lib.host_isa() != "avx2":
+        pytest.skip(f"this CPU/build runs only the {lib.host_isa()} host code")
+    group = SGD_GROUPS["momentum-wd"]
+    outs = {}
+    for isa in ("baseline", "avx2"):
+        lib.host_isa(isa)
+        try:
+            torch.manual_seed(1)
+            b = flat_bucket(70001, torch.float32, "cpu", "sgd", group,
+                            {"momentum_buffer": torch.randn(70001)})
+            k = CKernels()
+            sq = k.sq_norm(b, True)
+            k.perturb(b, scalar(0.01, "cpu"), scalar(0.3, "cpu"), True)
+            a = flat_bucket(70001, torch.float32, "cpu", "adamw",
+                            dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1))
+            k.update(b, scalar(0.7, "cpu"), scalar(0.0, "cpu"))
+            k.update(a, scalar(0.7, "cpu"), scalar(0.0, "cpu"))
+            outs[isa] = [sq, b.params[0], b.grads[0], b.states[0]["momentum_buffer"],
+                         a.params[0], a.states[0]["exp_avg_sq"]]
+        finally:
+            lib.host_isa("avx2")
+    for x, y in zip(outs["baseline"], outs["avx2"]):
+        assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------- through the optimizer
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make", [
+    lambda p, b: gr_fused.GRSGD(p, lr=0.1, momentum=0.9, gamma=0.05, backend=b),
+    lambda p, b: gr_fused.GRAdamW(p, lr=1e-2, gamma=0.05, backend=b),
+    lambda p, b: gr_fused.SAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=b),
+], ids=["sgd", "adamw", "sam-wrapper"])
+def test_nan_in_G_skips_with_theta_restored_and_state_untouched(device, make, lib):
+    params = [torch.randn(s, device=device, requires_grad=True) for s in (7, 300, 1, 4099)]
+    opt = make(params, backend_name(device))
+    calls = []
+
+    def poison_second_gradient():  # NaN in g2 only, so it lands in G = fold·g1 + g2
+        calls.append(1)
+        if len(calls) == 4:
+            params[3].grad[123] += float("nan")
+
+    closure = closure_for(opt, params, poison_second_gradient)
+    opt.step(closure)
+    state_of = getattr(opt, "base_optimizer", opt).state
+    theta = [p.detach().clone() for p in params]
+    state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in state_of[p].items()
+             if isinstance(v, torch.Tensor)}
+    opt.step(closure)
+    assert len(calls) == 4 and bool(opt.last_step_skipped)
+    for p, t in zip(params, theta):
+        assert torch.equal(p, t), "theta must be restored bit for bit"
+    for (i, k), v in state.items():
+        assert torch.equal(state_of[params[i]][k], v), (i, k)
+    opt.step(closure)
+    assert not bool(opt.last_step_skipped) and not torch.equal(params[0], theta[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gr_step_reads_nothing_back_to_the_host(device, lib):
+    params = [torch.randn(s, device=device, requires_grad=True) for s in (7, 300, 4099)]
+    opts = [gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, max_grad_norm=1.0,
+                           difference="central", backend=backend_name(device)),
+            gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, backend=backend_name(device))]
+    for opt in opts:
+        opt.step(closure_for(opt, params))  # the first step creates flat buffers and state
+        with forbid_host_reads():
+            opt.step(closure_for(opt, params))
+
+
+# ----------------------------------------------------------------------- availability, errors
+def test_auto_picks_the_host_build_for_cpu_tensors(lib):
+    assert backends.AUTO_ORDER["cpu"][0] == "cpu"
+    assert backends.unavailable_reason("cpu", torch.device("cpu")) is None
+    assert backends.get_backend("auto", torch.device("cpu")).name == "cpu"
+    assert "cpu tensors only" in backends.unavailable_reason("cpu", torch.device("cuda"))
+    assert "cuda tensors only" in backends.unavailable_reason("cuda", torch.device("cpu"))
+    why_cuda = backends.unavailable_reason("cuda", torch.device("cuda"))
+    if not lib.with_cuda:
+        assert "built without CUDA" in why_cuda
+    elif not HAS_CUDA:
+        assert "no CUDA device" in why_cuda
+    else:
+        assert why_cuda is None or "compute capability" in why_cuda
+
+
+def test_cuda_errors_become_python_exceptions(lib):
+    """A failing CUDA call raises RuntimeError carrying the CUDA error string (here: a device
+    that does not exist, or no usable device/driver at all); a build without CUDA says so."""
+    device = 999 if HAS_CUDA else 0
+    with pytest.raises(RuntimeError) as info:
+        lib.restore(device, 0, 0, 0, 16, 0, 0)
+    if lib.with_cuda:
+        assert "gr_fused CUDA error" in str(info.value) and "cuda" in str(info.value).lower()
+    else:
+        assert "built without CUDA" in str(info.value)
+
+
+def test_bad_arguments_raise_value_errors(lib):
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match="unknown dtype code 7"):
+        lib.restore(-1, 0, 1, 7, 4, x.data_ptr(), x.data_ptr())
+    with pytest.raises(ValueError, match="host_isa"):
+        lib.host_isa("sse9")
+
+
+def test_build_info(lib):
+    assert lib.source_hash == _ext._csrc_build().source_hash(), "gr_fused._C is stale"
+    assert lib.dtype_codes == {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
+    if lib.with_cuda:
+        assert lib.cuda_archs == "sm_80,sm_90"
+
+
+# ----------------------------------------------------------------------- a broken gr_fused._C
+SURVIVOR = textwrap.dedent("""
+    import sys, warnings, torch
+    # only the copy on PYTHONPATH: an editable install's finder would supply the repo's _C
+    sys.meta_path = [f for f in sys.meta_path if "Editable" not in getattr(f, "__name__", "")]
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        import gr_fused
+        p = [torch.randn(5, requires_grad=True)]
+        opt = gr_fused.GRSGD(p, lr=0.1, momentum=0.9, gamma=0.05, backend="auto")
+        def closure():
+            opt.zero_grad(); loss = (p[0].sin() * p[0]).sum(); loss.backward(); return loss
+        opt.step(closure); opt.step(closure)
+        try:
+            gr_fused.GRSGD(p, lr=0.1, backend="cpu").step(closure)
+            raised = "nothing"
+        except gr_fused.BackendUnavailable as exc:
+            raised = str(exc)
+    ours = [str(w.message) for w in caught if "compiled kernels" in str(w.message)]
+    print("BACKENDS", opt.backends)
+    print("WARNINGS", len(ours))
+    print("MESSAGE", ours[0] if ours else "")
+    print("RAISED", raised)
+""")
+
+
+def run_with_package_copy(tmp_path, so_bytes, with_csrc=False, env=None):
+    """Run SURVIVOR against a copy of the package whose gr_fused._C is ``so_bytes`` (None:
+    missing), with or without a csrc/ beside it."""
+    shutil.copytree(REPO / "gr_fused", tmp_path / "gr_fused",
+                    ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    if with_csrc:
+        shutil.copytree(REPO / "csrc", tmp_path / "csrc")
+    if so_bytes is not None:
+        name = "_C" + (__import__("sysconfig").get_config_var("EXT_SUFFIX") or ".so")
+        (tmp_path / "gr_fused" / name).write_bytes(so_bytes)
+    full_env = dict(os.environ, PYTHONPATH=str(tmp_path), **(env or {}))
+    proc = subprocess.run([sys.executable, "-c", SURVIVOR], cwd=tmp_path, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    return out, proc.stderr
+
+
+def test_import_survives_a_broken_C_with_one_warning(tmp_path):
+    out, _ = run_with_package_copy(tmp_path, b"not a shared library")
+    assert out["BACKENDS"] == "{'cpu': 'torch'}"
+    assert out["WARNINGS"] == "1"
+    assert "failed to load" in out["MESSAGE"] and "failed to load" in out["RAISED"]
+
+
+def test_missing_C_in_a_source_checkout_without_jit_says_so_once(tmp_path):
+    out, _ = run_with_package_copy(tmp_path, None, with_csrc=True, env={"GR_FUSED_JIT": "0"})
+    assert out["BACKENDS"] == "{'cpu': 'torch'}"
+    assert out["WARNINGS"] == "1"
+    for cause in ("was not built", "GR_FUSED_JIT=0"):
+        assert cause in out["MESSAGE"] and cause in out["RAISED"]
