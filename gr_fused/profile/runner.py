@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import platform
 import statistics
 from dataclasses import asdict, dataclass
@@ -228,11 +229,12 @@ class _Workload:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(f"Invalid model: {plan.model_name!r} has no trainable parameters")
-        self._autocast = (torch.autocast(plan.device.type, dtype=autocast_dtype)
-                          if autocast_dtype is not None else contextlib.nullcontext())
+        self.device_type, self.autocast_dtype = plan.device.type, autocast_dtype
 
     def compute_loss(self) -> torch.Tensor:
-        with self._autocast:
+        if self.autocast_dtype is None:
+            return self.loss_fn(self.model, self.batch)
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype):
             return self.loss_fn(self.model, self.batch)
 
 
@@ -263,7 +265,18 @@ def _forward_flops(plan: Plan) -> Tuple[int, int]:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -293,25 +306,26 @@ def run_plan(plan: Plan, progress: bool = True) -> Dict[str, Any]:
     steps_per_run = MEMORY_STEPS + plan.warmup + plan.repeat + 1
     results = []
     with _progress_bar(len(runs) * steps_per_run, progress) as bar:
-        def phase(run: _Run, name: str, *args):
+        def shown(run: _Run) -> _Run:
             bar.set_description(f"{run.method} ({run.backend})")
-            getattr(run, name)(*args, on_step=bar.update)
+            return run
 
         if plan.sequential:
             for run in runs:
-                for name, args in (("start", ()), ("warm", ()), ("time", (plan.repeat,))):
-                    phase(run, name, *args)
-                results.append(run.finish(on_step=bar.update))
+                shown(run).start(bar.update)
+                run.warm(bar.update)
+                run.time(plan.repeat, bar.update)
+                results.append(run.finish(bar.update))
                 _free_memory(plan.device)
         else:
             for run in runs:
-                phase(run, "start")
+                shown(run).start(bar.update)
             for run in runs:
-                phase(run, "warm")
+                shown(run).warm(bar.update)
             for _ in range(plan.repeat):
                 for run in runs:
-                    phase(run, "time", 1)
-            results = [run.finish(on_step=bar.update) for run in runs]
+                    shown(run).time(1, bar.update)
+            results = [shown(run).finish(bar.update) for run in runs]
     del runs
     _free_memory(plan.device)
     for r in results:
