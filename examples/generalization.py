@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
-import statistics
 import time
 from typing import Dict, List, Tuple
 
@@ -88,6 +88,7 @@ def train(method: str, cfg: Dict, seed: int, rho: float = 0.0) -> Dict[str, floa
     model = make_model(cfg["hidden"], seed, device)
     params = list(model.parameters())
     opt = make_optimizer(method, params, cfg, rho)
+    cfg.setdefault("backends", opt.backends)   # which gr_fused backend ran the steps
     gen = torch.Generator().manual_seed(seed)
     n = len(data["y_tr"])
     for _ in range(cfg["epochs"]):
@@ -114,13 +115,20 @@ def train(method: str, cfg: Dict, seed: int, rho: float = 0.0) -> Dict[str, floa
             test_loss=F.cross_entropy(out_te, data["y_te"]).item())
 
 
+def mean_std(xs: List[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation; NaN in, NaN out (a diverged run shows)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
 def stats(runs: List[Dict[str, float]]) -> Dict[str, float]:
     out = {}
     for k in runs[0]:
-        xs = [r[k] for r in runs]
-        out[k] = statistics.fmean(xs)
-        out[k + "_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        out[k], out[k + "_std"] = mean_std([r[k] for r in runs])
     out["test_acc_all"] = [r["test_acc"] for r in runs]
+    out["diverged"] = sum(not math.isfinite(r["train_loss"]) for r in runs)
     return out
 
 
@@ -140,8 +148,7 @@ def run_all(cfg: Dict) -> Dict:
 def paired_vs_sgd(r: Dict, sgd: List[float]) -> None:
     """Each seed shares its split, init and batch order across methods: compare per seed."""
     deltas = [a - b for a, b in zip(r["test_acc_all"], sgd)]
-    r["delta_vs_sgd"] = statistics.fmean(deltas)
-    r["delta_vs_sgd_std"] = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+    r["delta_vs_sgd"], r["delta_vs_sgd_std"] = mean_std(deltas)
     r["seeds_better_than_sgd"] = sum(d > 0 for d in deltas)
 
 
@@ -150,7 +157,8 @@ def print_table(results: Dict) -> None:
     print(f"digits: {cfg['n_train']} train / {1797 - cfg['n_train']} test, MLP 64-"
           f"{cfg['hidden']}-{cfg['hidden']}-10, {cfg['epochs']} epochs, batch {cfg['batch']}, "
           f"lr {cfg['lr']}, momentum {cfg['momentum']}, wd {cfg['weight_decay']}, "
-          f"γ={cfg['gamma']}, seeds {cfg['seeds']}, device {cfg['device']}")
+          f"γ={cfg['gamma']}, seeds {cfg['seeds']}, device {cfg['device']}, "
+          f"backend {cfg.get('backends')}")
     n = len(cfg["seeds"])
     print(f"{'method':<8}{'ρ':>7}{'test acc':>18}{'Δ vs SGD, paired':>22}{'better':>8}"
           f"{'train loss':>12}")
@@ -159,7 +167,8 @@ def print_table(results: Dict) -> None:
         delta = (f"{100 * r['delta_vs_sgd']:+6.2f} ± {100 * r['delta_vs_sgd_std']:5.2f}"
                  f"{r['seeds_better_than_sgd']:>6}/{n}" if "delta_vs_sgd" in r else " " * 21)
         print(f"{name:<8}{rho:>7}  {100 * r['test_acc']:6.2f} ± {100 * r['test_acc_std']:5.2f} %"
-              f"   {delta}{r['train_loss']:>12.4f}")
+              f"   {delta}{r['train_loss']:>12.4f}"
+              + (f"  ({r['diverged']} run(s) diverged)" if r["diverged"] else ""))
 
     row("SGD", "-", results["SGD"])
     row("DB", "-", results["DB"])
