@@ -15,7 +15,7 @@ inf/NaN flag it found; ``update()`` then backs the scale off exactly as torch's 
             loss = loss_fn(model(x), y)
         scaler.scale(loss).backward()      # both backward passes are scaled
         return loss
-    scaler.step(opt, closure)              # skipped, θ restored exactly, if either grad has inf/NaN
+    scaler.step(opt, closure)              # skipped (θ restored) if either grad has inf/NaN
     scaler.update()
 
 Optimizers that are not gr_fused optimizers, and gr_fused optimizers with GR off

@@ -116,8 +116,8 @@ def local_ascent_step(optimizer, closure: Callable[[], Any], model=None, process
 
     if not optimizer.gr_active():
         loss = run()
-        _average(optimizer, [p.grad for g in optimizer.param_groups for p in g["params"]
-                             if p.grad is not None], process_group)
+        _average([p.grad for g in optimizer.param_groups for p in g["params"]
+                  if p.grad is not None], process_group)
         optimizer.step()
         return loss
     loss = run()
@@ -136,7 +136,7 @@ def local_ascent_step(optimizer, closure: Callable[[], Any], model=None, process
                     torch._foreach_mul_(b.grads, combine.to(b.device))
                     grads.extend(b.grads)
             pending.combine[gi] = torch.ones_like(combine)
-        _average(optimizer, grads, process_group)
+        _average(grads, process_group)
     except BaseException:
         optimizer.abort_step()
         raise
@@ -144,7 +144,7 @@ def local_ascent_step(optimizer, closure: Callable[[], Any], model=None, process
     return loss
 
 
-def _average(optimizer, grads, process_group) -> None:
+def _average(grads, process_group) -> None:
     """Average the tensors ``grads`` over the ranks of ``process_group``, one all-reduce per
     (device, dtype)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -1,6 +1,8 @@
-"""PyTorch Lightning: a gr_fused optimizer under automatic optimization (Lightning passes its
-closure to optimizer.step, which calls it once per gradient) and manual optimization (the
-closure uses manual_backward). Both must equal the plain PyTorch loop bit for bit."""
+"""Frameworks. PyTorch Lightning: a gr_fused optimizer under automatic optimization
+(Lightning passes its closure to optimizer.step, which calls it once per gradient) and manual
+optimization (the closure uses manual_backward). Hugging Face accelerate: the prepared
+optimizer's step(closure) with accelerator.backward. Each must equal the plain PyTorch loop
+bit for bit."""
 import copy
 
 import pytest
@@ -9,15 +11,60 @@ import torch.nn.functional as F
 
 import gr_fused
 
-L = pytest.importorskip("lightning", reason="lightning is not installed (pip install lightning; "
-                        "it keeps the installed torch)")
-
 
 def make_opt(params):
     return gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, rho=0.05)
 
 
-class AutoGR(L.LightningModule):
+def plain_loop(net, x, y):
+    ref = copy.deepcopy(net)
+    opt = make_opt(ref.parameters())
+    for xb, yb in zip(x.split(8), y.split(8)):
+        def closure():
+            opt.zero_grad()
+            loss = F.mse_loss(ref(xb), yb)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return ref
+
+
+def make_net():
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def test_accelerate_prepared_optimizer_steps_with_a_closure():
+    accelerate = pytest.importorskip(
+        "accelerate", reason="accelerate is not installed (pip install accelerate)")
+    x, y = torch.randn(24, 6), torch.randn(24, 3)
+    net = make_net()
+    ref = plain_loop(net, x, y)
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = copy.deepcopy(net)
+    model, opt, loader = accelerator.prepare(
+        model, make_opt(model.parameters()),
+        torch.utils.data.DataLoader(list(zip(x, y)), batch_size=8))
+    for xb, yb in loader:
+        def closure():
+            opt.zero_grad()
+            loss = F.mse_loss(model(xb), yb)
+            accelerator.backward(loss)
+            return loss
+        opt.step(closure)
+    for a, b in zip(accelerator.unwrap_model(model).parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+
+try:
+    import lightning as L
+except ImportError:  # the Lightning tests below are skipped, with this reason
+    L = None
+needs_lightning = pytest.mark.skipif(L is None, reason="lightning is not installed (pip install "
+                                     "lightning; it keeps the installed torch)")
+LightningModule = L.LightningModule if L is not None else torch.nn.Module
+
+
+class AutoGR(LightningModule):
     def __init__(self, net):
         super().__init__()
         self.net = net
@@ -47,20 +94,12 @@ class ManualGR(AutoGR):
         return opt.step(closure=closure)
 
 
+@needs_lightning
 @pytest.mark.parametrize("module_cls", [AutoGR, ManualGR])
 def test_lightning_trains_like_the_plain_loop(module_cls):
     x, y = torch.randn(24, 6), torch.randn(24, 3)
-    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    ref = copy.deepcopy(net)
-    opt = make_opt(ref.parameters())
-    for xb, yb in zip(x.split(8), y.split(8)):
-        def closure():
-            opt.zero_grad()
-            loss = F.mse_loss(ref(xb), yb)
-            loss.backward()
-            return loss
-        opt.step(closure)
-
+    net = make_net()
+    ref = plain_loop(net, x, y)
     module = module_cls(copy.deepcopy(net))
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,

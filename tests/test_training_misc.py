@@ -74,14 +74,6 @@ def test_compiled_model_trains_with_every_optimizer(name):
         assert_close(a, b, 1e-5, f"{name}: compiled vs eager")
 
 
-BN_COMPILE_BUG = ("gr_fused/_bn.py installs its global forward pre-hook only during the "
-                  "perturbed pass; a compiled graph traced without it never calls it (dynamo "
-                  "does not guard on the global hook dict), so the perturbed pass updates the "
-                  "running stats. Fix: register the hook once (at optimizer construction) and "
-                  "switch it with a flag that dynamo guards on (one recompile)")
-
-
-@pytest.mark.xfail(strict=True, reason=BN_COMPILE_BUG)
 def test_compiled_batchnorm_model_keeps_running_stats_frozen():
     x, y = torch.randn(12, 6), torch.randn(12, 3)
     model = make_bn()
