@@ -405,7 +405,7 @@ class GROptimizer(Optimizer):
             found = self.found_inf  # scaler.unscale_(opt) already unscaled and checked them
             self._report_found_inf(found)
         clip = [i for i, g in enumerate(self.param_groups) if g["max_grad_norm"] is not None]
-        if clip and by_kind:  # clip_grad_norm_ semantics over the global norm of every group's grads
+        if clip and by_kind:  # clip_grad_norm_ semantics: the global norm of every group's grads
             main = next(iter(by_kind.values()))[0].device
             total = _sum_on(main, [all_reduce_sq_norm(torch.stack(torch._foreach_norm(
                 grads, 2)).float().square().sum(), shard)
