@@ -26,15 +26,23 @@ namespace GRF_HOST_NS {
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;
+constexpr int64_t kMinChunksPerThread = 8;  // a thread gets ≥ 256K elements, or stays idle
 constexpr int kLanes = 16;
 
 int64_t chunks_of(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+// How many of the `threads` allowed to use on `chunks` chunks: waking a thread costs more
+// than a small loop (and much more on a busy machine).
+int team_size(int64_t chunks, int threads) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(threads, chunks / kMinChunksPerThread)));
+}
 
 template <class Op> void for_each(Op op, int64_t n, int threads) {
   op.prepare();
   const bool skipped = op.skipped();
   const int64_t chunks = chunks_of(n);
-#pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1 && threads > 1)
+  const int team = team_size(chunks, threads);
+#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const Op local = op;  // a private copy: the compiler need not reload it after stores
     const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
@@ -48,8 +56,9 @@ template <class Op> void for_each(Op op, int64_t n, int threads) {
 
 template <class Op> double sum_squares(const Op& op, int64_t n, int threads) {
   const int64_t chunks = chunks_of(n);
+  const int team = team_size(chunks, threads);
   std::vector<double> partial(chunks);
-#pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1 && threads > 1)
+#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const Op local = op;
     const int64_t end = std::min(n, (c + 1) * kChunk);
@@ -108,7 +117,8 @@ void restore(const Where& w, int dtype, int64_t n, ptr theta, ptr backup) {
     T* dst = as<T>(theta);
     const T* src = as<const T>(backup);
     const int64_t chunks = chunks_of(n);
-#pragma omp parallel for num_threads(w.threads) schedule(static) if (chunks > 1 && w.threads > 1)
+    const int team = team_size(chunks, w.threads);
+#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
       std::memcpy(dst + begin, src + begin, sizeof(T) * (end - begin));

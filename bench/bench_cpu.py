@@ -1,0 +1,149 @@
+"""CPU speed of the host build of csrc/ (backend="cpu") on the optimizer side of a GR step.
+
+One GR + SGD-momentum step without its backward passes: norm(g1), perturb, norm(G) and
+the fused combine/restore/update, over ~10M fp32 parameters in ~50 tensors. The backward
+passes are simulated by writing random gradients between the calls (not timed): g1 before
+``first_step``; before ``second_step`` g2 is added onto the grads (gr_fused: the second
+backward accumulates onto fold·g1) or written fresh (the SAM pattern zeroes its grads).
+
+Timed side by side in one run, interleaved round by round, medians of many rounds:
+
+* ``GRSGD(backend="cpu")``, the host build (OpenMP, vectorized);
+* ``GRSGD(backend="torch")``, the same optimizer on the pure-PyTorch backend;
+* the popular per-parameter SAM pattern (bench_kernels.SAMPattern: clone θ per tensor, a
+  Python loop of adds, then torch.optim.SGD);
+* a plain torch.optim.SGD momentum step and a copy of all parameters, for scale.
+
+    python bench/bench_cpu.py [--numel 10M] [--tensors 50] [--rounds 21] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+import gr_fused  # noqa: E402
+from gr_fused import _ext  # noqa: E402
+from bench_kernels import PHASE_BYTES, SAMPattern, _split  # noqa: E402
+
+SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+METHODS = ["gr_fused cpu", "gr_fused torch", "SAM pattern", "torch SGD", "copy"]
+
+
+class Setup:
+    """Parameters, two sets of random gradients and a (first, second) pair of timed calls."""
+
+    def __init__(self, method: str, sizes: List[int], seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.params = [torch.randn(s, generator=gen).requires_grad_() for s in sizes]
+        self.g1 = [torch.randn(s, generator=gen) for s in sizes]
+        self.g2 = [torch.randn(s, generator=gen) for s in sizes]
+        for p, g in zip(self.params, self.g1):
+            p.grad = g.clone()
+        self.method = method
+        if method.startswith("gr_fused"):
+            self.opt = gr_fused.GRSGD(self.params, gamma=0.02, rho=0.05,
+                                      backend=method.split()[1], **SGD)
+        elif method == "SAM pattern":
+            self.opt = SAMPattern(self.params, rho=0.05, **SGD)
+        elif method == "torch SGD":
+            self.opt = torch.optim.SGD(self.params, **SGD)
+        elif method == "copy":
+            self.dst = [torch.empty_like(g) for g in self.g1]
+
+    def grads(self) -> List[torch.Tensor]:
+        return [p.grad for p in self.params]
+
+    def step(self) -> float:
+        """One step; returns the seconds spent in the optimizer (gradient writes excluded)."""
+        torch._foreach_copy_(self.grads(), self.g1)            # "first backward"
+        if self.method == "copy":
+            start = time.perf_counter()
+            torch._foreach_copy_(self.dst, [p.detach() for p in self.params])
+            return time.perf_counter() - start
+        if self.method == "torch SGD":
+            start = time.perf_counter()
+            self.opt.step()
+            return time.perf_counter() - start
+        start = time.perf_counter()
+        self.opt.first_step()
+        first = time.perf_counter() - start
+        if self.method == "SAM pattern":                        # "second backward"
+            torch._foreach_copy_(self.grads(), self.g2)
+        else:
+            torch._foreach_add_(self.grads(), self.g2)
+        start = time.perf_counter()
+        self.opt.second_step(zero_grad=False)
+        return first + time.perf_counter() - start
+
+
+def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2) -> dict:
+    sizes = _split(numel, n_tensors)
+    setups = {m: Setup(m, sizes) for m in METHODS}
+    times: Dict[str, List[float]] = {m: [] for m in METHODS}
+    for r in range(warmup + rounds):
+        order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]  # rotate the order
+        for m in order:
+            t = setups[m].step()
+            if r >= warmup:
+                times[m].append(t)
+    backends = setups["gr_fused cpu"].opt.backends
+    ms = {m: 1e3 * statistics.median(ts) for m, ts in times.items()}
+    numel = sum(sizes)
+    step_bytes = sum(PHASE_BYTES["gr-step"]) * 4 * numel
+    return {
+        "numel": numel, "tensors": len(sizes), "rounds": rounds,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "host_isa": _ext.load().host_isa() if _ext.load() else None,
+        "backends": backends, "median_ms": ms,
+        "ratio_cpu_vs_sam": ms["gr_fused cpu"] / ms["SAM pattern"],
+        "ratio_cpu_vs_torch_backend": ms["gr_fused cpu"] / ms["gr_fused torch"],
+        "gr_step_gbps": step_bytes / (ms["gr_fused cpu"] * 1e-3) / 1e9,
+        "copy_gbps": 8 * numel / (ms["copy"] * 1e-3) / 1e9,
+    }
+
+
+def table(res: dict) -> str:
+    lines = [f"GR + SGD-momentum step, optimizer side only: {res['numel']:,} fp32 params in "
+             f"{res['tensors']} tensors, {res['threads']} threads, torch {res['torch']}, "
+             f"host code {res['host_isa']}, medians of {res['rounds']} rounds",
+             "", "| method | ms | vs SAM pattern |", "|---|---|---|"]
+    sam = res["median_ms"]["SAM pattern"]
+    for m, t in res["median_ms"].items():
+        lines.append(f"| {m} | {t:.1f} | {t / sam:.2f}x |")
+    lines += ["", f"host build / SAM pattern: {res['ratio_cpu_vs_sam']:.2f}x   "
+              f"host build / torch backend: {res['ratio_cpu_vs_torch_backend']:.2f}x",
+              f"host build moves 48 B/param at {res['gr_step_gbps']:.1f} GB/s; "
+              f"a copy runs at {res['copy_gbps']:.1f} GB/s"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--numel", default="10M", help="parameters in all (e.g. 10M, 250K)")
+    ap.add_argument("--tensors", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    scale = {"K": 1e3, "M": 1e6}.get(args.numel[-1].upper())
+    numel = int(float(args.numel[:-1]) * scale) if scale else int(args.numel)
+    res = run(numel, args.tensors, args.rounds)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    print(table(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
