@@ -26,9 +26,10 @@ constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 8;
 
 void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("gr_fused CUDA error in ") + what + ": " +
-                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  if (err == cudaSuccess) return;
+  cudaGetLastError();  // clear it, so that the next launch check does not report it again
+  throw std::runtime_error(std::string("gr_fused CUDA error in ") + what + ": " +
+                           cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 
 // Launch on the buffers' device, whatever the caller's current device is.
