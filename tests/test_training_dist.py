@@ -50,13 +50,6 @@ GLOBAL_CASES = [
         ps, lr=0.01, gamma=GAMMA, rho=RHO, backend=backend), False),
 ]
 
-BUCKET_VIEW_BUG = (
-    "GROptimizer._adopt_replaced_grads adds a replaced p.grad onto the held buffer; DDP with "
-    "gradient_as_bucket_view=True replaces the flat-buffer grad views by its bucket views, "
-    "which already hold the whole all-reduced fold*g1 + g2, so fold*g1 + g2_local is counted "
-    "twice and the ranks diverge (fix: copy instead of add when the held buffer's _version "
-    "moved since first_step)")
-
 
 # ---------------------------------------------------------------------------- the ranks
 def _train(model, opt, batches, step=None):
@@ -230,9 +223,7 @@ def _same_on_ranks(results, name):
 
 
 # ---------------------------------------------------------------------------- the tests
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=BUCKET_VIEW_BUG))
-    if name == "global_sam_flat_bucket_view" else name for name, _, _ in GLOBAL_CASES])
+@pytest.mark.parametrize("name", [name for name, _, _ in GLOBAL_CASES])
 def test_ddp_global_ascent_equals_one_process_on_the_global_batch(runs, name):
     inputs, results = runs
     got = _same_on_ranks(results, name)

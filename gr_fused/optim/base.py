@@ -264,6 +264,8 @@ class GROptimizer(Optimizer):
             eps, fold, _ = scalars[b.extra["_group_index"]]
             self._backend(b).perturb(b, eps.to(b.device), fold.to(b.device),
                                      b.group["adaptive"])
+        for b in buckets:  # to tell, later, whether backward wrote into these buffers
+            b.extra["_grad_versions"] = [g._version for g in b.grads]
         self._pending = _Pending(buckets, {gi: s[2] for gi, s in scalars.items()}, main)
         if self.freeze_bn_stats:
             self._bn.start()
@@ -281,6 +283,7 @@ class GROptimizer(Optimizer):
         self._adopt_replaced_grads()
         for b in self._pending.buckets:
             self._backend(b).reflect(b)
+            b.extra["_grad_versions"] = [g._version for g in b.grads]
         self._pending.reflected = True
 
     @torch.no_grad()
@@ -360,8 +363,15 @@ class GROptimizer(Optimizer):
                 if p.grad is held:
                     continue
                 if p.grad is not None:
-                    held.add_(p.grad)
+                    if held._version != b.extra["_grad_versions"][i]:
+                        # backward accumulated into the held buffer before p.grad was replaced
+                        # (DDP with gradient_as_bucket_view copies it into its bucket, all-reduces
+                        # and installs the bucket view): the new tensor already holds all of G
+                        held.copy_(p.grad)
+                    else:  # a fresh gradient only (model.zero_grad() set p.grad to None)
+                        held.add_(p.grad)
                 p.grad = held
+            b.extra["_grad_versions"] = [g._version for g in b.grads]
 
     def _after_update(self, found_inf: torch.Tensor) -> None:
         """Called after the backend update (the GR wrapper steps its base optimizer here)."""
