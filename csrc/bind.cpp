@@ -45,11 +45,13 @@ std::string host_isa(const std::string& name) {
   return use_avx2 ? "avx2" : "baseline";
 }
 
+bool host_packs = false;
+
 template <class... A>
 auto route(void (*host_fn)(const grf::Where&, A...), void (*avx2_fn)(const grf::Where&, A...),
            void (*cuda_fn)(const grf::Where&, A...)) {
   return [=](int device, uintptr_t stream, int threads, A... args) {
-    grf::Where w{device, stream, threads};
+    grf::Where w{device, stream, threads, host_packs};
     if (device < 0) return (use_avx2 && avx2_fn ? avx2_fn : host_fn)(w, args...);
     if (cuda_fn == nullptr)
       throw std::runtime_error("gr_fused._C was built without CUDA (nvcc was not found at "
@@ -92,6 +94,8 @@ PYBIND11_MODULE(_C, m) {
           "found_inf, lr, beta1, beta2, eps, weight_decay)");
   m.def("host_isa", &host_isa, py::arg("name") = "",
         "The host code in use ('avx2' or 'baseline'); pass a name to switch (for tests).");
+  m.def("set_host_packs", [](bool on) { host_packs = on; },
+        "Run the CUDA kernels' 16-byte pack code in the host build (for tests).");
   py::dict codes;
   codes["float32"] = int(grf::kF32);
   codes["float16"] = int(grf::kF16);

@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -60,15 +59,7 @@ int sm_count(int device) {
   return n;
 }
 
-bool aligned16(std::initializer_list<ptr> ptrs) {
-  for (ptr p : ptrs)
-    if (p % 16 != 0) return false;
-  return true;
-}
-
 cudaStream_t stream_of(const Where& w) { return reinterpret_cast<cudaStream_t>(w.stream); }
-
-template <class T> constexpr int vec_width() { return 16 / int(sizeof(T)); }
 
 template <int V> struct Width { static constexpr int value = V; };
 

@@ -16,10 +16,13 @@ enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
 // device < 0: the host build, `threads` OpenMP threads. device ≥ 0: that CUDA device,
 // launched on the cudaStream_t `stream` (torch.cuda.current_stream().cuda_stream).
+// host_packs: the host build runs the CUDA kernels' 16-byte pack code on aligned buffers
+// (same results; slower on a CPU than its one-element loops, so only tests turn it on).
 struct Where {
   int device;
   uintptr_t stream;
   int threads;
+  bool host_packs;
 };
 
 using ptr = uintptr_t;

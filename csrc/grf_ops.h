@@ -14,6 +14,7 @@
 // inner loops have no branches and the host compiler vectorizes them.
 #pragma once
 
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -25,6 +26,16 @@ namespace grf {
 
 // V consecutive elements, loaded or stored with one 16-byte access when V·sizeof(T) == 16.
 template <class T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
+
+// Elements per 16-byte pack (4 floats, 8 halves, 2 doubles), used when every buffer of a
+// call is 16-byte aligned; the drivers run V = 1 otherwise.
+template <class T> constexpr int vec_width() { return 16 / int(sizeof(T)); }
+
+inline bool aligned16(std::initializer_list<uintptr_t> ptrs) {
+  for (uintptr_t p : ptrs)
+    if (p % 16 != 0) return false;
+  return true;
+}
 
 template <int V, class T> GRF_HD Pack<T, V> ld(const T* p, int64_t i) {
   if constexpr (V == 1) {

@@ -37,8 +37,10 @@ int team_size(int64_t chunks, int threads) {
   return int(std::max<int64_t>(1, std::min<int64_t>(threads, chunks / kMinChunksPerThread)));
 }
 
-template <class Op> void for_each(Op op, int64_t n, int threads) {
-  op.prepare();
+// Runs op over [0, n): packs of V elements (V > 1: the CUDA kernels' 16-byte accesses, when
+// Where::host_packs; a chunk starts at a multiple of V), then single elements at the end of
+// a chunk. With V = 1 the compiler vectorizes the loop itself, which is faster here.
+template <int V, class Op> void for_each_v(const Op& op, int64_t n, int threads) {
   const bool skipped = op.skipped();
   const int64_t chunks = chunks_of(n);
   const int team = team_size(chunks, threads);
@@ -46,15 +48,29 @@ template <class Op> void for_each(Op op, int64_t n, int threads) {
   for (int64_t c = 0; c < chunks; ++c) {
     const Op local = op;  // a private copy: the compiler need not reload it after stores
     const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+    int64_t i = begin;
     if (skipped) {
-      for (int64_t i = begin; i < end; ++i) local.template apply_skipped<1>(i);
+      for (; i + V <= end; i += V) local.template apply_skipped<V>(i);
+      for (; i < end; ++i) local.template apply_skipped<1>(i);
     } else {
-      for (int64_t i = begin; i < end; ++i) local.template apply<1>(i);
+      for (; i + V <= end; i += V) local.template apply<V>(i);
+      for (; i < end; ++i) local.template apply<1>(i);
     }
   }
 }
 
-template <class Op> double sum_squares(const Op& op, int64_t n, int threads) {
+template <class Op> void for_each(Op op, int64_t n, const Where& w, bool aligned) {
+  op.prepare();
+  if (aligned && w.host_packs)
+    for_each_v<vec_width<typename Op::value_type>()>(op, n, w.threads);
+  else
+    for_each_v<1>(op, n, w.threads);
+}
+
+// Σ over [0, n) into kLanes lanes per chunk: element i always lands in lane i % kLanes, in
+// index order, whether it is read in packs of V or alone, so the sum has the same bits.
+template <int V, class Op> double sum_squares_v(const Op& op, int64_t n, int threads) {
+  static_assert(kLanes % V == 0, "a pack must not straddle two rounds of lanes");
   const int64_t chunks = chunks_of(n);
   const int team = team_size(chunks, threads);
   std::vector<double> partial(chunks);
@@ -65,7 +81,7 @@ template <class Op> double sum_squares(const Op& op, int64_t n, int threads) {
     double acc[kLanes] = {};
     int64_t i = c * kChunk;
     for (; i + kLanes <= end; i += kLanes)
-      for (int k = 0; k < kLanes; ++k) local.template accumulate<1>(i + k, &acc[k]);
+      for (int k = 0; k < kLanes; k += V) local.template accumulate<V>(i + k, &acc[k]);
     for (; i < end; ++i) local.template accumulate<1>(i, &acc[i % kLanes]);
     double s = 0;
     for (int k = 0; k < kLanes; ++k) s += acc[k];
@@ -74,6 +90,12 @@ template <class Op> double sum_squares(const Op& op, int64_t n, int threads) {
   double total = 0;
   for (int64_t c = 0; c < chunks; ++c) total += partial[c];
   return total;
+}
+
+template <class Op> double sum_squares(const Op& op, int64_t n, const Where& w, bool aligned) {
+  if (aligned && w.host_packs)
+    return sum_squares_v<vec_width<typename Op::value_type>()>(op, n, w.threads);
+  return sum_squares_v<1>(op, n, w.threads);
 }
 
 template <class T> T* as(ptr p) { return reinterpret_cast<T*>(p); }
@@ -86,7 +108,7 @@ void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr, ptr ou
     using C = compute_t<T>;
     dispatch_bool(theta != 0, [&](auto adaptive) {
       SqNormOp<T, decltype(adaptive)::value> op{as<const T>(g), as<const T>(theta)};
-      *as<C>(out) = C(sum_squares(op, n, w.threads));
+      *as<C>(out) = C(sum_squares(op, n, w, aligned16({g, theta})));
     });
   });
 }
@@ -99,7 +121,7 @@ void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup,
     dispatch_bool(adaptive, [&](auto adaptive_) {
       for_each(PerturbOp<T, decltype(adaptive_)::value>{as<T>(theta), as<T>(g), as<T>(backup),
                                                         as<const C>(eps), as<const C>(fold)},
-               n, w.threads);
+               n, w, aligned16({theta, g, backup}));
     });
   });
 }
@@ -107,7 +129,8 @@ void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup,
 void reflect(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    for_each(ReflectOp<T>{as<T>(theta), as<T>(g), as<const T>(backup)}, n, w.threads);
+    for_each(ReflectOp<T>{as<T>(theta), as<T>(g), as<const T>(backup)}, n, w,
+             aligned16({theta, g, backup}));
   });
 }
 
@@ -133,7 +156,7 @@ void update_none(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr bac
     using C = compute_t<T>;
     for_each(UpdateNoneOp<T>{as<T>(theta), as<T>(G), as<const T>(backup),
                              {as<const C>(gscale), as<const C>(found_inf)}},
-             n, w.threads);
+             n, w, aligned16({theta, G, backup}));
   });
 }
 
@@ -148,7 +171,7 @@ void update_sgd(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr back
                    as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(buf),
                    {as<const C>(gscale), as<const C>(found_inf)},
                    make_sgd_hp<C>(lr, momentum, dampening, weight_decay, nesterov)},
-               n, w.threads);
+               n, w, aligned16({theta, G, backup, buf}));
     });
   });
 }
@@ -163,7 +186,7 @@ void update_adamw(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr ba
                               as<T>(v), as<const float>(step),
                               {as<const C>(gscale), as<const C>(found_inf)},
                               make_adam_hp<C>(lr, beta1, beta2, eps, weight_decay)},
-             n, w.threads);
+             n, w, aligned16({theta, G, backup, m, v}));
     if (*as<const C>(found_inf) == C(0)) *as<float>(step) += 1.0f;
   });
 }

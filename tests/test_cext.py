@@ -343,6 +343,43 @@ def test_host_avx2_and_baseline_code_give_the_same_bits(lib):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_host_pack_code_gives_the_same_bits(dtype, lib):
+    """The CUDA kernels read and write 16-byte packs (apply<V>, accumulate<V> with V > 1);
+    the host build runs that same code when asked (set_host_packs), so CI checks it without
+    a GPU: every phase must give the bits of the one-element loops."""
+    def run_all():
+        torch.manual_seed(2)
+        n = 70001
+        b = flat_bucket(n, dtype, "cpu", "sgd", SGD_GROUPS["nesterov"],
+                        {"momentum_buffer": torch.randn(n).to(dtype)})
+        a = flat_bucket(n, dtype, "cpu", "adamw",
+                        dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1))
+        none = flat_bucket(n, dtype, "cpu", "none")
+        c, k = compute(dtype), CKernels()
+        out = [k.sq_norm(b, False), k.sq_norm(b, True)]
+        k.perturb(b, scalar(0.01, "cpu", c), scalar(0.3, "cpu", c), True)
+        k.reflect(b)
+        out += [b.params[0].clone(), b.grads[0].clone()]
+        for bucket in (b, a, none):
+            k.update(bucket, scalar(0.7, "cpu", c), scalar(0.0, "cpu", c))
+            out += [bucket.params[0], bucket.grads[0]] + [
+                v for _, v in sorted(bucket.states[0].items())]
+        first = flat_bucket(n, dtype, "cpu", "sgd", SGD_GROUPS["momentum-wd"])
+        k.update(first, scalar(0.7, "cpu", c), scalar(1.0, "cpu", c))  # skipped, buffer born
+        return out + [first.params[0], first.states[0]["momentum_buffer"]]
+
+    plain = run_all()
+    lib.set_host_packs(True)
+    try:
+        packed = run_all()
+    finally:
+        lib.set_host_packs(False)
+    assert len(plain) == len(packed) > 10
+    for i, (x, y) in enumerate(zip(plain, packed)):
+        assert torch.equal(x, y) or (x.isnan() & y.isnan()).all(), f"output {i} differs"
+
+
 # ----------------------------------------------------------------------- through the optimizer
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("make", [
