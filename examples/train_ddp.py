@@ -63,7 +63,7 @@ def run(rank, world, args, init_method):
             else:
                 loss = opt.step(closure)
             if rank == 0 and (step + 1) % max(1, args.steps // 10) == 0:
-                print(f"step {step + 1:4d}  loss(rank 0) {float(loss):.4f}")
+                print(f"step {step + 1:4d}  loss(rank 0) {float(loss.detach()):.4f}")
 
         # every replica must hold the same parameters
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])

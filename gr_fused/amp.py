@@ -26,7 +26,7 @@ points here; a plain step works with either scaler.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.amp.grad_scaler import OptState
@@ -48,44 +48,47 @@ class GradScaler(torch.amp.GradScaler):
     """
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
-        if not (self._enabled and isinstance(optimizer, GROptimizer) and optimizer.gr_active()):
+        inner = _gr_optimizer(optimizer)
+        if not (self._enabled and inner is not None and inner.gr_active()):
             return super().step(optimizer, *args, **kwargs)  # torch's protocol fits a plain step
-        self._begin(optimizer, "step")
+        self._begin(optimizer, inner, "step")
         try:
-            retval = optimizer.step(*args, **kwargs)
+            retval = optimizer.step(*args, **kwargs)  # a framework's wrapper steps as usual
         except BaseException:
-            self._detach(optimizer)
+            self._detach(inner)
             raise
-        self._end(optimizer)
+        self._end(optimizer, inner)
         return retval
 
     def first_step(self, optimizer: GROptimizer, zero_grad: bool = True) -> None:
         """``optimizer.first_step()`` on scaled gradients (after ``scale(loss).backward()``)."""
-        if not self._enabled:
+        inner = _gr_optimizer(optimizer)
+        if not self._enabled or inner is None:
             return optimizer.first_step(zero_grad)
-        self._begin(optimizer, "first_step")
+        self._begin(optimizer, inner, "first_step")
         try:
-            optimizer.first_step(zero_grad)
+            inner.first_step(zero_grad)
         except BaseException:
-            self._detach(optimizer)
+            self._detach(inner)
             raise
 
     def second_step(self, optimizer: GROptimizer, zero_grad: bool = True) -> None:
         """``optimizer.second_step()`` after the second ``scale(loss).backward()``; records
         whether the step was skipped for ``update()``."""
-        if not self._enabled:
+        inner = _gr_optimizer(optimizer)
+        if not self._enabled or inner is None:
             return optimizer.second_step(zero_grad)
-        if not getattr(optimizer, DRIVER_FLAG, False):
+        if not getattr(inner, DRIVER_FLAG, False):
             raise RuntimeError("scaler.second_step(opt) without scaler.first_step(opt)")
         try:
-            optimizer.second_step(zero_grad)
+            inner.second_step(zero_grad)
         except BaseException:
-            self._detach(optimizer)
+            self._detach(inner)
             raise
-        self._end(optimizer)
+        self._end(optimizer, inner)
 
     # ------------------------------------------------------------------ internals
-    def _begin(self, optimizer: GROptimizer, what: str) -> None:
+    def _begin(self, optimizer, inner: GROptimizer, what: str) -> None:
         if self._scale is None:  # torch creates it in the first scale(); the closure runs later
             devices = [p.device for g in optimizer.param_groups for p in g["params"]
                        if p.device.type == self._device]
@@ -100,16 +103,16 @@ class GradScaler(torch.amp.GradScaler):
                 f"scaler.unscale_(opt) before scaler.{what}(opt) is not supported for gr_fused "
                 "optimizers: the gradients are computed (and unscaled) inside the step. To clip, "
                 "give the optimizer max_grad_norm=..., which clips the unscaled combined gradient.")
-        if getattr(optimizer, DRIVER_FLAG, False):
+        if getattr(inner, DRIVER_FLAG, False):
             raise RuntimeError(f"scaler.{what}(opt) while a scaled GR step is in progress")
         scale = self._get_scale_async()
-        optimizer.grad_scale = scale
-        optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
-        setattr(optimizer, DRIVER_FLAG, True)
+        inner.grad_scale = scale
+        inner.found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
+        setattr(inner, DRIVER_FLAG, True)
 
-    def _end(self, optimizer: GROptimizer) -> None:
-        found_inf = optimizer.found_inf
-        self._detach(optimizer)
+    def _end(self, optimizer, inner: GROptimizer) -> None:
+        found_inf = inner.found_inf
+        self._detach(inner)
         state = self._per_optimizer_states[id(optimizer)]
         state["found_inf_per_device"] = {found_inf.device: found_inf}
         state["stage"] = OptState.STEPPED
@@ -119,3 +122,15 @@ class GradScaler(torch.amp.GradScaler):
         for name in ("grad_scale", "found_inf", DRIVER_FLAG):
             if hasattr(optimizer, name):
                 delattr(optimizer, name)
+
+
+def _gr_optimizer(optimizer) -> Optional[GROptimizer]:
+    """The gr_fused optimizer that ``optimizer`` is or wraps (Lightning's LightningOptimizer
+    and accelerate's AcceleratedOptimizer keep it in ``_optimizer`` / ``optimizer``; the
+    scale must be set where its step runs, not on a wrapper's copy), or None."""
+    for _ in range(8):
+        inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer if isinstance(optimizer, GROptimizer) else None

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import gr_fused
+from gr_fused.amp import GradScaler
 
 
 def make_opt(params):
@@ -33,7 +34,10 @@ def make_net():
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
 
-def test_accelerate_prepared_optimizer_steps_with_a_closure():
+@pytest.mark.parametrize("scaled", [False, True])
+def test_accelerate_prepared_optimizer_steps_with_a_closure(scaled):
+    """With scaled=True, gr_fused.amp.GradScaler drives the prepared (wrapped) optimizer;
+    a power-of-2 scale is exact, so the result is still bit for bit the plain loop's."""
     accelerate = pytest.importorskip(
         "accelerate", reason="accelerate is not installed (pip install accelerate)")
     x, y = torch.randn(24, 6), torch.randn(24, 3)
@@ -44,13 +48,15 @@ def test_accelerate_prepared_optimizer_steps_with_a_closure():
     model, opt, loader = accelerator.prepare(
         model, make_opt(model.parameters()),
         torch.utils.data.DataLoader(list(zip(x, y)), batch_size=8))
+    scaler = GradScaler("cpu", enabled=scaled)
     for xb, yb in loader:
         def closure():
             opt.zero_grad()
             loss = F.mse_loss(model(xb), yb)
-            accelerator.backward(loss)
+            accelerator.backward(scaler.scale(loss))
             return loss
-        opt.step(closure)
+        scaler.step(opt, closure)
+        scaler.update()
     for a, b in zip(accelerator.unwrap_model(model).parameters(), ref.parameters()):
         assert torch.equal(a, b)
 
@@ -94,8 +100,31 @@ class ManualGR(AutoGR):
         return opt.step(closure=closure)
 
 
+class ManualScaledGR(AutoGR):
+    """Manual optimization with gr_fused.amp.GradScaler (what Lightning's "16-mixed" plugin
+    cannot do for a GR optimizer): the scaler drives the LightningOptimizer wrapper."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.automatic_optimization = False
+        self.scaler = GradScaler("cpu")
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+
+        def closure():
+            opt.zero_grad()
+            loss = F.mse_loss(self.net(x), y)
+            self.manual_backward(self.scaler.scale(loss))
+            return loss
+        loss = self.scaler.step(opt, closure)
+        self.scaler.update()
+        return loss
+
+
 @needs_lightning
-@pytest.mark.parametrize("module_cls", [AutoGR, ManualGR])
+@pytest.mark.parametrize("module_cls", [AutoGR, ManualGR, ManualScaledGR])
 def test_lightning_trains_like_the_plain_loop(module_cls):
     x, y = torch.randn(24, 6), torch.randn(24, 3)
     net = make_net()
