@@ -1,13 +1,15 @@
-"""Data-parallel GR training with DistributedDataParallel.
+"""Data-parallel GR training with DistributedDataParallel or FSDP2.
 
 Global ascent (default): the closure runs forward/backward on the DDP model, DDP all-reduces
 both gradients, and the step is FD-GR on the global batch; every rank applies the same
 update. Local ascent (``--local-ascent``, m-sharpness): each rank perturbs by the gradient
-of its own batch, via ``gr_fused.distributed.local_ascent_step``. BatchNorm running
-statistics are updated by the pass at θ only.
+of its own batch, via ``gr_fused.distributed.local_ascent_step``. ``--fsdp2`` shards the
+parameters with ``fully_shard`` instead: each rank steps its own shards, and the norms
+(ε_t, clipping, the inf/NaN skip) are all-reduced over them. BatchNorm running statistics
+are updated by the pass at θ only.
 
-    torchrun --nproc_per_node 2 examples/train_ddp.py [--local-ascent]
-    python examples/train_ddp.py --spawn 2 [--local-ascent]     # CPU, gloo, no torchrun
+    torchrun --nproc_per_node 2 examples/train_ddp.py [--local-ascent | --fsdp2]
+    python examples/train_ddp.py --spawn 2 [--local-ascent | --fsdp2]   # CPU, gloo
 
 On GPUs (one per rank) the backend is nccl; on CPU it is gloo.
 """
@@ -42,9 +44,15 @@ def run(rank, world, args, init_method):
     try:
         torch.manual_seed(0)  # the same initial model everywhere (DDP also broadcasts it)
         model = make_model().to(device)
-        ddp = DDP(model, device_ids=[rank] if use_cuda else None)
+        if args.fsdp2:
+            from torch.distributed.fsdp import fully_shard
+            for layer in (model[0], model[3]):
+                fully_shard(layer)
+            ddp = fully_shard(model)  # the sharded model is called directly
+        else:
+            ddp = DDP(model, device_ids=[rank] if use_cuda else None)
         opt = gr_fused.GRSGD(ddp.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4,
-                             gamma=args.gamma, rho=args.rho)
+                             gamma=args.gamma, rho=args.rho, max_grad_norm=args.clip)
         g = torch.Generator().manual_seed(1)
         teacher = torch.randn(32, 10, generator=g)
         for step in range(args.steps):
@@ -65,15 +73,17 @@ def run(rank, world, args, init_method):
             if rank == 0 and (step + 1) % max(1, args.steps // 10) == 0:
                 print(f"step {step + 1:4d}  loss(rank 0) {float(loss.detach()):.4f}")
 
-        # every replica must hold the same parameters
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        # every replica must hold the same parameters (FSDP2: gather the full ones)
+        full = [p.full_tensor() if args.fsdp2 else p for p in model.parameters()]
+        flat = torch.cat([p.detach().reshape(-1) for p in full])
         gathered = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
         if not all(torch.equal(gathered[0], t) for t in gathered):
             raise RuntimeError("the replicas diverged")
         if rank == 0:
-            print(f"{'local' if args.local_ascent else 'global'} ascent: {world} replicas "
-                  "identical after training")
+            mode = ("fsdp2" if args.fsdp2 else
+                    "local ascent" if args.local_ascent else "global ascent")
+            print(f"{mode}: {world} replicas identical after training")
     finally:
         dist.destroy_process_group()
 
@@ -81,6 +91,8 @@ def run(rank, world, args, init_method):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--local-ascent", action="store_true")
+    parser.add_argument("--fsdp2", action="store_true", help="fully_shard instead of DDP")
+    parser.add_argument("--clip", type=float, default=None, help="max_grad_norm")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=32, help="per rank")
     parser.add_argument("--lr", type=float, default=0.05)
@@ -89,6 +101,8 @@ def main(argv=None):
     parser.add_argument("--spawn", type=int, default=0,
                         help="start this many ranks here instead of using torchrun")
     args = parser.parse_args(argv)
+    if args.fsdp2 and args.local_ascent:
+        parser.error("--local-ascent is for DDP (FSDP2 shards the parameters, not the ascent)")
     if args.spawn:
         with tempfile.TemporaryDirectory() as tmp:
             mp.spawn(run, args=(args.spawn, args, f"file://{os.path.join(tmp, 'rdzv')}"),

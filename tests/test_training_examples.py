@@ -26,10 +26,12 @@ def test_train_amp_example(argv, capsys):
     assert "bit for bit" in capsys.readouterr().out
 
 
-def test_train_ddp_example_spawns_two_ranks():
-    """Global ascent (local ascent's function is checked in test_training_dist.py)."""
+@pytest.mark.parametrize("mode", [[], ["--fsdp2", "--clip", "1.0"]])
+def test_train_ddp_example_spawns_two_ranks(mode):
+    """DDP global ascent and FSDP2 (local ascent's function is checked in
+    test_training_dist.py)."""
     cmd = [sys.executable, str(EXAMPLES / "train_ddp.py"), "--spawn", "2", "--steps", "2"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd + mode, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "replicas identical" in run.stdout
 
