@@ -51,6 +51,16 @@ GLOBAL_CASES = [
 ]
 
 
+FSDP_CASES = [
+    ("fsdp_grsgd", lambda ps: gr_fused.GRSGD(ps, lr=LR, momentum=MOM, weight_decay=1e-3,
+                                             gamma=GAMMA, rho=RHO, max_grad_norm=0.5)),
+    ("fsdp_gradamw", lambda ps: gr_fused.GRAdamW(ps, lr=0.01, gamma=GAMMA, rho=RHO)),
+    # GR off: the plain path clips over the shards too (clip_grad_norm_ semantics)
+    ("fsdp_plain_clip", lambda ps: gr_fused.GRSGD(ps, lr=LR, momentum=MOM, gamma=0.0,
+                                                  max_grad_norm=0.05)),
+]
+
+
 # ---------------------------------------------------------------------------- the ranks
 def _train(model, opt, batches, step=None):
     """STEPS GR steps on this rank's batches; ``step(opt, closure)`` defaults to opt.step."""
@@ -131,10 +141,7 @@ def _scenarios(rank, init, bn_init, data, bn_data):
 
     # 5. FSDP2: parameters sharded over the 2 ranks, global ascent
     from torch.distributed.fsdp import fully_shard
-    for name, make_opt in [
-            ("fsdp_grsgd", lambda ps: gr_fused.GRSGD(ps, lr=LR, momentum=MOM, weight_decay=1e-3,
-                                                     gamma=GAMMA, rho=RHO, max_grad_norm=0.5)),
-            ("fsdp_gradamw", lambda ps: gr_fused.GRAdamW(ps, lr=0.01, gamma=GAMMA, rho=RHO))]:
+    for name, make_opt in FSDP_CASES:
         model = make_mlp()
         model.load_state_dict(init)
         fully_shard(model[0])
@@ -307,11 +314,7 @@ def test_ddp_batchnorm_unfrozen_updates_in_perturbed_pass(runs):
         torch.testing.assert_close(var, want.running_var)
 
 
-@pytest.mark.parametrize("name,make_opt", [
-    ("fsdp_grsgd", lambda ps: gr_fused.GRSGD(ps, lr=LR, momentum=MOM, weight_decay=1e-3,
-                                             gamma=GAMMA, rho=RHO, max_grad_norm=0.5)),
-    ("fsdp_gradamw", lambda ps: gr_fused.GRAdamW(ps, lr=0.01, gamma=GAMMA, rho=RHO)),
-])
+@pytest.mark.parametrize("name,make_opt", FSDP_CASES)
 def test_fsdp2_equals_one_process_on_the_global_batch(runs, name, make_opt):
     """fully_shard: each rank steps its shards; ε_t, the clip and the skip use the global
     norm (all-reduced over the shards), so the result is FD-GR on the global batch."""
