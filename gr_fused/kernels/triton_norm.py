@@ -1,9 +1,11 @@
 """Deterministic squared norm of a flat buffer: Σ x² (or Σ (x·y)², the adaptive norm Σ (θ·g)²).
 
 Two stages and no float atomics, so the same input gives the same bits every run:
-``_partial_sq_kernel`` writes one fp32 partial sum per block into a small buffer, and
-``_finalize_kernel`` (one program) adds the partials in a fixed order into a 0-dim tensor on
-the device. Nothing is read back to the host.
+``_partial_sq_kernel`` writes one partial sum per block into a small buffer, and
+``_finalize_kernel`` (one program) adds the partials in a fixed order into a 0-dim fp32
+tensor on the device. Nothing is read back to the host. The squares are summed in fp64 (as
+torch's CPU norms accumulate), so the result is Σx² rounded once to fp32 whatever the block
+size or device; the kernels stay memory-bound (one fp64 multiply-add per element).
 """
 from __future__ import annotations
 
@@ -26,17 +28,18 @@ def _partial_sq_kernel(x_ptr, y_ptr, partial_ptr, n, HAS_Y: tl.constexpr, BLOCK:
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_Y:
         v = v * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = v.to(tl.float64)
     tl.store(partial_ptr + pid, tl.sum(v * v, axis=0))
 
 
 @triton.jit
 def _finalize_kernel(partial_ptr, out_ptr, num_partials, ITERS: tl.constexpr,
                      BLOCK: tl.constexpr):
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for i in range(ITERS):
         offs = i * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + offs, mask=offs < num_partials, other=0.0)
-    tl.store(out_ptr, tl.sum(acc, axis=0))
+    tl.store(out_ptr, tl.sum(acc, axis=0).to(tl.float32))
 
 
 def sq_norm(x: torch.Tensor, y: Optional[torch.Tensor] = None, block: int = BLOCK) -> torch.Tensor:
@@ -46,7 +49,7 @@ def sq_norm(x: torch.Tensor, y: Optional[torch.Tensor] = None, block: int = BLOC
     out = torch.empty((), dtype=torch.float32, device=x.device)
     if n == 0:
         return out.zero_()
-    partials = torch.empty(triton.cdiv(n, block), dtype=torch.float32, device=x.device)
+    partials = torch.empty(triton.cdiv(n, block), dtype=torch.float64, device=x.device)
     _partial_sq_kernel[grid(n, block)](x, x if y is None else y, partials, n,
                                        HAS_Y=y is not None, BLOCK=block, **LAUNCH_OPTIONS)
     # The loop count is a compile-time constant (rounded up to a power of two, so a few

@@ -12,20 +12,21 @@ base update in the operation order of ``gr_fused/backends/torch_backend.py``:
 
 When ``found_inf`` is set: θ = backup and every state buffer keeps its bits (a buffer created
 by this step is zeros). Host-side coefficients (1 − damp, 1 − lr·wd, ...) are computed in
-Python double precision and passed as fp32, as torch passes its scalars.
+Python double precision and passed as fp32, as torch passes its scalars; where torch rounds
+once (``add(alpha=s)``, ``addcmul``: an FMA) the kernels use ``fma``, and β^step is torch.pow's
+fp32 value (``powi``).
 
 Bytes per fp32 element: sgd with momentum reads backup, G, buf (12 B) and writes θ, buf
 (8 B); adamw reads 16 B and writes 12 B; none reads 8 B and writes 8 B.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import BLOCK, LAUNCH_OPTIONS, block_offsets, grid, to_storage
+from .triton_common import (BLOCK, LAUNCH_OPTIONS, block_offsets, f32, fma, grid, powi,
+                            to_storage)
 
 
 @triton.jit
@@ -41,7 +42,7 @@ def _sgd_kernel(param_ptr, grad_ptr, backup_ptr, buf_ptr, gscale_ptr, found_inf_
     theta = backup.to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32) * gscale
     if HAS_WD:
-        g = g + weight_decay * theta
+        g = fma(theta, weight_decay, g)
     d = g
     if MOMENTUM:
         if FIRST:
@@ -49,14 +50,14 @@ def _sgd_kernel(param_ptr, grad_ptr, backup_ptr, buf_ptr, gscale_ptr, found_inf_
             kept = tl.zeros_like(g).to(buf_ptr.dtype.element_ty)
         else:
             kept = tl.load(buf_ptr + offs, mask=mask)
-            buf = kept.to(tl.float32) * momentum + one_minus_dampening * g
+            buf = fma(g, one_minus_dampening, kept.to(tl.float32) * momentum)
         tl.store(buf_ptr + offs, tl.where(skip, kept, to_storage(buf, buf_ptr.dtype.element_ty)),
                  mask=mask)
         if NESTEROV:
-            d = g + momentum * buf
+            d = fma(buf, momentum, g)
         else:
             d = buf
-    new = to_storage(theta + neg_lr * d, param_ptr.dtype.element_ty)
+    new = to_storage(fma(d, neg_lr, theta), param_ptr.dtype.element_ty)
     tl.store(param_ptr + offs, tl.where(skip, backup, new), mask=mask)
 
 
@@ -68,15 +69,15 @@ def _advance_step_kernel(step_ptr, found_inf_ptr):
 
 @triton.jit
 def _adamw_kernel(param_ptr, grad_ptr, backup_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr,
-                  gscale_ptr, found_inf_ptr, n, lr, decay, one_minus_beta1, beta2,
-                  one_minus_beta2, log2_beta1, log2_beta2, eps, BLOCK: tl.constexpr):
+                  gscale_ptr, found_inf_ptr, n, lr, decay, beta1, one_minus_beta1, beta2,
+                  one_minus_beta2, eps, BLOCK: tl.constexpr):
     offs = block_offsets(tl.program_id(0), BLOCK)
     mask = offs < n
     skip = tl.load(found_inf_ptr) != 0
     gscale = tl.load(gscale_ptr).to(tl.float32)
     step = tl.load(step_ptr).to(tl.float32)  # already advanced by _advance_step_kernel
-    bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)  # 1 − β1^step
-    bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
+    bias_correction1 = 1.0 - powi(beta1, step)
+    bias_correction2_sqrt = tl.sqrt_rn(1.0 - powi(beta2, step))
     step_size = tl.div_rn(1.0, bias_correction1) * lr  # torch's lr / bc1 is bc1⁻¹·lr
 
     backup = tl.load(backup_ptr + offs, mask=mask)
@@ -85,8 +86,8 @@ def _adamw_kernel(param_ptr, grad_ptr, backup_ptr, exp_avg_ptr, exp_avg_sq_ptr, 
     g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32) * gscale
     theta = backup.to(tl.float32) * decay
     m = old_m.to(tl.float32)
-    m = m + one_minus_beta1 * (g - m)
-    v = old_v.to(tl.float32) * beta2 + one_minus_beta2 * g * g
+    m = fma(g - m, one_minus_beta1, m)
+    v = fma(one_minus_beta2 * g, g, old_v.to(tl.float32) * beta2)
     denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     new = theta - tl.div_rn(step_size * m, denom)
 
@@ -120,13 +121,9 @@ def sgd_update(param, grad, backup, momentum_buffer, gscale, found_inf, *, lr: f
     has_momentum = momentum != 0
     _sgd_kernel[grid(n, block)](
         param, grad, backup, momentum_buffer if has_momentum else param, gscale, found_inf, n,
-        float(-lr), float(momentum), float(1 - dampening), float(weight_decay),
+        f32(-lr), f32(momentum), f32(1 - dampening), f32(weight_decay),
         HAS_WD=weight_decay != 0, MOMENTUM=has_momentum, FIRST=bool(first),
         NESTEROV=bool(nesterov), BLOCK=block, **LAUNCH_OPTIONS)
-
-
-def _log2(beta: float) -> float:
-    return math.log2(beta) if beta > 0 else -math.inf
 
 
 def adamw_update(param, grad, backup, exp_avg, exp_avg_sq, step, gscale, found_inf, *,
@@ -141,8 +138,8 @@ def adamw_update(param, grad, backup, exp_avg, exp_avg_sq, step, gscale, found_i
         return
     _adamw_kernel[grid(n, block)](
         param, grad, backup, exp_avg, exp_avg_sq, step, gscale, found_inf, n,
-        float(lr), float(1 - lr * weight_decay), float(1 - beta1), float(beta2),
-        float(1 - beta2), _log2(beta1), _log2(beta2), float(eps), BLOCK=block,
+        f32(lr), f32(1 - lr * weight_decay), f32(beta1), f32(1 - beta1), f32(beta2),
+        f32(1 - beta2), f32(eps), BLOCK=block,
         **LAUNCH_OPTIONS)
 
 
