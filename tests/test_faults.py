@@ -315,3 +315,16 @@ def test_model_zero_grad_inside_closure_is_handled():
             opt.step(closure)
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_state_dict_in_the_middle_of_a_gr_step_is_refused():
+    model, x, y = model_and_data()
+    for opt in (gr_fused.GRSGD(model.parameters(), lr=0.1, gamma=0.05),
+                gr_fused.SAM(model.parameters(), torch.optim.SGD, lr=0.1)):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.first_step()
+        with pytest.raises(RuntimeError, match="perturbed"):
+            opt.state_dict()
+        opt.abort_step()
+        opt.state_dict()
+        opt.zero_grad()

@@ -330,6 +330,12 @@ class GROptimizer(Optimizer):
             for b in pending.buckets:
                 self._backend(b).restore(b)
 
+    def state_dict(self):
+        if self._pending is not None:
+            raise RuntimeError("state_dict() between first_step() and second_step(): the "
+                               "weights are at the perturbed point; save between steps")
+        return super().state_dict()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._pending is not None:
             return  # the grads carry the folded first gradient until second_step()

@@ -54,6 +54,7 @@ class GR(GROptimizer):
             base.step()
 
     def state_dict(self):
+        super().state_dict()  # refuses to save in the middle of a GR step
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict) -> None:
