@@ -91,6 +91,8 @@ def test_cpu_peak_memory_counts_what_was_built_and_the_run_peak():
         held.append(torch.empty(MIB // 8))  # 0.5 MiB, kept: 1.5 MiB at the end
 
     assert measure_peak_memory(build, run, torch.device("cpu")) == 3 * MIB
+    # a run that allocates nothing: the peak is what the build keeps
+    assert measure_peak_memory(build, lambda: None, torch.device("cpu")) == MIB
 
 
 def test_json_and_csv_schema(mlp_report, tmp_path):

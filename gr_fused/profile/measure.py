@@ -96,20 +96,19 @@ def _cpu_measure_peak(build, run) -> int:
                           and n.extra_fields.device.type == "cpu"),
                          key=lambda n: n.start_time_ns)
     block_bytes = {}  # address -> size of the blocks allocated in this session and live
-    live = peak = 0
+    live, peak = 0, None  # peak: None until run() has started
     for node in allocations:
-        in_run = node.start_time_ns >= run_start
-        if in_run:
-            peak = max(peak, live)  # the bytes live when run() started count too
+        if peak is None and node.start_time_ns >= run_start:
+            peak = live  # the bytes live when run() started count too
         size, address = node.extra_fields.alloc_size, node.extra_fields.ptr
         if size > 0:
             block_bytes[address] = size
             live += size
         else:  # a free; one of a block from before build() is not ours
             live -= block_bytes.pop(address, 0)
-        if in_run:
+        if peak is not None:
             peak = max(peak, live)
-    return peak
+    return live if peak is None else peak
 
 
 def _walk(nodes):
