@@ -415,14 +415,16 @@ def test_nan_in_G_skips_with_theta_restored_and_state_untouched(device, make, li
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gr_step_reads_nothing_back_to_the_host(device, lib):
-    params = [torch.randn(s, device=device, requires_grad=True) for s in (7, 300, 4099)]
-    opts = [gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, max_grad_norm=1.0,
-                           difference="central", backend=backend_name(device)),
-            gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, backend=backend_name(device))]
-    for opt in opts:
+    for make in (lambda p: gr_fused.GRSGD(p, lr=0.1, momentum=0.9, gamma=0.05, max_grad_norm=1.0,
+                                          difference="central", backend=backend_name(device)),
+                 lambda p: gr_fused.GRAdamW(p, lr=1e-2, gamma=0.05, backend=backend_name(device))):
+        params = [torch.randn(s, device=device, requires_grad=True) for s in (7, 300, 4099)]
+        opt = make(params)
         opt.step(closure_for(opt, params))  # the first step creates flat buffers and state
         with forbid_host_reads():
             opt.step(closure_for(opt, params))
+        (extra,) = opt._bucket_extra.values()
+        assert "flat" in extra, "the step ran the per-tensor fallback, not the kernels"
 
 
 # ----------------------------------------------------------------------- availability, errors
@@ -466,6 +468,8 @@ def test_build_info(lib):
     assert lib.dtype_codes == {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
     if lib.with_cuda:
         assert lib.cuda_archs == "sm_80,sm_90"
+    if os.environ.get("GR_FUSED_BUILD_CUDA") == "1":  # CI forces the CUDA part: it was built
+        assert lib.with_cuda, "GR_FUSED_BUILD_CUDA=1, yet gr_fused._C has no CUDA kernels"
 
 
 # ----------------------------------------------------------------------- a broken gr_fused._C
@@ -525,3 +529,18 @@ def test_missing_C_in_a_source_checkout_without_jit_says_so_once(tmp_path):
     assert out["WARNINGS"] == "1"
     for cause in ("was not built", "GR_FUSED_JIT=0"):
         assert cause in out["MESSAGE"] and cause in out["RAISED"]
+
+
+# ----------------------------------------------------------------------- the CPU benchmark
+def test_bench_cpu_script_runs(tmp_path, lib):
+    """bench/bench_cpu.py on a tiny size (a check that it works, not a speed figure): every
+    method is timed and the host build is the backend that ran."""
+    import json
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_cpu
+    out = tmp_path / "cpu.json"
+    res = bench_cpu.main(["--numel", "20K", "--tensors", "5", "--rounds", "2",
+                          "--json", str(out)])
+    assert json.loads(out.read_text())["median_ms"].keys() == set(bench_cpu.METHODS)
+    assert all(t > 0 for t in res["median_ms"].values())
+    assert res["backends"] == {"cpu": "cpu"} and res["ratio_cpu_vs_sam"] > 0
