@@ -1,5 +1,6 @@
 """What every gr_fused Triton kernel shares: the launch shape, int64 element offsets, and the
-fp32 → storage-dtype rounding.
+arithmetic helpers that make a kernel round exactly where torch rounds (``fma``, ``powi``,
+``f32`` scalars, and the fp32 → storage-dtype rounding ``to_storage``).
 
 All kernels stream 1-D flat buffers (one program per ``BLOCK`` elements) and compute in
 float32 whatever the storage dtype (fp32, bf16, fp16), rounding once on the way back, as
