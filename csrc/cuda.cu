@@ -63,8 +63,6 @@ cudaStream_t stream_of(const Where& w) { return reinterpret_cast<cudaStream_t>(w
 
 template <int V> struct Width { static constexpr int value = V; };
 
-template <class T> T* as(ptr p) { return reinterpret_cast<T*>(p); }
-
 // ---------------------------------------------------------------- element-wise phases
 // f(i, Width<V>{}) for the packs of V elements, then f(i, Width<1>{}) for the tail.
 template <int V, class F> __device__ void grid_stride(int64_t n, F f) {

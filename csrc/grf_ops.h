@@ -31,6 +31,9 @@ template <class T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
 // call is 16-byte aligned; the drivers run V = 1 otherwise.
 template <class T> constexpr int vec_width() { return 16 / int(sizeof(T)); }
 
+// A raw address from Python as a typed pointer.
+template <class T> T* as(ptr p) { return reinterpret_cast<T*>(p); }
+
 inline bool aligned16(std::initializer_list<uintptr_t> ptrs) {
   for (uintptr_t p : ptrs)
     if (p % 16 != 0) return false;

@@ -98,8 +98,6 @@ template <class Op> double sum_squares(const Op& op, int64_t n, const Where& w, 
   return sum_squares_v<1>(op, n, w.threads);
 }
 
-template <class T> T* as(ptr p) { return reinterpret_cast<T*>(p); }
-
 }  // namespace
 
 void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr, ptr out) {
