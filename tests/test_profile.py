@@ -125,12 +125,12 @@ def test_table_shows_every_method_and_what_is_measured(mlp_report):
     assert "FlopCounterMode" in table and "summary: fd-gr (torch)" in table
 
 
-@pytest.mark.parametrize("model, options", [
-    ("cnn", dict(width=4)),  # conv, BatchNorm
-    ("gpt", dict(n_layer=1, n_embd=16, n_head=2, seq_len=8, vocab=32)),  # attention, tied
+@pytest.mark.parametrize("model, dtype, options", [
+    ("cnn", "float32", dict(width=4)),  # conv, BatchNorm
+    ("gpt", "bf16-autocast", dict(n_layer=1, n_embd=16, n_head=2, seq_len=8, vocab=32)),
 ])
-def test_builtin_models_run_every_method(model, options):
-    report = compare(model, device="cpu", dtype="bf16-autocast", batch_size=4,
+def test_builtin_models_run_every_method(model, dtype, options):
+    report = compare(model, device="cpu", dtype=dtype, batch_size=4,
                      model_options=options, backends="torch", warmup=0, repeat=1,
                      progress=False)
     r = by_method(report)
@@ -186,15 +186,15 @@ def test_default_backends_are_every_one_that_can_run():
 
 
 def run_cli(*args, cwd=REPO):
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # profile what a user's machine would run
-    return subprocess.run([sys.executable, "-m", "gr_fused.profile", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "gr_fused.profile", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 
 def test_cli_end_to_end_writes_json_csv_png(tmp_path):
+    # --backend torch: the compiled backends may build on first use, which is not timed here
     out = run_cli("--model", "mlp", "--width", "16", "--depth", "2", "--batch-size", "8",
-                  "--device", "cpu", "--warmup", "0", "--repeat", "2", "--no-progress",
+                  "--device", "cpu", "--backend", "torch", "--warmup", "0", "--repeat", "2",
+                  "--no-progress",
                   "--json", str(tmp_path / "p.json"), "--csv", str(tmp_path / "p.csv"),
                   "--plot", str(tmp_path / "p.png"))
     assert out.returncode == 0, out.stderr
@@ -223,13 +223,8 @@ def test_cli_user_factory_with_size_option(tmp_path, monkeypatch, capsys):
     assert all(r["loss_last"] < r["loss_first"] for r in data["results"])
 
 
-def test_cli_unknown_model_exits_nonzero_with_clear_error():
-    out = run_cli("--model", "nosuch", "--no-progress")
-    assert out.returncode == 2
-    assert "Invalid model: 'nosuch'" in out.stderr and "resnet18" in out.stderr
-
-
 @pytest.mark.parametrize("args, message", [
+    (["--model", "nosuch"], "Invalid model: 'nosuch' (built-in: mlp, cnn, resnet18"),
     (["--methods", "sgd,nosuch"], "Invalid methods: 'nosuch'"),
     (["--backend", "nosuch"], "Invalid backend: 'nosuch'"),
     (["--dtype", "int8"], "Invalid dtype: 'int8'"),
