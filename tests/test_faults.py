@@ -7,7 +7,10 @@ import torch
 import gr_fused
 from gr_fused import backends
 
-BACKENDS = ["torch", "flat-torch"]
+# every backend that can run here (the kernels run through the Triton interpreter and the
+# host build of csrc/ on a CPU machine)
+BACKENDS = [n for n in ("torch", "flat-torch", "triton", "cpu")
+            if backends.unavailable_reason(n, "cpu") is None]
 
 
 def model_and_data(seed=0):

@@ -52,8 +52,11 @@ class TorchBackend(Backend):
         ts = _up(b.grads)
         if adaptive:
             ts = torch._foreach_mul(_up(b.params), ts)
-        norms = torch._foreach_norm(ts, 2)
-        return torch.stack(norms).square().sum()
+        # per-tensor norms in float64, so the global sum does not depend on how the
+        # parameters are split into tensors (flat kernels sum the same terms in fp64 too)
+        norms = torch._foreach_norm(ts, 2, dtype=torch.float64)
+        total = torch.stack(norms).square().sum()
+        return total if ts[0].dtype == torch.float64 else total.float()
 
     def perturb(self, b, eps, fold, adaptive):
         backups = self._backups(b)
