@@ -87,28 +87,28 @@ def time_phases(n: int, dtype: torch.dtype, reps: int) -> List[dict]:
             bw = bk.gbps(phase, n, dtype, ms)
             rows.append(dict(kernels=name, phase=phase, ms=ms, gbps=bw,
                              pct_of_copy=100 * bw / copy_bw))
-    del sgd, adamw, none, src, dst
-    torch.cuda.empty_cache()
     return rows
 
 
-def time_steps(n: int, dtype: torch.dtype, n_tensors: int, reps: int) -> Dict[str, float]:
+def time_step(name: str, n: int, dtype: torch.dtype, n_tensors: int, reps: int) -> float:
     """Optimizer side of one GR + SGD-momentum step (grads stay set; fold = 1 keeps them)."""
-    out = {}
-    names = ["cuda", "torch"] + (["triton"] if "triton" in kernel_sets() else [])
-    for name in names:
-        params = [torch.randn(s, device="cuda", dtype=dtype, requires_grad=True)
-                  for s in bk._split(n, n_tensors)]
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt = gr_fused.GRSGD(params, lr=1e-3, momentum=0.9, gamma=0.0, alpha=0.5, rho=0.05,
-                             backend=name)
+    params = [torch.randn(s, device="cuda", dtype=dtype, requires_grad=True)
+              for s in bk._split(n, n_tensors)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = gr_fused.GRSGD(params, lr=1e-3, momentum=0.9, gamma=0.0, alpha=0.5, rho=0.05,
+                         backend=name)
 
-        def step():
-            opt.first_step()
-            opt.second_step(zero_grad=False)
-        out[name] = bk.median_ms(step, reps)
-        del opt, params
+    def step():
+        opt.first_step()
+        opt.second_step(zero_grad=False)
+    return bk.median_ms(step, reps)
+
+
+def time_steps(n: int, dtype: torch.dtype, n_tensors: int, reps: int) -> Dict[str, float]:
+    out = {}
+    for name in ["cuda", "torch"] + (["triton"] if "triton" in kernel_sets() else []):
+        out[name] = time_step(name, n, dtype, n_tensors, reps)
         torch.cuda.empty_cache()
     return out
 
@@ -203,6 +203,7 @@ def main() -> int:
                 continue
             for row in time_phases(n, dtype, args.reps):
                 res["phases"].append(dict(dtype=name, n=n, **row))
+            torch.cuda.empty_cache()
             res["configs"].append((name, n))
             if n <= 64 * 2 ** 20 and time.time() - start <= args.budget:
                 res["steps"].append(dict(dtype=name, n=n, **time_steps(n, dtype, 100, args.reps)))
