@@ -117,7 +117,7 @@ def commands(output: Path, build_dir: Path, cuda: bool, nvcc: Optional[str] = No
         for src in CUDA_SOURCES:
             obj = str(build_dir / (src + ".o"))
             steps.append((obj, [str(CSRC / src)] + headers,
-                          [nvcc, *ccbin, "-O3", "-std=c++17", "-Xcompiler=-fPIC",
+                          [nvcc, *ccbin, "-O3", "-std=c++17", "--fmad=false", "-Xcompiler=-fPIC",
                            "-Xcompiler=-fvisibility=hidden", *gencode, f"-I{CSRC}",
                            "-c", str(CSRC / src), "-o", obj]))
             objects.append(obj)

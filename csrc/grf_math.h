@@ -1,6 +1,10 @@
 // The per-element math of a GR step, written once for the CUDA kernels (cuda.cu) and the
 // host loops (host.cpp). It follows gr_fused/backends/torch_backend.py operation by
-// operation, so that every rounding happens where the torch reference rounds:
+// operation, so that every rounding happens where the torch reference rounds. Where torch
+// fuses a multiply and an add (add(..., alpha=s) and addcmul run as one FMA in ATen's
+// vectorized CPU kernels and on GPUs) these call grf_fma; nothing else is fused (the host is
+// compiled with -ffp-contract=off, nvcc with --fmad=false), so the host build and the CUDA
+// kernels give the same bits.
 //
 //   perturb   backup = θ;  θ = θ + eps·w·g (w = θ² if adaptive else 1);  g = fold·g
 //   reflect   θ = 2·backup − θ;  g = −g
@@ -116,7 +120,12 @@ template <> GRF_HD bf16_t from_c<bf16_t>(float v) {
 
 GRF_HD float grf_sqrt(float x) { return sqrtf(x); }
 GRF_HD double grf_sqrt(double x) { return sqrt(x); }
-GRF_HD float grf_pow(float a, float b) { return powf(a, b); }
+GRF_HD float grf_fma(float a, float b, float c) { return fmaf(a, b, c); }
+GRF_HD double grf_fma(double a, double b, double c) { return fma(a, b, c); }
+
+// a^b rounded once to C: in double for float (libm's and CUDA's double pow are accurate to
+// within an ulp of double, so both round to the same, correctly rounded, float).
+GRF_HD float grf_pow(float a, float b) { return float(pow(double(a), double(b))); }
 GRF_HD double grf_pow(double a, double b) { return pow(a, b); }
 
 // ---------------------------------------------------------------- phase 1: the norm
@@ -162,13 +171,14 @@ template <class C> SgdHp<C> make_sgd_hp(double lr, double momentum, double dampe
 template <int MODE, class C>
 GRF_HD C sgd_elem(C G, C gscale, C backup, C& buf, const SgdHp<C>& h) {
   C g = combined_grad(G, gscale);
-  if (h.weight_decay != C(0)) g = g + h.weight_decay * backup;
+  if (h.weight_decay != C(0)) g = grf_fma(backup, h.weight_decay, g);  // g.add(θ, alpha=wd)
   C d = g;
   if (MODE != kNoMomentum) {
-    buf = MODE == kFirstMomentum ? g : buf * h.momentum + h.one_minus_dampening * g;
-    d = h.nesterov ? g + h.momentum * buf : buf;
+    // buf.mul(μ).add_(g, alpha=1−damp), and g.add(buf, alpha=μ) for nesterov
+    buf = MODE == kFirstMomentum ? g : grf_fma(g, h.one_minus_dampening, buf * h.momentum);
+    d = h.nesterov ? grf_fma(buf, h.momentum, g) : buf;
   }
-  return backup + h.neg_lr * d;
+  return grf_fma(d, h.neg_lr, backup);  // θ.add(d, alpha=−lr)
 }
 
 template <class C> struct AdamHp {
@@ -196,8 +206,8 @@ template <class C> GRF_HD C adamw_elem(C G, C gscale, C backup, C& m, C& v, cons
                                        const AdamStep<C>& s) {
   C g = combined_grad(G, gscale);
   C theta = backup * h.decay;
-  m = m + h.one_minus_beta1 * (g - m);
-  v = v * h.beta2 + (h.one_minus_beta2 * g) * g;
+  m = grf_fma(g - m, h.one_minus_beta1, m);               // m.add(g − m, alpha=1−β1)
+  v = grf_fma(h.one_minus_beta2 * g, g, v * h.beta2);     // (v·β2).addcmul(g, g, 1−β2)
   C denom = grf_sqrt(v) / s.bc2_sqrt + h.eps;
   return theta - (s.step_size * m) / denom;
 }
