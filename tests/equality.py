@@ -10,13 +10,13 @@ them with :func:`assert_close`.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
 import gr_fused
+from gr_fused.backends.base import Bucket
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -156,3 +156,43 @@ CASES: List[Case] = [
     Case("adamw-mixed-dtypes", ODD * 2, _adamw(lr=1e-2, gamma=0.002, rho=0.05), dtypes=(torch.float32, torch.bfloat16, torch.float16), steps=1),
 ]
 CASE_IDS = [c.name for c in CASES]
+
+
+# ------------------------------------------------------------ kernel-level helpers (flat buckets)
+def ulp_close(actual, expected, ulps, what):
+    """Each element within ``ulps`` units of the dtype's precision (relative to the element,
+    or to 1 below 1: the operands here are O(1)); NaN/inf count as a mismatch."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    a, b = actual.double(), expected.double()
+    assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{what}: non-finite"
+    err = (a - b).abs() / b.abs().clamp_min(1.0)
+    worst = int(err.argmax())
+    eps = torch.finfo(expected.dtype).eps
+    assert err[worst] <= ulps * eps, (f"{what}: {float(err[worst] / eps):.2f} ulps at {worst}: "
+                                      f"{float(a[worst])!r} vs {float(b[worst])!r}")
+
+
+def flat_bucket(n, dtype, device, algo="sgd", group=None, state=None, offset=0):
+    """A flat bucket (see gr_fused/backends/flat.py) of n random elements; ``offset`` > 0
+    makes every buffer start off a 16-byte boundary."""
+    def buf():
+        return torch.randn(n + offset, device=device).to(dtype)[offset:]
+    return Bucket([buf()], [buf()], [state or {}], group or {}, algo, {"backup": [buf()]})
+
+
+def clone_bucket(b):
+    state = {k: v.clone() for k, v in b.states[0].items()}
+    return Bucket([b.params[0].clone()], [b.grads[0].clone()], [state], dict(b.group), b.algo,
+                  {"backup": [b.extra["backup"][0].clone()]})
+
+
+def closure_for(opt, params, after_backward=None):
+    """A GR closure over a smooth loss of ``params``; ``after_backward`` may poison grads."""
+    def closure():
+        opt.zero_grad()
+        loss = sum((p.sin() * p).sum() for p in params)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        return loss
+    return closure

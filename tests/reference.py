@@ -6,7 +6,7 @@ a function of all of them, and each formula reads like the SPEC.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 

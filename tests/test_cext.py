@@ -28,7 +28,8 @@ from gr_fused import _ext, backends
 from gr_fused.backends.base import Bucket
 from gr_fused.backends.cext_backend import CKernels
 from gr_fused.backends.torch_backend import TorchBackend
-from equality import CASE_IDS, CASES, compare_backends
+from equality import (CASE_IDS, CASES, clone_bucket, closure_for, compare_backends,
+                      flat_bucket, ulp_close)
 from test_nosync import forbid_host_reads
 
 HAS_CUDA = torch.cuda.is_available()
@@ -91,44 +92,6 @@ def test_params_run_through_the_kernels_not_the_fallback(device, lib):
 
 
 # ----------------------------------------------------------------------- helpers
-def closure_for(opt, params, after_backward=None):
-    def closure():
-        opt.zero_grad()
-        loss = sum((p.sin() * p).sum() for p in params)
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        return loss
-    return closure
-
-
-def ulp_close(actual, expected, ulps, what):
-    """Each element within ``ulps`` units of the dtype's precision (relative to the element,
-    or to 1 below 1); NaN/inf count as a mismatch."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    a, b = actual.double(), expected.double()
-    assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{what}: non-finite"
-    err = (a - b).abs() / b.abs().clamp_min(1.0)
-    worst = int(err.argmax())
-    eps = torch.finfo(expected.dtype).eps
-    assert err[worst] <= ulps * eps, (f"{what}: {float(err[worst] / eps):.2f} ulps at {worst}: "
-                                      f"{float(a[worst])!r} vs {float(b[worst])!r}")
-
-
-def flat_bucket(n, dtype, device, algo="sgd", group=None, state=None, offset=0):
-    """A flat bucket of n elements; ``offset`` > 0 makes every buffer start off a 16-byte
-    boundary (the CUDA kernels' scalar path)."""
-    def buf():
-        return torch.randn(n + offset, device=device).to(dtype)[offset:]
-    return Bucket([buf()], [buf()], [state or {}], group or {}, algo, {"backup": [buf()]})
-
-
-def clone_bucket(b):
-    state = {k: v.clone() for k, v in b.states[0].items()}
-    return Bucket([b.params[0].clone()], [b.grads[0].clone()], [state], dict(b.group), b.algo,
-                  {"backup": [b.extra["backup"][0].clone()]})
-
-
 def scalar(x, device, dtype=torch.float32):
     return torch.tensor(x, dtype=dtype, device=device)
 

@@ -283,8 +283,8 @@ def test_state_dict_holds_no_perturbation_buffers():
     params = [t.clone().requires_grad_() for t in mlp_params()]
     opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend="torch")
     _train(opt, params, 2)
-    for st in opt.state_dict()["state"].values():
-        assert set(st) == {"momentum_buffer"}
+    for param_state in opt.state_dict()["state"].values():
+        assert set(param_state) == {"momentum_buffer"}
 
 
 @settings(max_examples=25, deadline=None)

@@ -19,11 +19,12 @@ import triton.language as tl
 import gr_fused
 from gr_fused import backends
 from gr_fused.backends import triton_backend
-from gr_fused.backends.base import Bucket
 from gr_fused.backends.torch_backend import TorchBackend
 from gr_fused import kernels
 from gr_fused.kernels import triton_common, triton_norm, triton_perturb, triton_update
-from equality import CASE_IDS, CASES, assert_close, compare_backends
+import equality
+from equality import (CASE_IDS, CASES, assert_close, clone_bucket, closure_for,
+                      compare_backends, ulp_close)
 from test_nosync import forbid_host_reads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,52 +55,19 @@ def test_bf16_five_steps_match_torch_backend():
 def test_params_run_through_the_kernels_not_the_fallback():
     params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in (7, 4099, 1)]
     opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend="triton")
-    opt.step(_closure(opt, params))
+    opt.step(closure_for(opt, params))
     (extra,) = opt._bucket_extra.values()
     assert "flat" in extra, "the triton backend fell back to the per-tensor path"
     assert opt.backends == {str(params[0].device): "triton"}
 
 
 # ----------------------------------------------------------------------- helpers
-def ulp_close(actual, expected, ulps, what):
-    """Each element within ``ulps`` units of the storage dtype's precision (relative to the
-    element, or to 1 for elements below 1: the operands here are O(1))."""
-    assert actual.dtype == expected.dtype, what
-    eps = torch.finfo(expected.dtype).eps
-    a, b = actual.double(), expected.double()
-    assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{what}: non-finite"
-    err = (a - b).abs() / b.abs().clamp_min(1.0)
-    worst = int(err.argmax())
-    assert err[worst] <= ulps * eps, (f"{what}: {float(err[worst] / eps):.2f} ulps at {worst}: "
-                                      f"{float(a[worst])!r} vs {float(b[worst])!r}")
-
-
 def flat_bucket(n, dtype, algo="sgd", group=None, state=None):
-    param = torch.randn(n, device=DEVICE).to(dtype)
-    grad = torch.randn(n, device=DEVICE).to(dtype)
-    backup = torch.randn(n, device=DEVICE).to(dtype)
-    return Bucket([param], [grad], [state or {}], group or {}, algo, {"backup": [backup]})
-
-
-def clone_bucket(b):
-    state = {k: v.clone() for k, v in b.states[0].items()}
-    return Bucket([b.params[0].clone()], [b.grads[0].clone()], [state], dict(b.group), b.algo,
-                  {"backup": [b.extra["backup"][0].clone()]})
+    return equality.flat_bucket(n, dtype, DEVICE, algo, group, state)
 
 
 def scalar(x):
     return torch.tensor(x, dtype=torch.float32, device=DEVICE)
-
-
-def _closure(opt, params, after_backward=None):
-    def closure():
-        opt.zero_grad()
-        loss = sum((p.sin() * p).sum() for p in params)
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        return loss
-    return closure
 
 
 # ----------------------------------------------------------------------- fp32 → bf16 rounding
@@ -352,7 +320,7 @@ def test_found_inf_skips_with_theta_restored_and_state_untouched(make):
         if len(calls) == 4:
             params[3].grad[123] += float("nan")
 
-    closure = _closure(opt, params, poison_second_gradient)
+    closure = closure_for(opt, params, poison_second_gradient)
     opt.step(closure)
     theta = [p.detach().clone() for p in params]
     state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in opt.state[p].items()}
@@ -388,9 +356,9 @@ def test_launches_per_step_do_not_grow_with_the_number_of_tensors(monkeypatch, a
         params = [torch.randn(5, device=DEVICE, requires_grad=True) for _ in range(n_tensors)]
         opt = (gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend="triton")
                if algo == "sgd" else gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, backend="triton"))
-        opt.step(_closure(opt, params))  # the first step builds the flat buffers and state
+        opt.step(closure_for(opt, params))  # the first step builds the flat buffers and state
         launched.clear()
-        opt.step(_closure(opt, params))
+        opt.step(closure_for(opt, params))
         per_step[n_tensors] = list(launched)
     assert len(per_step[1]) == expected, per_step[1]
     assert per_step[200] == per_step[1]
@@ -400,14 +368,14 @@ def test_gr_step_reads_nothing_back_to_the_host():
     params = _params()
     opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, max_grad_norm=1.0,
                          difference="central", backend="triton")
-    opt.step(_closure(opt, params))
+    opt.step(closure_for(opt, params))
     with forbid_host_reads():
-        opt.step(_closure(opt, params))
+        opt.step(closure_for(opt, params))
     params = _params()
     adamw = gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, backend="triton")
-    adamw.step(_closure(adamw, params))
+    adamw.step(closure_for(adamw, params))
     with forbid_host_reads():
-        adamw.step(_closure(adamw, params))
+        adamw.step(closure_for(adamw, params))
     for o in (opt, adamw):
         (extra,) = o._bucket_extra.values()
         assert "flat" in extra
@@ -455,13 +423,13 @@ def test_auto_picks_triton_for_cuda_tensors_and_matches_torch_without_syncs():
     ref_opt = gr_fused.GRSGD(ref, lr=0.1, momentum=0.9, gamma=0.05, backend="torch")
     assert opt.backends == {"cuda:0": "triton"}
     for _ in range(3):
-        opt.step(_closure(opt, params))
-        ref_opt.step(_closure(ref_opt, ref))
+        opt.step(closure_for(opt, params))
+        ref_opt.step(closure_for(ref_opt, ref))
     for a, b in zip(params, ref):
         assert_close(a, b, 1e-6, "cuda: triton vs torch backend")
     torch.cuda.set_sync_debug_mode("error")
     try:
-        opt.step(_closure(opt, params))
+        opt.step(closure_for(opt, params))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

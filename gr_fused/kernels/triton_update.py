@@ -21,7 +21,6 @@ Bytes per fp32 element: sgd with momentum reads backup, G, buf (12 B) and writes
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 from torch.optim.adamw import adamw as _torch_adamw
 
-from .base import GR_DEFAULTS, GROptimizer
+from .base import GR_DEFAULTS, GROptimizer, check_lr
 
 
 class GRAdamW(GROptimizer):
@@ -35,11 +35,7 @@ class GRAdamW(GROptimizer):
         super().__init__(params, defaults, backend=backend, freeze_bn_stats=freeze_bn_stats)
 
     def _check_group(self, group):
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            lr = lr.item() if lr.numel() == 1 else -1
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"Invalid learning rate: {group['lr']!r}")
+        check_lr(group["lr"])
         if not group["eps"] >= 0:
             raise ValueError(f"Invalid epsilon value: {group['eps']}")
         b1, b2 = group["betas"]

@@ -56,6 +56,13 @@ def check_gr_hparams(group: Dict[str, Any]) -> None:
         raise ValueError(f"Invalid max_grad_norm: {mgn!r} (a number > 0, or None)")
 
 
+def check_lr(lr) -> None:
+    """Raise ValueError unless ``lr`` is a number (or 1-element tensor) >= 0."""
+    value = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+    if not (_is_number(value) and value >= 0):
+        raise ValueError(f"Invalid learning rate: {lr!r}")
+
+
 def gr_enabled(group: Dict[str, Any]) -> bool:
     return group["gamma"] != 0 or group["alpha"] is not None
 

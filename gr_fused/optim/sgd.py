@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
-from .base import GR_DEFAULTS, GROptimizer
+from .base import GR_DEFAULTS, GROptimizer, check_lr
 
 
 class GRSGD(GROptimizer):
@@ -39,11 +38,7 @@ class GRSGD(GROptimizer):
         super().__init__(params, defaults, backend=backend, freeze_bn_stats=freeze_bn_stats)
 
     def _check_group(self, group):
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            lr = lr.item() if lr.numel() == 1 else -1
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"Invalid learning rate: {group['lr']!r}")
+        check_lr(group["lr"])
         if group["momentum"] < 0:
             raise ValueError(f"Invalid momentum value: {group['momentum']}")
         if group["weight_decay"] < 0:
