@@ -84,6 +84,7 @@ def run(rank, world, args, init_method):
             mode = ("fsdp2" if args.fsdp2 else
                     "local ascent" if args.local_ascent else "global ascent")
             print(f"{mode}: {world} replicas identical after training")
+        dist.barrier()  # leave together: a rank tearing gloo down early can abort its peer
     finally:
         dist.destroy_process_group()
 

@@ -24,6 +24,7 @@ per-tensor torch path instead, and that is said once in a warning.
 from __future__ import annotations
 
 import warnings
+from operator import attrgetter, is_
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -31,6 +32,7 @@ import torch
 from .base import Backend, Bucket
 from .torch_backend import TorchBackend
 
+_grad_of = attrgetter("grad")
 _STATE_KEYS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq"), "none": ()}
 
 
@@ -183,20 +185,24 @@ class FlatBackend(Backend):
         fb = self._flat(b)
         if fb is None:
             return self._fallback.update(b, gscale, found_inf)
+        layout: FlatLayout = b.extra["flat"]
+        keys = set(layout.state)
         self.kernel.update(fb, gscale, found_inf)
-        b.extra["flat"].adopt(b.grads, b.states)  # point new state entries at the flat buffers
+        if set(layout.state) != keys:  # the first step created state: point entries at it
+            layout.adopt(b.grads, b.states)
 
 
-def zero_flat_grads(extras) -> set:
-    """Zero the flat grad buffers in place (one fill per bucket) and return the ids of the
-    parameters whose grads they hold, so ``zero_grad`` leaves those views alone."""
-    handled = set()
+def zero_flat_grads(extras) -> list:
+    """Zero the flat grad buffers in place (one fill per bucket) and return the parameters
+    whose grads are still views of them, so ``zero_grad`` leaves those alone."""
+    kept = []
     for extra in extras:
         layout: Optional[FlatLayout] = extra.get("flat")
         if layout is None:
             continue
         layout.grad.zero_()
-        for p, view in zip(layout.params, layout._grad_views):
-            if p.grad is view:
-                handled.add(id(p))
-    return handled
+        if all(map(is_, map(_grad_of, layout.params), layout._grad_views)):
+            kept.extend(layout.params)
+        else:
+            kept.extend(p for p, v in zip(layout.params, layout._grad_views) if p.grad is v)
+    return kept

@@ -8,6 +8,7 @@ base optimizer steps when GR is off (``_plain_step``).
 from __future__ import annotations
 
 import math
+from operator import attrgetter, is_
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -63,6 +64,22 @@ def check_lr(lr) -> None:
         raise ValueError(f"Invalid learning rate: {lr!r}")
 
 
+_grad_of = attrgetter("grad")
+
+
+def views_intact(params, grads) -> bool:
+    """``p.grad is g`` for every pair, checked at C speed (no per-tensor Python loop)."""
+    return all(map(is_, map(_grad_of, params), grads))
+
+
+def _record_grad_versions(b) -> None:
+    """Remember the grad buffers' version counters, to tell later whether a backward wrote
+    into them (flat views share their buffer's counter)."""
+    layout = b.extra.get("flat")
+    b.extra["_grad_versions"] = ([layout.grad._version] * len(b.grads) if layout is not None
+                                 else [g._version for g in b.grads])
+
+
 def gr_enabled(group: Dict[str, Any]) -> bool:
     return group["gamma"] != 0 or group["alpha"] is not None
 
@@ -109,6 +126,7 @@ class GROptimizer(Optimizer):
         self._pending: Optional[_Pending] = None
         self._bucket_extra: Dict[Tuple[int, torch.device, torch.dtype], Dict[str, Any]] = defaultdict(dict)
         self._bn = FreezeRunningStats()
+        self._cached_buckets: Optional[List[_backends.Bucket]] = None
         self.skipped_steps: Optional[torch.Tensor] = None
         self.last_step_skipped: Optional[torch.Tensor] = None
         super().__init__(params, defaults)
@@ -142,7 +160,37 @@ class GROptimizer(Optimizer):
     def _buckets(self) -> List[_backends.Bucket]:
         """Group the params that have a grad by (param group, device, dtype, shard groups).
         FSDP2/DTensor params are stepped through their local shards with the per-tensor torch
-        backend; their bucket records the process groups its norms are summed over."""
+        backend; their bucket records the process groups its norms are summed over.
+
+        When every param lives in flat buffers and nothing was replaced since the last step
+        (the grads are still the flat views, the params still view their buffer, no param was
+        added, no state was loaded), last step's buckets are reused: the step then has no
+        per-tensor Python loop."""
+        cached = self._cached_buckets
+        if cached is not None and self._cache_holds(cached):
+            return cached
+        buckets = self._build_buckets()
+        n_params = sum(len(g["params"]) for g in self.param_groups)
+        all_flat = all("flat" in b.extra for b in buckets)
+        self._cached_buckets = (buckets if buckets and all_flat and
+                                sum(len(b.params) for b in buckets) == n_params else None)
+        return buckets
+
+    def _cache_holds(self, buckets) -> bool:
+        if sum(len(g["params"]) for g in self.param_groups) != sum(len(b.params) for b in buckets):
+            return False
+        for b in buckets:
+            layout = b.extra["flat"]
+            if (layout.params[0].data_ptr() != layout.param.data_ptr()
+                    or not views_intact(layout.params, b.grads)):
+                return False
+        return True
+
+    def load_state_dict(self, state_dict) -> None:
+        self._cached_buckets = None  # the loaded state is copied into the flat buffers
+        super().load_state_dict(state_dict)
+
+    def _build_buckets(self) -> List[_backends.Bucket]:
         buckets = []
         for gi, group in enumerate(self.param_groups):
             split: Dict[tuple, Tuple[list, list, list, list]] = {}
@@ -275,7 +323,7 @@ class GROptimizer(Optimizer):
             self._backend(b).perturb(b, eps.to(b.device), fold.to(b.device),
                                      b.group["adaptive"])
         for b in buckets:  # to tell, later, whether backward wrote into these buffers
-            b.extra["_grad_versions"] = [g._version for g in b.grads]
+            _record_grad_versions(b)
         self._pending = _Pending(buckets, {gi: s[2] for gi, s in scalars.items()}, main)
         if self.freeze_bn_stats:
             self._bn.start()
@@ -293,7 +341,7 @@ class GROptimizer(Optimizer):
         self._adopt_replaced_grads()
         for b in self._pending.buckets:
             self._backend(b).reflect(b)
-            b.extra["_grad_versions"] = [g._version for g in b.grads]
+            _record_grad_versions(b)
         self._pending.reflected = True
 
     @torch.no_grad()
@@ -350,6 +398,9 @@ class GROptimizer(Optimizer):
         if self._pending is not None:
             return  # the grads carry the folded first gradient until second_step()
         kept = zero_flat_grads(self._bucket_extra.values())  # flat grads: zeroed in place
+        if len(kept) == sum(len(g["params"]) for g in self.param_groups):
+            return
+        kept = set(map(id, kept))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None or id(p) in kept:
@@ -367,6 +418,8 @@ class GROptimizer(Optimizer):
         fresh local grad takes the held one in, and the bucket follows it.)"""
         for b in self._pending.buckets:
             originals = b.extra.get("shard_params")
+            if originals is None and views_intact(b.params, b.grads):
+                continue
             for i, p in enumerate(b.params):
                 held = b.grads[i]
                 if originals is not None:
@@ -387,7 +440,7 @@ class GROptimizer(Optimizer):
                     else:  # a fresh gradient only (model.zero_grad() set p.grad to None)
                         held.add_(p.grad)
                 p.grad = held
-            b.extra["_grad_versions"] = [g._version for g in b.grads]
+            _record_grad_versions(b)
 
     def _after_update(self, found_inf: torch.Tensor) -> None:
         """Called after the backend update (the GR wrapper steps its base optimizer here)."""

@@ -58,6 +58,7 @@ class GR(GROptimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict) -> None:
+        self._cached_buckets = None
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         for group in self.param_groups:
