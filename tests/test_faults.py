@@ -19,6 +19,15 @@ def model_and_data(seed=0):
     return model, torch.randn(16, 4), torch.randn(16, 1)
 
 
+def mse_closure(opt, model, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
 def snapshot(model):
     return [p.detach().clone() for p in model.parameters()]
 
@@ -98,11 +107,7 @@ def test_params_without_grad_are_skipped(backend):
     opt = gr_fused.GRSGD([*model.parameters(), unused], lr=0.1, momentum=0.9,
                          weight_decay=0.1, gamma=0.05, backend=backend)
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
+    closure = mse_closure(opt, model, x, y)
 
     opt.step(closure)
     assert torch.equal(unused, before) and unused not in opt.state
@@ -175,11 +180,7 @@ def test_nonfinite_gradient_skips_step_visibly_with_weights_at_theta(backend, po
     model, x, y = model_and_data()
     opt = gr_fused.GRSGD(model.parameters(), lr=0.1, momentum=0.9, gamma=0.05, backend=backend)
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
+    closure = mse_closure(opt, model, x, y)
 
     opt.step(closure)
     theta = snapshot(model)
@@ -226,11 +227,7 @@ def test_batchnorm_running_stats_not_updated_by_perturbed_pass(freeze):
     twin(x)  # one forward at θ: what the running stats should be after one GR step
     opt = gr_fused.GRSGD(model.parameters(), lr=0.1, gamma=0.05, freeze_bn_stats=freeze)
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
+    closure = mse_closure(opt, model, x, y)
 
     opt.step(closure)
     bn, bn_twin = model[1], twin[1]
@@ -248,11 +245,7 @@ def test_lr_scheduler_drives_the_learning_rate():
     opt = gr_fused.GRSGD(model.parameters(), lr=0.1, gamma=0.05)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
+    closure = mse_closure(opt, model, x, y)
 
     opt.step(closure)
     sched.step()
