@@ -102,31 +102,36 @@ SGD = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=Fals
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 
-def bench_phases(n: int, dtype: torch.dtype, reps: int) -> Dict[str, float]:
-    """Median ms of each phase on flat buffers of n elements, and of a same-size copy."""
-    k = TritonFlatKernels()
-    sgd, adamw = _flat_bucket(n, dtype, "sgd", SGD), _flat_bucket(n, dtype, "adamw", ADAMW)
-    none = _flat_bucket(n, dtype, "none", {})
+def phase_runs(k, sgd: Bucket, adamw: Bucket, none: Bucket) -> Dict[str, object]:
+    """One callable per phase of kernel set ``k`` on the given flat buckets (the values they
+    hold are kept: fold = 1 and gscale = 1), and ``gr-step``: the fused phases as the step
+    driver calls them, scalars included."""
     one, zero, eps = _scalar(1.0), _scalar(0.0), _scalar(1e-4)
-    src, dst = torch.randn(n, device=DEVICE, dtype=dtype), torch.empty(n, device=DEVICE, dtype=dtype)
 
-    def gr_step():  # the fused phases as the driver calls them, scalars included
+    def gr_step():
         e, fold, combine = ascent_scalars(k.sq_norm(sgd, False), None, rho=0.05, normalize=True,
                                           gamma=0.0, alpha=0.5, difference="forward")
         k.perturb(sgd, e, fold, False)
         (gscale,), found_inf = update_scalars([k.sq_norm(sgd, False)], [combine], None, [None])
         k.update(sgd, gscale, found_inf)
 
-    runs = {
-        "copy": lambda: dst.copy_(src),
+    return {
         "norm": lambda: k.sq_norm(sgd, False),
-        "perturb": lambda: k.perturb(sgd, eps, one, False),   # fold = 1 keeps g's values
+        "perturb": lambda: k.perturb(sgd, eps, one, False),
         "reflect": lambda: k.reflect(sgd),
         "update-sgd": lambda: k.update(sgd, one, zero),
         "update-adamw": lambda: k.update(adamw, one, zero),
-        "update-none": lambda: k.update(none, one, zero),      # gscale = 1 keeps G's values
+        "update-none": lambda: k.update(none, one, zero),
         "gr-step": gr_step,
     }
+
+
+def bench_phases(n: int, dtype: torch.dtype, reps: int) -> Dict[str, float]:
+    """Median ms of each phase on flat buffers of n elements, and of a same-size copy."""
+    sgd, adamw = _flat_bucket(n, dtype, "sgd", SGD), _flat_bucket(n, dtype, "adamw", ADAMW)
+    none = _flat_bucket(n, dtype, "none", {})
+    src, dst = torch.randn(n, device=DEVICE, dtype=dtype), torch.empty(n, device=DEVICE, dtype=dtype)
+    runs = {"copy": lambda: dst.copy_(src), **phase_runs(TritonFlatKernels(), sgd, adamw, none)}
     return {name: median_ms(fn, reps) for name, fn in runs.items()}
 
 

@@ -36,7 +36,6 @@ sys.path.insert(0, HERE)
 
 import gr_fused  # noqa: E402
 from gr_fused import _ext, backends  # noqa: E402
-from gr_fused._scalars import ascent_scalars, update_scalars  # noqa: E402
 from gr_fused.backends.cext_backend import CKernels  # noqa: E402
 from gr_fused.backends.torch_backend import TorchBackend  # noqa: E402
 import bench_kernels as bk  # noqa: E402  (shared helpers: buckets, timing, bytes per phase)
@@ -52,27 +51,6 @@ def kernel_sets() -> Dict[str, object]:
     return sets
 
 
-def phase_runs(k, sgd, adamw, none) -> Dict[str, object]:
-    one, zero, eps = bk._scalar(1.0), bk._scalar(0.0), bk._scalar(1e-4)
-
-    def gr_step():  # the fused phases as the step driver calls them, scalars included
-        e, fold, combine = ascent_scalars(k.sq_norm(sgd, False), None, rho=0.05, normalize=True,
-                                          gamma=0.0, alpha=0.5, difference="forward")
-        k.perturb(sgd, e, fold, False)
-        (gscale,), found_inf = update_scalars([k.sq_norm(sgd, False)], [combine], None, [None])
-        k.update(sgd, gscale, found_inf)
-
-    return {
-        "norm": lambda: k.sq_norm(sgd, False),
-        "perturb": lambda: k.perturb(sgd, eps, one, False),  # fold = 1 keeps g's values
-        "reflect": lambda: k.reflect(sgd),
-        "update-sgd": lambda: k.update(sgd, one, zero),
-        "update-adamw": lambda: k.update(adamw, one, zero),
-        "update-none": lambda: k.update(none, one, zero),     # gscale = 1 keeps G's values
-        "gr-step": gr_step,
-    }
-
-
 def time_phases(n: int, dtype: torch.dtype, reps: int) -> List[dict]:
     sgd, adamw = bk._flat_bucket(n, dtype, "sgd", bk.SGD), bk._flat_bucket(n, dtype, "adamw", bk.ADAMW)
     none = bk._flat_bucket(n, dtype, "none", {})
@@ -80,7 +58,7 @@ def time_phases(n: int, dtype: torch.dtype, reps: int) -> List[dict]:
     copy_ms = bk.median_ms(lambda: dst.copy_(src), reps)
     copy_bw = bk.gbps("copy", n, dtype, copy_ms)
     rows = [dict(kernels="torch", phase="copy", ms=copy_ms, gbps=copy_bw, pct_of_copy=100.0)]
-    runs = {name: phase_runs(k, sgd, adamw, none) for name, k in kernel_sets().items()}
+    runs = {name: bk.phase_runs(k, sgd, adamw, none) for name, k in kernel_sets().items()}
     for phase in PHASES:
         for name, fns in runs.items():  # cuda and triton side by side, phase by phase
             ms = bk.median_ms(fns[phase], reps)
