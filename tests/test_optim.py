@@ -30,20 +30,22 @@ GR_DEFAULT = dict(gamma=0.05, rho=0.05, normalize=True, difference="forward", al
                   adaptive=False, max_grad_norm=None)
 
 
-def run_ours(cls, init, split, group_hp, steps, **common):
-    """Run ``cls`` (torch backend) on the MLP loss with params split into groups."""
-    params = [t.clone().requires_grad_() for t in init]
-    groups = [dict(params=params[a:b], **hp) for (a, b), hp in zip(split, group_hp)]
-    opt = cls(groups, backend="torch", **common)
-
+def _train(opt, params, steps):
     def closure():
         opt.zero_grad()
         loss = mlp_loss([params])
         loss.backward()
         return loss
-
     for _ in range(steps):
         opt.step(closure)
+
+
+def run_ours(cls, init, split, group_hp, steps, **common):
+    """Run ``cls`` (torch backend) on the MLP loss with params split into groups."""
+    params = [t.clone().requires_grad_() for t in init]
+    groups = [dict(params=params[a:b], **hp) for (a, b), hp in zip(split, group_hp)]
+    opt = cls(groups, backend="torch", **common)
+    _train(opt, params, steps)
     return params, opt
 
 
@@ -242,16 +244,6 @@ def test_fd_converges_to_db_at_the_right_order(difference, sign, order):
     rates = [errs[i] / errs[i + 1] for i in range(2)]
     for r in rates:  # halving ε divides the error by 2**order
         assert abs(r - 2 ** order) < 0.25 * 2 ** order, (errs, rates)
-
-
-def _train(opt, params, steps):
-    def closure():
-        opt.zero_grad()
-        loss = mlp_loss([params])
-        loss.backward()
-        return loss
-    for _ in range(steps):
-        opt.step(closure)
 
 
 @pytest.mark.parametrize("make", [
