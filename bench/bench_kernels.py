@@ -28,6 +28,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 CUDA = torch.cuda.is_available()
 if not CUDA:  # must precede the first import of gr_fused.kernels
@@ -36,8 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import gr_fused  # noqa: E402
 from gr_fused import kernels  # noqa: E402
-from gr_fused._scalars import ascent_scalars, update_scalars  # noqa: E402
-from gr_fused.backends.base import Bucket  # noqa: E402
+from gr_fused.backends.base import Bucket, SkipRecord  # noqa: E402
 from gr_fused.backends.triton_backend import TritonFlatKernels  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -59,7 +59,8 @@ PHASE_BYTES = {
 }
 LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
                 "cudaMemcpyAsync", "cudaMemsetAsync"}  # host-side calls that start device work
-KERNEL_NAMES = {"_partial_sq_kernel", "_finalize_kernel", "_perturb_kernel", "_reflect_kernel",
+KERNEL_NAMES = {"_partial_sq_kernel", "_finalize_kernel", "_ascent_scalars_kernel",
+                "_update_scalars_kernel", "_perturb_kernel", "_reflect_kernel",
                 "_sgd_kernel", "_adamw_kernel", "_advance_step_kernel",
                 "_restore_combine_kernel"}
 
@@ -98,7 +99,9 @@ def _flat_bucket(n: int, dtype: torch.dtype, algo: str, group: dict) -> Bucket:
     return Bucket([rand()], [rand()], [state], group, algo, {"backup": [rand()]})
 
 
-SGD = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False)
+SGD = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+           rho=0.05, normalize=True, gamma=0.0, alpha=0.5, difference="forward",
+           adaptive=False, max_grad_norm=None)
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 
@@ -107,13 +110,12 @@ def phase_runs(k, sgd: Bucket, adamw: Bucket, none: Bucket) -> Dict[str, object]
     hold are kept: fold = 1 and gscale = 1), and ``gr-step``: the fused phases as the step
     driver calls them, scalars included."""
     one, zero, eps = _scalar(1.0), _scalar(0.0), _scalar(1e-4)
+    skips = SkipRecord(torch.zeros((), dtype=torch.int64, device=sgd.device),
+                       torch.empty((), dtype=torch.bool, device=sgd.device), None)
 
-    def gr_step():
-        e, fold, combine = ascent_scalars(k.sq_norm(sgd, False), None, rho=0.05, normalize=True,
-                                          gamma=0.0, alpha=0.5, difference="forward")
-        k.perturb(sgd, e, fold, False)
-        (gscale,), found_inf = update_scalars([k.sq_norm(sgd, False)], [combine], None, [None])
-        k.update(sgd, gscale, found_inf)
+    def gr_step():  # fixed α = 0.5 (SGD's GR keys): fold = 1, so G keeps its values
+        combine = k.ascend(sgd, None)
+        k.combine_update(sgd, combine, None, skips)
 
     return {
         "norm": lambda: k.sq_norm(sgd, False),
@@ -207,12 +209,13 @@ def bench_steps(n: int, dtype: torch.dtype, n_tensors: int, reps: int) -> Dict[s
 
 def count_launches(method: str, n_tensors: int, dtype=torch.float32) -> Dict[str, int]:
     """Device operations in one steady-state step: all kernels, memcpy/memset, and how many
-    of the kernels are gr_fused's Triton kernels. On CPU only the Triton launches are
-    counted (through the launcher), the rest is not seen."""
+    of the kernels are gr_fused's Triton kernels. On CUDA torch.profiler sees them; on CPU
+    they are counted as they are issued (:func:`device_work`)."""
     step = make_method(method, 64 * n_tensors, dtype, n_tensors)
     step()  # the first step builds flat buffers and state
     if not CUDA:
-        return {"triton": _count_triton_launches(step)}
+        work = device_work(step)
+        return {"device_ops": len(work), "triton": sum(name in KERNEL_NAMES for name in work)}
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -225,20 +228,58 @@ def count_launches(method: str, n_tensors: int, dtype=torch.float32) -> Dict[str
             "triton": sum(any(e.name.startswith(k) for k in KERNEL_NAMES) for e in device)}
 
 
-def _count_triton_launches(step) -> int:
-    cls = type(kernels.triton_norm._partial_sq_kernel)
-    original, launched = cls.run, []
+class DeviceWork(TorchDispatchMode):
+    """Names every unit of device work as it is issued, on any device: each Triton kernel
+    launch (compiled or interpreted; the tensor ops the interpreter runs inside a launch are
+    its own business and not counted) and each torch op that runs a kernel (views and
+    allocations do not). ``excluding(fn)`` wraps a function (a closure) whose work is not
+    counted, so a GR step's optimizer side can be counted apart from its backward passes."""
 
-    def run(self, *args, **kw):
-        launched.append(self.fn.__name__)
-        return original(self, *args, **kw)
+    NO_KERNEL = {"empty", "empty_like", "empty_strided", "lift_fresh",
+                 "_record_function_enter_new", "_record_function_exit"}  # profiler marks
 
-    cls.run = run
-    try:
-        step()
-    finally:
-        cls.run = original
-    return len(launched)
+    def __init__(self):
+        super().__init__()
+        self.names: List[str] = []
+        self._paused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self._paused and not func.is_view and func.overloadpacket.__name__ not in self.NO_KERNEL:
+            self.names.append("aten." + func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def excluding(self, fn):
+        def run(*args, **kw):
+            self._paused += 1
+            try:
+                return fn(*args, **kw)
+            finally:
+                self._paused -= 1
+        return run
+
+    def __enter__(self):
+        cls = type(kernels.triton_norm._partial_sq_kernel)  # JITFunction or InterpretedFunction
+        self._cls, self._original = cls, cls.run
+        work = self
+
+        def run(kernel, *args, **kw):
+            if not work._paused:
+                work.names.append(kernel.fn.__name__)
+            return work.excluding(work._original)(kernel, *args, **kw)
+
+        cls.run = run
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._cls.run = self._original
+        return super().__exit__(*exc)
+
+
+def device_work(fn) -> List[str]:
+    """The names of the device work ``fn()`` issues (see :class:`DeviceWork`)."""
+    with DeviceWork() as work:
+        fn()
+    return work.names
 
 
 def gbps(name: str, n: int, dtype: torch.dtype, ms: float) -> float:

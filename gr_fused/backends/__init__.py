@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 
-from .base import Backend, Bucket  # noqa: F401  (re-exported)
+from .base import Backend, Bucket, SkipRecord  # noqa: F401  (re-exported)
 
 log = logging.getLogger("gr_fused")
 

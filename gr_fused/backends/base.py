@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .._scalars import ascent_scalars, update_scalars
+
 
 class Bucket:
     """The parameters of one param group that live on one (device, dtype).
@@ -59,6 +61,30 @@ class Bucket:
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
+
+
+class SkipRecord:
+    """Where a step reports whether it was skipped for inf/NaN (0-dim device tensors, written
+    without a host sync): ``count`` (int64) grows by found_inf, ``last`` (bool) is set to
+    found_inf != 0 and ``scaler_found_inf`` (the GradScaler's flag, or None) is raised to it."""
+
+    __slots__ = ("count", "last", "scaler_found_inf")
+
+    def __init__(self, count: torch.Tensor, last: torch.Tensor,
+                 scaler_found_inf: Optional[torch.Tensor]):
+        self.count, self.last, self.scaler_found_inf = count, last, scaler_found_inf
+
+    def record(self, found_inf: torch.Tensor) -> None:
+        """The torch-op version of what fused backends do inside their kernel."""
+        self.last.copy_(found_inf != 0)
+        self.count += found_inf.to(torch.int64)
+        flag = self.scaler_found_inf
+        if flag is not None:
+            flag.copy_(torch.maximum(flag, found_inf.to(flag)))
+
+
+def _inverse(grad_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if grad_scale is None else grad_scale.reciprocal()
 
 
 class Backend:
@@ -103,3 +129,29 @@ class Backend:
         Else, with g = gscale·G: θ ← backup then the base update of ``b.algo`` with g
         (``"none"``: θ ← backup and G ← g, for a base optimizer that steps afterwards)."""
         raise NotImplementedError
+
+    # --- whole halves of a step, for a bucket that is the whole step --------------------
+    # When one bucket holds every parameter (one param group on one device and dtype, the
+    # common case), the driver calls these two instead of the phases above. The defaults
+    # compose the phases with the torch-op scalars of _scalars.py; a backend overrides them
+    # to compute the scalars in its norm-finalize kernel (a GR step in 6 launches).
+    def ascend(self, b: Bucket, grad_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """Norm of g1, the ascent scalars of ``b.group`` and :meth:`perturb`. ``grad_scale``
+        is the AMP scale S (0-dim float32) or None. Returns ``combine`` (0-dim)."""
+        group = b.group
+        eps, fold, combine = ascent_scalars(
+            self.sq_norm(b, group["adaptive"]), _inverse(grad_scale), rho=group["rho"],
+            normalize=group["normalize"], gamma=group["gamma"], alpha=group["alpha"],
+            difference=group["difference"])
+        self.perturb(b, eps, fold, group["adaptive"])
+        return combine
+
+    def combine_update(self, b: Bucket, combine: torch.Tensor,
+                       grad_scale: Optional[torch.Tensor], skips: SkipRecord) -> torch.Tensor:
+        """Norm of G, the update scalars (unscale, clip, found_inf), :meth:`update` and the
+        skip record. Returns found_inf (0-dim, 0. or 1.)."""
+        (gscale,), found_inf = update_scalars([self.sq_norm(b, False)], [combine],
+                                              _inverse(grad_scale), [b.group["max_grad_norm"]])
+        self.update(b, gscale, found_inf)
+        skips.record(found_inf)
+        return found_inf

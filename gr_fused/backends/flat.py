@@ -185,11 +185,30 @@ class FlatBackend(Backend):
         fb = self._flat(b)
         if fb is None:
             return self._fallback.update(b, gscale, found_inf)
+        self._adopting_new_state(b, self.kernel.update, fb, gscale, found_inf)
+
+    def ascend(self, b, grad_scale):
+        fb = self._flat(b)
+        return (Backend.ascend(self, b, grad_scale) if fb is None
+                else self.kernel.ascend(fb, grad_scale))
+
+    def combine_update(self, b, combine, grad_scale, skips):
+        fb = self._flat(b)
+        if fb is None:
+            return Backend.combine_update(self, b, combine, grad_scale, skips)
+        return self._adopting_new_state(b, self.kernel.combine_update, fb, combine, grad_scale,
+                                        skips)
+
+    @staticmethod
+    def _adopting_new_state(b, kernel_phase, *args):
+        """Run a phase that may create the flat state (the first step), then point the
+        per-parameter state entries at views of it."""
         layout: FlatLayout = b.extra["flat"]
         keys = set(layout.state)
-        self.kernel.update(fb, gscale, found_inf)
-        if set(layout.state) != keys:  # the first step created state: point entries at it
+        result = kernel_phase(*args)
+        if set(layout.state) != keys:
             layout.adopt(b.grads, b.states)
+        return result
 
 
 def zero_flat_grads(extras) -> list:

@@ -3,8 +3,9 @@ buffers of a bucket (see ``flat.py`` and ``gr_fused/kernels``), whatever the num
 
 ``TritonBackend`` is the :class:`~.flat.FlatBackend` that the registry hands out under the
 name ``"triton"``; ``TritonFlatKernels`` maps the phases of a *flat* bucket (one param, one
-grad, one state dict, one backup) onto the kernels. Per step with SGD: norm(g1) 2 launches,
-perturb 1, norm(G) 2, update 1 (AdamW: 2); the kernels themselves never sync with the host.
+grad, one state dict, one backup) onto the kernels. A GR step is 6 launches with SGD or AdamW
+(7 for the central difference): the norm of g1 and the ascent scalars (2), perturb (1), the
+norm of G and the update scalars (2), the update (1). The kernels never sync with the host.
 
 The kernels run on CUDA tensors, and on CPU tensors only under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before ``gr_fused.kernels`` is first imported), which is how CI
@@ -50,7 +51,10 @@ def _defined_interpreted() -> Optional[bool]:
 
 class TritonFlatKernels(Backend):
     """The backend phases for a flat bucket (``params[0]`` the flat param, ``grads[0]`` the
-    flat grad, ``states[0]`` the flat state dict, ``extra["backup"][0]`` the flat backup)."""
+    flat grad, ``states[0]`` the flat state dict, ``extra["backup"][0]`` the flat backup).
+
+    ``ascend`` and ``combine_update`` compute the step scalars inside the norm's finalize
+    kernel (``kernels/triton_scalars.py``), so a whole GR step is 6 launches."""
 
     name = "triton-flat"
 
@@ -100,7 +104,46 @@ class TritonFlatKernels(Backend):
         param, _, backup = self._flat(b)
         param.copy_(backup)
 
-    def update(self, b, gscale, found_inf):
+    def ascend(self, b, grad_scale):
+        param, grad, _ = self._flat(b)
+        if not param.numel():
+            return super().ascend(b, grad_scale)
+        group = b.group
+        eps, fold, combine = _kernels().ascent_scalars(
+            grad, param if group["adaptive"] else None, _scale_for(grad_scale, param),
+            rho=group["rho"], normalize=group["normalize"], gamma=group["gamma"],
+            alpha=group["alpha"], central=group["difference"] == "central", **self._block())
+        self.perturb(b, eps, fold, group["adaptive"])
+        return combine
+
+    def combine_update(self, b, combine, grad_scale, skips):
+        param, grad, _ = self._flat(b)
+        flag = skips.scaler_found_inf
+        fused_flag = flag is None or (flag.device == param.device and flag.dtype == torch.float32)
+        if not param.numel() or skips.count.device != param.device:
+            return super().combine_update(b, combine, grad_scale, skips)
+        adam_step = self._adamw_state(b)["step"] if b.algo == "adamw" else None
+        gscale, found_inf = _kernels().update_scalars(
+            grad, combine, _scale_for(grad_scale, param), max_grad_norm=b.group["max_grad_norm"],
+            skipped_steps=skips.count, last_step_skipped=skips.last,
+            scaler_found_inf=flag if fused_flag else None, adam_step=adam_step,
+            **self._block())
+        if not fused_flag:
+            flag.copy_(torch.maximum(flag, found_inf.to(flag)))
+        self.update(b, gscale, found_inf, step_advanced=True)
+        return found_inf
+
+    @staticmethod
+    def _adamw_state(b):
+        state = b.states[0]
+        if "step" not in state:
+            param = b.params[0]
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        return state
+
+    def update(self, b, gscale, found_inf, step_advanced=False):
         param, grad, backup = self._flat(b)
         state, group, k = b.states[0], b.group, _kernels()
         if b.algo == "none":
@@ -117,17 +160,20 @@ class TritonFlatKernels(Backend):
                          weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                          first=first, **self._block())
         elif b.algo == "adamw":
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-                state["exp_avg"] = torch.zeros_like(param)
-                state["exp_avg_sq"] = torch.zeros_like(param)
+            state = self._adamw_state(b)
             beta1, beta2 = group["betas"]
             k.adamw_update(param, grad, backup, state["exp_avg"], state["exp_avg_sq"],
                            state["step"], gscale, found_inf, lr=_number(group["lr"]),
                            beta1=beta1, beta2=beta2, eps=group["eps"],
-                           weight_decay=group["weight_decay"], **self._block())
+                           weight_decay=group["weight_decay"], advance_step=not step_advanced,
+                           **self._block())
         else:
             raise ValueError(f"unknown base update {b.algo!r}")
+
+
+def _scale_for(grad_scale, param):
+    """The AMP scale as the kernels read it: float32 on the param's device."""
+    return None if grad_scale is None else grad_scale.to(device=param.device, dtype=torch.float32)
 
 
 def _number(x) -> float:

@@ -9,7 +9,7 @@ size or device; the kernels stay memory-bound (one fp64 multiply-add per element
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -33,28 +33,42 @@ def _partial_sq_kernel(x_ptr, y_ptr, partial_ptr, n, HAS_Y: tl.constexpr, BLOCK:
 
 
 @triton.jit
-def _finalize_kernel(partial_ptr, out_ptr, num_partials, ITERS: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def sum_partials(partial_ptr, num_partials, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """The fp64 partial sums added in a fixed order (one program), rounded once to fp32."""
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for i in range(ITERS):
         offs = i * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + offs, mask=offs < num_partials, other=0.0)
-    tl.store(out_ptr, tl.sum(acc, axis=0).to(tl.float32))
+    return tl.sum(acc, axis=0).to(tl.float32)
 
 
-def sq_norm(x: torch.Tensor, y: Optional[torch.Tensor] = None, block: int = BLOCK) -> torch.Tensor:
-    """Σ x² (Σ (x·y)² when ``y`` is given) over flat buffers, as a 0-dim float32 tensor on
-    x's device. Two launches."""
+@triton.jit
+def _finalize_kernel(partial_ptr, out_ptr, num_partials, ITERS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    tl.store(out_ptr, sum_partials(partial_ptr, num_partials, ITERS, BLOCK))
+
+
+def sq_norm_partials(x: torch.Tensor, y: Optional[torch.Tensor] = None, block: int = BLOCK
+                     ) -> Tuple[torch.Tensor, Dict[str, int]]:
+    """Stage one: one launch writing a partial sum of x² (or (x·y)²) per block. Returns the
+    partials and the launch arguments of a finalize over them (``num_partials``, ``ITERS``,
+    ``BLOCK``), for :func:`sum_partials` in any one-program kernel. ``x`` must be non-empty."""
     n = x.numel()
-    out = torch.empty((), dtype=torch.float32, device=x.device)
-    if n == 0:
-        return out.zero_()
     partials = torch.empty(triton.cdiv(n, block), dtype=torch.float64, device=x.device)
     _partial_sq_kernel[grid(n, block)](x, x if y is None else y, partials, n,
                                        HAS_Y=y is not None, BLOCK=block, **LAUNCH_OPTIONS)
     # The loop count is a compile-time constant (rounded up to a power of two, so a few
     # variants cover every size): the interpreter cannot loop to a runtime bound.
     iters = triton.next_power_of_2(triton.cdiv(partials.numel(), FINALIZE_BLOCK))
-    _finalize_kernel[(1,)](partials, out, partials.numel(), ITERS=iters,
-                           BLOCK=FINALIZE_BLOCK, **LAUNCH_OPTIONS)
+    return partials, dict(num_partials=partials.numel(), ITERS=iters, BLOCK=FINALIZE_BLOCK)
+
+
+def sq_norm(x: torch.Tensor, y: Optional[torch.Tensor] = None, block: int = BLOCK) -> torch.Tensor:
+    """Σ x² (Σ (x·y)² when ``y`` is given) over flat buffers, as a 0-dim float32 tensor on
+    x's device. Two launches."""
+    out = torch.empty((), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return out.zero_()
+    partials, finalize = sq_norm_partials(x, y, block)
+    _finalize_kernel[(1,)](partials, out, **finalize, **LAUNCH_OPTIONS)
     return out

@@ -127,11 +127,13 @@ def sgd_update(param, grad, backup, momentum_buffer, gscale, found_inf, *, lr: f
 
 def adamw_update(param, grad, backup, exp_avg, exp_avg_sq, step, gscale, found_inf, *,
                  lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                 block: int = BLOCK) -> None:
-    """Two launches: the step counter (a 0-dim float32 tensor) moves by one unless
-    ``found_inf`` is set, then the element-wise update reads it for the bias corrections.
-    (One kernel cannot both advance the counter and let all its programs read it.)"""
-    _advance_step_kernel[(1,)](step, found_inf, num_warps=1)
+                 advance_step: bool = True, block: int = BLOCK) -> None:
+    """The step counter (a 0-dim float32 tensor) moves by one unless ``found_inf`` is set,
+    then the element-wise update reads it for the bias corrections. One kernel cannot both
+    advance the counter and let all its programs read it, so that is two launches, or one
+    when ``advance_step=False`` says the caller has advanced it (``update_scalars`` does)."""
+    if advance_step:
+        _advance_step_kernel[(1,)](step, found_inf, num_warps=1)
     n = param.numel()
     if n == 0:
         return

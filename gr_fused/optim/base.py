@@ -229,8 +229,9 @@ class GROptimizer(Optimizer):
         return b.extra["_backend"]
 
     # ------------------------------------------------------------------ AMP
-    def _inv_grad_scale(self, device) -> Optional[torch.Tensor]:
-        """1/S when gr_fused.amp.GradScaler drives this GR step (it sets ``grad_scale``)."""
+    def _grad_scale(self, device) -> Optional[torch.Tensor]:
+        """The scale S (float32 on ``device``) when gr_fused.amp.GradScaler drives this GR
+        step (it sets ``grad_scale``); None without AMP."""
         if hasattr(self, "found_inf") and not getattr(self, "_gr_grad_scaler", False):
             for name in ("grad_scale", "found_inf"):
                 delattr(self, name)
@@ -242,17 +243,21 @@ class GROptimizer(Optimizer):
         scale = getattr(self, "grad_scale", None)
         if scale is None:
             return None
-        return scale.to(device=device, dtype=torch.float32).reciprocal()
+        return scale.to(device=device, dtype=torch.float32)
+
+    def _skip_record(self, device) -> _backends.SkipRecord:
+        """Where this step's skip flag goes: ``skipped_steps`` (a running count),
+        ``last_step_skipped`` (a fresh 0-dim bool each step) and the GradScaler's flag."""
+        if self.skipped_steps is None:
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_step_skipped = torch.empty((), dtype=torch.bool, device=self.skipped_steps.device)
+        scaler_flag = getattr(self, "found_inf", None)
+        return _backends.SkipRecord(self.skipped_steps, self.last_step_skipped,
+                                    scaler_flag if isinstance(scaler_flag, torch.Tensor) else None)
 
     def _report_found_inf(self, found_inf: torch.Tensor) -> None:
         """Record the skip flag where users (and GradScaler) can see it, without a sync."""
-        self.last_step_skipped = found_inf != 0
-        if self.skipped_steps is None:
-            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=found_inf.device)
-        self.skipped_steps += found_inf.to(torch.int64)
-        scaler_flag = getattr(self, "found_inf", None)
-        if isinstance(scaler_flag, torch.Tensor):
-            scaler_flag.copy_(torch.maximum(scaler_flag, found_inf.to(scaler_flag)))
+        self._skip_record(found_inf.device).record(found_inf)
 
     # ------------------------------------------------------------------ public API
     def gr_active(self) -> bool:
@@ -309,7 +314,22 @@ class GROptimizer(Optimizer):
             self._pending = _Pending([], {}, None)
             return
         main = buckets[0].device
-        inv = self._inv_grad_scale(main)
+        scale = self._grad_scale(main)
+        if _whole_step(buckets):  # one bucket: the backend may fuse the scalars (6 launches)
+            b = buckets[0]
+            combine = {b.extra["_group_index"]: self._backend(b).ascend(b, scale)}
+        else:
+            combine = self._ascend_buckets(buckets, main, scale)
+        for b in buckets:  # to tell, later, whether backward wrote into these buffers
+            _record_grad_versions(b)
+        self._pending = _Pending(buckets, combine, main)
+        if self.freeze_bn_stats:
+            self._bn.start()
+
+    def _ascend_buckets(self, buckets, main, scale) -> Dict[int, torch.Tensor]:
+        """first_step over several buckets (param groups, devices, dtypes, shards): the
+        global norm, each group's ascent scalars, then perturb. Returns each group's combine."""
+        inv = None if scale is None else scale.reciprocal()
         adaptive = {b.extra["_group_index"]: b.group["adaptive"] for b in buckets}
         sq = _global_sq_norm(main, buckets, adaptive=True)
         scalars = {}
@@ -322,11 +342,24 @@ class GROptimizer(Optimizer):
             eps, fold, _ = scalars[b.extra["_group_index"]]
             self._backend(b).perturb(b, eps.to(b.device), fold.to(b.device),
                                      b.group["adaptive"])
-        for b in buckets:  # to tell, later, whether backward wrote into these buffers
-            _record_grad_versions(b)
-        self._pending = _Pending(buckets, {gi: s[2] for gi, s in scalars.items()}, main)
-        if self.freeze_bn_stats:
-            self._bn.start()
+        return {gi: s[2] for gi, s in scalars.items()}
+
+    def _update_buckets(self, buckets, combine, main, scale) -> torch.Tensor:
+        """second_step's update over several buckets: per-group norms of G, the update
+        scalars (global clipping, one found_inf for all), then each bucket's update."""
+        inv = None if scale is None else scale.reciprocal()
+        groups = sorted(combine)
+        sq_by_group = [_global_sq_norm(main, [b for b in buckets
+                                              if b.extra["_group_index"] == gi], adaptive=False)
+                       for gi in groups]
+        gscales, found_inf = update_scalars(
+            sq_by_group, [combine[gi] for gi in groups], inv,
+            [self.param_groups[gi]["max_grad_norm"] for gi in groups])
+        for gi, gscale in zip(groups, gscales):
+            for b in buckets:
+                if b.extra["_group_index"] == gi:
+                    self._backend(b).update(b, gscale.to(b.device), found_inf.to(b.device))
+        return found_inf
 
     def _needs_reflect(self) -> bool:
         return any(b.group["difference"] == "central" for b in self._pending.buckets)
@@ -357,21 +390,18 @@ class GROptimizer(Optimizer):
                                "before second_step(); the weights were restored")
         try:
             self._adopt_replaced_grads()
-            if pending.buckets:
+            buckets = pending.buckets
+            if buckets:
                 main = pending.main_device
-                inv = self._inv_grad_scale(main)
-                groups = sorted(pending.combine)
-                sq_by_group = [_global_sq_norm(main, [b for b in pending.buckets
-                                                      if b.extra["_group_index"] == gi],
-                                               adaptive=False) for gi in groups]
-                gscales, found_inf = update_scalars(
-                    sq_by_group, [pending.combine[gi] for gi in groups], inv,
-                    [self.param_groups[gi]["max_grad_norm"] for gi in groups])
-                for gi, gscale in zip(groups, gscales):
-                    for b in pending.buckets:
-                        if b.extra["_group_index"] == gi:
-                            self._backend(b).update(b, gscale.to(b.device), found_inf.to(b.device))
-                self._report_found_inf(found_inf)
+                scale = self._grad_scale(main)
+                skips = self._skip_record(main)
+                if _whole_step(buckets):
+                    b = buckets[0]
+                    found_inf = self._backend(b).combine_update(
+                        b, pending.combine[b.extra["_group_index"]], scale, skips)
+                else:
+                    found_inf = self._update_buckets(buckets, pending.combine, main, scale)
+                    skips.record(found_inf)
                 self._after_update(found_inf)
         finally:
             self._pending = None
@@ -495,6 +525,12 @@ class GROptimizer(Optimizer):
                     torch._foreach_mul_([grad for grad, _ in per_group[i] if grad.device == device],
                                         coef.to(device))
         return found is None or not bool(found.item())
+
+
+def _whole_step(buckets: List[_backends.Bucket]) -> bool:
+    """One bucket holds the whole step (one param group, device and dtype; no shards), so
+    its backend's fused ``ascend``/``combine_update`` can run it."""
+    return len(buckets) == 1 and "shard_groups" not in buckets[0].extra
 
 
 def _global_sq_norm(main, buckets: List[_backends.Bucket], adaptive: bool) -> torch.Tensor:
