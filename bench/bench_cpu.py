@@ -35,8 +35,7 @@ sys.path.insert(0, HERE)
 
 import gr_fused  # noqa: E402
 from gr_fused import _ext  # noqa: E402
-from gr_fused._scalars import ascent_scalars, update_scalars  # noqa: E402
-from gr_fused.backends.base import Bucket  # noqa: E402
+from gr_fused.backends.base import Bucket, SkipRecord  # noqa: E402
 from gr_fused.backends.cext_backend import CKernels  # noqa: E402
 from bench_kernels import PHASE_BYTES, SAMPattern, _split  # noqa: E402
 
@@ -66,8 +65,13 @@ class Setup:
             self.dst = [torch.empty_like(g) for g in self.g1]
         elif method == "host phases":  # the kernels alone on one flat bucket, no step driver
             flat = torch.cat([p.detach().flatten() for p in self.params])
-            self.flat = Bucket([flat], [torch.randn_like(flat)], [{}], dict(SGD, dampening=0.0,
-                               nesterov=False), "sgd", {"backup": [torch.empty_like(flat)]})
+            group = dict(SGD, dampening=0.0, nesterov=False, rho=0.05, gamma=0.02, alpha=None,
+                         normalize=True, difference="forward", adaptive=False,
+                         max_grad_norm=None)
+            self.flat = Bucket([flat], [torch.randn_like(flat)], [{}], group, "sgd",
+                               {"backup": [torch.empty_like(flat)]})
+            self.skips = SkipRecord(torch.zeros((), dtype=torch.int64),
+                                    torch.empty((), dtype=torch.bool), None)
             self.g1, self.g2 = [torch.randn_like(flat)], [torch.randn_like(flat)]
             self.kernels = CKernels()
 
@@ -77,17 +81,14 @@ class Setup:
         return [p.grad for p in self.params]
 
     def phases(self) -> float:
-        """norm(g1), scalars, perturb | norm(G), scalars, update: what the driver launches."""
+        """norm(g1) + scalars, perturb | norm(G) + scalars, update: what the driver calls."""
         k, b = self.kernels, self.flat
         start = time.perf_counter()
-        eps, fold, combine = ascent_scalars(k.sq_norm(b, False), None, rho=0.05, normalize=True,
-                                            gamma=0.02, alpha=None, difference="forward")
-        k.perturb(b, eps, fold, False)
+        combine = k.ascend(b, None)
         first = time.perf_counter() - start
         torch._foreach_add_(self.grads(), self.g2)
         start = time.perf_counter()
-        (gscale,), found_inf = update_scalars([k.sq_norm(b, False)], [combine], None, [None])
-        k.update(b, gscale, found_inf)
+        k.combine_update(b, combine, None, self.skips)
         return first + time.perf_counter() - start
 
     def step(self) -> float:

@@ -91,7 +91,15 @@ PYBIND11_MODULE(_C, m) {
           "found_inf, lr, momentum, dampening, weight_decay, nesterov)");
   GRF_DEF(update_adamw,
           "(device, stream, threads, dtype, n, theta, G, backup, m, v, step, gscale, "
-          "found_inf, lr, beta1, beta2, eps, weight_decay)");
+          "found_inf, lr, beta1, beta2, eps, weight_decay, step_advanced)");
+  GRF_DEF(ascent_scalars,
+          "(device, stream, threads, dtype, n, g, theta_or_0, partials, scale_or_0, out, rho, "
+          "gamma, alpha, normalize, fixed_alpha, central): the norm, then out = {eps, fold, "
+          "combine}");
+  GRF_DEF(update_scalars,
+          "(device, stream, threads, dtype, n, G, partials, combine, scale_or_0, out, count, "
+          "last, scaler_flag_or_0, adam_step_or_0, clip, max_norm): the norm, then out = "
+          "{gscale, found_inf} and the skip records");
   m.def("host_isa", &host_isa, py::arg("name") = "",
         "The host code in use ('avx2' or 'baseline'); pass a name to switch (for tests).");
   m.def("set_host_packs", [](bool on) { host_packs = on; },

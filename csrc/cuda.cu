@@ -127,12 +127,57 @@ GRF_UNROLL
   if (threadIdx.x == 0) partials[blockIdx.x] = x;
 }
 
-template <class C> __global__ void __launch_bounds__(kThreads)
-sq_norm_finalize(const double* partials, int count, C* out) {
+// The partial sums added in a fixed order by one block; valid in thread 0.
+__device__ double sum_partials(const double* partials, int count) {
   double x = 0;
   for (int i = threadIdx.x; i < count; i += blockDim.x) x += partials[i];
-  x = block_sum(x);
+  return block_sum(x);
+}
+
+template <class C> __global__ void __launch_bounds__(kThreads)
+sq_norm_finalize(const double* partials, int count, C* out) {
+  const double x = sum_partials(partials, count);
   if (threadIdx.x == 0) *out = C(x);
+}
+
+// The finalize of the norm of g1 that also computes the ascent scalars (grf_math.h).
+template <class C> __global__ void __launch_bounds__(kThreads)
+ascent_finalize(const double* partials, int count, const float* scale, C* out, AscentHp h) {
+  const double x = sum_partials(partials, count);
+  if (threadIdx.x == 0) ascent_scalars_of(x, scale, h, out);
+}
+
+// The finalize of the norm of G that also computes gscale, found_inf and the skip records.
+template <class C> __global__ void __launch_bounds__(kThreads)
+update_finalize(const double* partials, int count, const C* combine, const float* scale,
+                C* out, int64_t* skip_count, bool* last, float* scaler_flag, float* adam_step,
+                bool clip, double max_norm) {
+  const double x = sum_partials(partials, count);
+  if (threadIdx.x == 0) {
+    update_scalars_of(x, *combine, scale, clip, max_norm, out);
+    record_skip(out[1], skip_count, last, scaler_flag, adam_step);
+  }
+}
+
+// The first stage of the norm: one partial sum per block into `partials`; returns the
+// number of blocks.
+template <class T> int launch_partials(const Where& w, int64_t n, ptr g, ptr theta,
+                                       ptr partials) {
+  constexpr int V = vec_width<T>();
+  const bool aligned = aligned16({g, theta});
+  const int64_t per_block = int64_t(kThreads) * (aligned ? V : 1);
+  const int blocks = int(std::max<int64_t>(
+      1, std::min<int64_t>((n + per_block - 1) / per_block, kMaxNormBlocks)));
+  dispatch_bool(theta != 0, [&](auto adaptive) {
+    using Op = SqNormOp<T, decltype(adaptive)::value>;
+    Op op{as<const T>(g), as<const T>(theta)};
+    if (aligned)
+      sq_norm_partial<Op, V><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<double>(partials));
+    else
+      sq_norm_partial<Op, 1><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<double>(partials));
+  });
+  check(cudaGetLastError(), "sq_norm (partial sums)");
+  return blocks;
 }
 
 // AdamW's step count moves only when the step is taken.
@@ -146,24 +191,42 @@ void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partial
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
-    constexpr int V = vec_width<T>();
     DeviceGuard guard(w.device);
-    const bool aligned = aligned16({g, theta});
-    const int64_t per_block = int64_t(kThreads) * (aligned ? V : 1);
-    const int blocks = int(std::max<int64_t>(
-        1, std::min<int64_t>((n + per_block - 1) / per_block, kMaxNormBlocks)));
-    dispatch_bool(theta != 0, [&](auto adaptive) {
-      using Op = SqNormOp<T, decltype(adaptive)::value>;
-      Op op{as<const T>(g), as<const T>(theta)};
-      if (aligned)
-        sq_norm_partial<Op, V><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<double>(partials));
-      else
-        sq_norm_partial<Op, 1><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<double>(partials));
-    });
-    check(cudaGetLastError(), "sq_norm");
+    const int blocks = launch_partials<T>(w, n, g, theta, partials);
     sq_norm_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(as<const double>(partials), blocks,
                                                           as<C>(out));
     check(cudaGetLastError(), "sq_norm (finalize)");
+  });
+}
+
+void ascent_scalars(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials,
+                    ptr scale, ptr out, double rho, double gamma, double alpha, bool normalize,
+                    bool fixed_alpha, bool central) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    DeviceGuard guard(w.device);
+    const int blocks = launch_partials<T>(w, n, g, theta, partials);
+    ascent_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(
+        as<const double>(partials), blocks, as<const float>(scale), as<C>(out),
+        AscentHp{rho, gamma, alpha, normalize, fixed_alpha, central});
+    check(cudaGetLastError(), "ascent_scalars (finalize)");
+  });
+}
+
+void update_scalars(const Where& w, int dtype, int64_t n, ptr G, ptr partials, ptr combine,
+                    ptr scale, ptr out, ptr count, ptr last, ptr scaler_flag, ptr adam_step,
+                    bool clip, double max_norm) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    DeviceGuard guard(w.device);
+    const int blocks = launch_partials<T>(w, n, G, 0, partials);
+    update_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(
+        as<const double>(partials), blocks, as<const C>(combine), as<const float>(scale),
+        as<C>(out), as<int64_t>(count), as<bool>(last), as<float>(scaler_flag),
+        as<float>(adam_step), clip, max_norm);
+    check(cudaGetLastError(), "update_scalars (finalize)");
   });
 }
 
@@ -228,15 +291,17 @@ void update_sgd(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr back
 
 void update_adamw(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr m,
                   ptr v, ptr step, ptr gscale, ptr found_inf, double lr, double beta1,
-                  double beta2, double eps, double weight_decay) {
+                  double beta2, double eps, double weight_decay, bool step_advanced) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
     UpdateAdamwOp<T> op{as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(m), as<T>(v),
                         as<const float>(step),
                         {as<const C>(gscale), as<const C>(found_inf)},
-                        make_adam_hp<C>(lr, beta1, beta2, eps, weight_decay)};
+                        make_adam_hp<C>(lr, beta1, beta2, eps, weight_decay),
+                        step_advanced ? 0.0f : 1.0f};
     launch_foreach(w, op, n, aligned16({theta, G, backup, m, v}), "update_adamw");
+    if (step_advanced) return;
     DeviceGuard guard(w.device);
     advance_step<C><<<1, 1, 0, stream_of(w)>>>(as<float>(step), as<const C>(found_inf));
     check(cudaGetLastError(), "update_adamw (step count)");

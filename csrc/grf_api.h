@@ -45,10 +45,21 @@ constexpr int kMaxNormBlocks = 1024;
   void update_sgd(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup,       \
                   ptr buf, bool first, ptr gscale, ptr found_inf, double lr,                \
                   double momentum, double dampening, double weight_decay, bool nesterov);   \
-  /* step: float32 step count, advanced by 1 unless found_inf */                           \
+  /* step: float32 step count; advanced by 1 here unless found_inf or step_advanced */    \
   void update_adamw(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup,     \
                     ptr m, ptr v, ptr step, ptr gscale, ptr found_inf, double lr,           \
-                    double beta1, double beta2, double eps, double weight_decay);
+                    double beta1, double beta2, double eps, double weight_decay,            \
+                    bool step_advanced);                                                    \
+  /* the norm of g (θ·g when theta != 0), then out = {eps, fold, combine} (compute type); */ \
+  /* scale: the AMP scale (float32) or 0 */                                                 \
+  void ascent_scalars(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials, \
+                      ptr scale, ptr out, double rho, double gamma, double alpha,           \
+                      bool normalize, bool fixed_alpha, bool central);                      \
+  /* the norm of G, then out = {gscale, found_inf} and the skip records: count (int64), */  \
+  /* last (bool), scaler_flag (float32, or 0), adam_step (float32, or 0) */                 \
+  void update_scalars(const Where& w, int dtype, int64_t n, ptr G, ptr partials,            \
+                      ptr combine, ptr scale, ptr out, ptr count, ptr last,                 \
+                      ptr scaler_flag, ptr adam_step, bool clip, double max_norm);
 
 namespace host { GRF_DECLARE_PHASES }       // host.cpp, for any CPU of its architecture
 namespace host_avx2 { GRF_DECLARE_PHASES }  // host.cpp again, with AVX2 + FMA (x86-64 only)

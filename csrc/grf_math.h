@@ -212,4 +212,63 @@ template <class C> GRF_HD C adamw_elem(C G, C gscale, C backup, C& m, C& v, cons
   return theta - (s.step_size * m) / denom;
 }
 
+// ---------------------------------------------------------------- step scalars
+// gr_fused/_scalars.py for one param group, from the norm's double sum. The host build and
+// the CUDA norm's finalize kernel compute them where the sum is formed, so a step runs no
+// separate scalar ops (a GR step on the CUDA kernels is 6 launches). Each operation rounds
+// where torch's does: a Python number divided by a tensor, c / x, is x⁻¹·c in torch.
+constexpr double kNormEps = 1e-12;  // _scalars.NORM_EPS
+constexpr double kClipEps = 1e-6;   // _scalars.CLIP_EPS
+
+struct AscentHp {
+  double rho, gamma, alpha;
+  bool normalize, fixed_alpha, central;
+};
+
+// 1/S as torch computes it (a float32 reciprocal), in the compute type; 1 without AMP.
+template <class C> GRF_HD C inverse_scale(const float* scale) {
+  return scale != nullptr ? C(1.0f / *scale) : C(1);
+}
+
+// false for inf and NaN (no fast-math anywhere, so x − x is not folded to 0)
+template <class C> GRF_HD bool is_finite(C x) { return x - x == C(0); }
+
+// _scalars.ascent_scalars: out = {eps, fold, combine}; `scale` is the AMP scale S or null.
+template <class C> GRF_HD void ascent_scalars_of(double sq, const float* scale,
+                                                 const AscentHp& h, C* out) {
+  const C inv = inverse_scale<C>(scale);
+  C norm = grf_sqrt(C(sq));
+  if (scale != nullptr) norm = norm * inv;
+  const C eps = h.normalize ? (C(1) / (norm + C(kNormEps))) * C(h.rho) : C(h.rho);
+  const C a = h.fixed_alpha ? C(h.alpha) : (C(1) / eps) * C(h.gamma);
+  out[0] = scale != nullptr ? eps * inv : eps;
+  out[1] = h.central ? (C(1) / a) * C(2) : (C(1) - a) / a;
+  out[2] = h.central ? a * C(-0.5) : a;
+}
+
+// _scalars.update_scalars for one group: out = {gscale, found_inf}.
+template <class C> GRF_HD void update_scalars_of(double sq_sum, C combine, const float* scale,
+                                                 bool clip, double max_norm, C* out) {
+  const C sq = C(sq_sum);
+  C gscale = scale != nullptr ? combine * inverse_scale<C>(scale) : combine;
+  if (clip) {  // clip_grad_norm_: min(max_norm / (‖g‖ + 1e-6), 1); NaN stays NaN
+    const C coef = (C(1) / (grf_sqrt(gscale * gscale * sq) + C(kClipEps))) * C(max_norm);
+    gscale = gscale * (coef > C(1) ? C(1) : coef);
+  }
+  out[0] = gscale;
+  out[1] = is_finite(sq) ? C(0) : C(1);
+}
+
+// The optimizer's skip records (SkipRecord in gr_fused/backends/base.py): the count grows by
+// found_inf, `last` is set to it, the GradScaler's flag (or null) is raised to it, and
+// AdamW's step count (or null) advances unless the step is skipped.
+template <class C> GRF_HD void record_skip(C found_inf, int64_t* count, bool* last,
+                                           float* scaler_flag, float* adam_step) {
+  const bool skipped = found_inf != C(0);
+  *count += skipped ? 1 : 0;
+  *last = skipped;
+  if (scaler_flag != nullptr && skipped) *scaler_flag = 1.0f;
+  if (adam_step != nullptr && !skipped) *adam_step += 1.0f;
+}
+
 }  // namespace grf

@@ -209,7 +209,8 @@ GRF_UNROLL
 };
 
 // θ = backup, then torch.optim.AdamW's update with g = gscale·G. The stored step count is
-// advanced by the driver after the pass (every element reads the old one here).
+// advanced either before the pass (update_scalars; step_offset 0) or by the driver after it
+// (step_offset 1: every element reads the old count here and adds one).
 template <class T> struct UpdateAdamwOp {
   using value_type = T;
   using C = compute_t<T>;
@@ -221,11 +222,12 @@ template <class T> struct UpdateAdamwOp {
   const float* step_ptr;  // torch keeps AdamW's step as a float32 tensor
   UpdateScalars<T> s;
   AdamHp<C> h;
+  float step_offset;
   AdamStep<C> bias;
 
   GRF_HD void prepare() {
     s.read();
-    bias = adam_step(C(*step_ptr + 1.0f), h);
+    bias = adam_step(C(*step_ptr + step_offset), h);
   }
   GRF_SKIPPED_WHEN_FOUND_INF
 

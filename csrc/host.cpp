@@ -98,16 +98,47 @@ template <class Op> double sum_squares(const Op& op, int64_t n, const Where& w, 
   return sum_squares_v<1>(op, n, w.threads);
 }
 
+// Σ g² (Σ (θ·g)² when theta != 0) over a buffer of T, in double.
+template <class T> double sum_sq(const Where& w, int64_t n, ptr g, ptr theta) {
+  double sum = 0;
+  dispatch_bool(theta != 0, [&](auto adaptive) {
+    SqNormOp<T, decltype(adaptive)::value> op{as<const T>(g), as<const T>(theta)};
+    sum = sum_squares(op, n, w, aligned16({g, theta}));
+  });
+  return sum;
+}
+
 }  // namespace
 
 void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr, ptr out) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    *as<compute_t<T>>(out) = compute_t<T>(sum_sq<T>(w, n, g, theta));
+  });
+}
+
+void ascent_scalars(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr, ptr scale,
+                    ptr out, double rho, double gamma, double alpha, bool normalize,
+                    bool fixed_alpha, bool central) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    ascent_scalars_of(sum_sq<T>(w, n, g, theta), as<const float>(scale),
+                      AscentHp{rho, gamma, alpha, normalize, fixed_alpha, central},
+                      as<compute_t<T>>(out));
+  });
+}
+
+void update_scalars(const Where& w, int dtype, int64_t n, ptr G, ptr, ptr combine, ptr scale,
+                    ptr out, ptr count, ptr last, ptr scaler_flag, ptr adam_step, bool clip,
+                    double max_norm) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
     using C = compute_t<T>;
-    dispatch_bool(theta != 0, [&](auto adaptive) {
-      SqNormOp<T, decltype(adaptive)::value> op{as<const T>(g), as<const T>(theta)};
-      *as<C>(out) = C(sum_squares(op, n, w, aligned16({g, theta})));
-    });
+    C* result = as<C>(out);
+    update_scalars_of(sum_sq<T>(w, n, G, 0), *as<const C>(combine), as<const float>(scale),
+                      clip, max_norm, result);
+    record_skip(result[1], as<int64_t>(count), as<bool>(last), as<float>(scaler_flag),
+                as<float>(adam_step));
   });
 }
 
@@ -176,16 +207,17 @@ void update_sgd(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr back
 
 void update_adamw(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr m,
                   ptr v, ptr step, ptr gscale, ptr found_inf, double lr, double beta1,
-                  double beta2, double eps, double weight_decay) {
+                  double beta2, double eps, double weight_decay, bool step_advanced) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
     for_each(UpdateAdamwOp<T>{as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(m),
                               as<T>(v), as<const float>(step),
                               {as<const C>(gscale), as<const C>(found_inf)},
-                              make_adam_hp<C>(lr, beta1, beta2, eps, weight_decay)},
+                              make_adam_hp<C>(lr, beta1, beta2, eps, weight_decay),
+                              step_advanced ? 0.0f : 1.0f},
              n, w, aligned16({theta, G, backup, m, v}));
-    if (*as<const C>(found_inf) == C(0)) *as<float>(step) += 1.0f;
+    if (!step_advanced && *as<const C>(found_inf) == C(0)) *as<float>(step) += 1.0f;
   });
 }
 

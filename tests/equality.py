@@ -16,6 +16,7 @@ from typing import Callable, List, Optional
 import torch
 
 import gr_fused
+from gr_fused import _scalars
 from gr_fused.backends.base import Bucket
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -196,3 +197,78 @@ def closure_for(opt, params, after_backward=None):
             after_backward()
         return loss
     return closure
+
+
+# ------------------------------------------------------------------ fused step scalars
+# Backends that compute the step scalars where they finalize a norm (Triton's finalize
+# kernels, csrc's ascent_scalars/update_scalars) are held to gr_fused/_scalars.py here.
+SCALAR_HPARAMS = [dict(normalize=True, alpha=None, central=False),
+                  dict(normalize=False, alpha=None, central=True),
+                  dict(normalize=True, alpha=0.7, central=False),
+                  dict(normalize=True, alpha=None, central=True)]
+SCALAR_HPARAM_IDS = ["normalized", "fixed-eps-central", "fixed-alpha", "normalized-central"]
+
+
+def scalars_close(actual, expected, what):
+    """Within 4 ulps of the compute dtype, relative: the fused code divides and takes square
+    roots correctly rounded; torch's CPU sqrt is not always, and a 1-ulp root moves ε_t and
+    what follows by a few ulps. NaN must match NaN."""
+    a, b = actual.double(), expected.double()
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    err = torch.where(both_nan, 0.0, (a - b).abs() / b.abs().clamp_min(1e-300))
+    ulps = 4 * torch.finfo(expected.dtype).eps
+    assert bool((err <= ulps).all()), f"{what}: {actual.tolist()} vs {expected.tolist()}"
+
+
+def check_ascent_scalars(fused, device, dtype, hp, amp):
+    """``fused(grad, param_or_None, scale, rho=, gamma=, alpha=, normalize=, central=)``
+    returns [eps, fold, combine]; it must match _scalars.ascent_scalars of the same squared
+    norm, for gradients from 1e-6 to 1e5, plain and adaptive (ASAM)."""
+    scale = torch.tensor(2.0 ** 12, device=device) if amp else None
+    gamma = 0.0 if hp["alpha"] else 0.05
+    for magnitude in (1e-6, 1.0, 1e5):
+        for adaptive in (False, True):
+            b = flat_bucket(1000 + int(magnitude) % 7, dtype, device)
+            grad, param = b.grads[0].mul_(magnitude), b.params[0] if adaptive else None
+            got = fused(grad, param, scale, rho=0.1, gamma=gamma, alpha=hp["alpha"],
+                        normalize=hp["normalize"], central=hp["central"])
+            sq = exact_sq_norm(grad, param)
+            want = _scalars.ascent_scalars(
+                sq, None if scale is None else scale.reciprocal(), rho=0.1,
+                normalize=hp["normalize"], gamma=gamma, alpha=hp["alpha"],
+                difference="central" if hp["central"] else "forward")
+            scalars_close(got, torch.stack(want), f"eps/fold/combine at |g|~{magnitude}")
+
+
+def check_update_scalars(fused, device, dtype, max_grad_norm, amp, poison):
+    """``fused(G, combine, scale, max_grad_norm=, skipped_steps=, last_step_skipped=,
+    scaler_found_inf=, adam_step=)`` returns [gscale, found_inf] and updates the records: the
+    skip count, the last-step flag, the GradScaler's flag and AdamW's step (which advances
+    only on a taken step). It must match _scalars.update_scalars."""
+    scale = torch.tensor(2.0 ** 12, device=device) if amp else None
+    b = flat_bucket(4099, dtype, device)
+    grad = b.grads[0]
+    if poison is not None:
+        grad[1234] = poison
+    combine = torch.tensor(-0.37, device=device, dtype=grad.dtype if grad.dtype ==
+                           torch.float64 else torch.float32)
+    count = torch.tensor(5, dtype=torch.int64, device=device)
+    last = torch.empty((), dtype=torch.bool, device=device)
+    scaler_flag, adam_step = torch.zeros((), device=device), torch.tensor(9.0, device=device)
+    got = fused(grad, combine, scale, max_grad_norm=max_grad_norm, skipped_steps=count,
+                last_step_skipped=last, scaler_found_inf=scaler_flag, adam_step=adam_step)
+    sq = exact_sq_norm(grad, None)
+    (gscale,), found_inf = _scalars.update_scalars(
+        [sq], [combine], None if scale is None else scale.reciprocal(), [max_grad_norm])
+    skipped = poison is not None
+    assert float(found_inf) == float(got[1]) == float(skipped)
+    if not skipped:
+        scalars_close(got[:1], gscale.reshape(1), "gscale")
+    assert int(count) == 5 + skipped and bool(last) == skipped
+    assert float(scaler_flag) == float(skipped) and float(adam_step) == 9.0 + (not skipped)
+
+
+def exact_sq_norm(grad, param):
+    """Σ g² (Σ (θ·g)²) in float64, rounded once to the compute dtype: what fused norms give."""
+    x = grad.double() if param is None else grad.double() * param.double()
+    return x.square().sum().to(torch.float64 if grad.dtype == torch.float64 else torch.float32)

@@ -26,11 +26,15 @@ import torch
 import gr_fused
 from gr_fused import _ext, backends
 from gr_fused.backends.base import Bucket
-from gr_fused.backends.cext_backend import CKernels
+from gr_fused.backends.cext_backend import _CODES as CODES, CKernels
 from gr_fused.backends.torch_backend import TorchBackend
-from equality import (CASE_IDS, CASES, clone_bucket, closure_for, compare_backends,
+from equality import (CASE_IDS, CASES, SCALAR_HPARAM_IDS, SCALAR_HPARAMS, check_ascent_scalars,
+                      check_update_scalars, clone_bucket, closure_for, compare_backends,
                       flat_bucket, ulp_close)
 from test_nosync import forbid_host_reads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from bench_kernels import DeviceWork  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 NEEDS_GPU = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; the same math is "
@@ -140,6 +144,60 @@ def test_sq_norm_reports_inf_and_nan(device, lib):
     assert torch.isinf(CKernels().sq_norm(b, False))
     b.grads[0][17] = float("nan")
     assert torch.isnan(CKernels().sq_norm(b, False))
+
+
+# ----------------------------------------------------------------------- step scalars
+def _where(t):
+    """(device, stream, threads) for gr_fused._C on t's device."""
+    if t.is_cuda:
+        return t.device.index, torch.cuda.current_stream(t.device).cuda_stream, 0
+    return -1, 0, torch.get_num_threads()
+
+
+def _c_ascent(grad, param, scale, *, rho, gamma, alpha, normalize, central):
+    out = torch.empty(3, dtype=compute(grad.dtype), device=grad.device)
+    partials = CKernels._partials(grad)
+    _ext.load().ascent_scalars(*_where(grad), CODES[grad.dtype], grad.numel(), grad.data_ptr(),
+                               0 if param is None else param.data_ptr(), partials.data_ptr(),
+                               0 if scale is None else scale.data_ptr(), out.data_ptr(), rho,
+                               gamma, 0.0 if alpha is None else alpha, normalize,
+                               alpha is not None, central)
+    return out
+
+
+def _c_update(grad, combine, scale, *, max_grad_norm, skipped_steps, last_step_skipped,
+              scaler_found_inf, adam_step):
+    out = torch.empty(2, dtype=compute(grad.dtype), device=grad.device)
+    partials = CKernels._partials(grad)
+    _ext.load().update_scalars(*_where(grad), CODES[grad.dtype], grad.numel(), grad.data_ptr(),
+                               partials.data_ptr(), combine.data_ptr(),
+                               0 if scale is None else scale.data_ptr(), out.data_ptr(),
+                               skipped_steps.data_ptr(), last_step_skipped.data_ptr(),
+                               scaler_found_inf.data_ptr(), adam_step.data_ptr(),
+                               max_grad_norm is not None,
+                               1.0 if max_grad_norm is None else max_grad_norm)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("hp", SCALAR_HPARAMS, ids=SCALAR_HPARAM_IDS)
+@pytest.mark.parametrize("amp", [False, True], ids=["fp", "amp"])
+def test_ascent_scalars_match_the_reference(device, dtype, hp, amp, lib):
+    """csrc's ascent_scalars (grf_math.h's ascent_scalars_of where the norm is finalized)."""
+    check_ascent_scalars(_c_ascent, device, dtype, hp, amp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3, 1e3], ids=["no-clip", "clip", "no-op-clip"])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp", "amp"])
+@pytest.mark.parametrize("poison", [None, float("inf"), float("nan")], ids=["finite", "inf", "nan"])
+def test_update_scalars_match_the_reference_and_record_the_skip(device, dtype, max_grad_norm,
+                                                                amp, poison, lib):
+    """csrc's update_scalars: gscale, found_inf and the skip records (count, last flag,
+    GradScaler flag, AdamW step) from the norm of G."""
+    check_update_scalars(_c_update, device, dtype, max_grad_norm, amp, poison)
 
 
 # ----------------------------------------------------------------------- phase 2
@@ -388,6 +446,35 @@ def test_gr_step_reads_nothing_back_to_the_host(device, lib):
             opt.step(closure_for(opt, params))
         (extra,) = opt._bucket_extra.values()
         assert "flat" in extra, "the step ran the per-tensor fallback, not the kernels"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ["sgd", "adamw"])
+def test_gr_step_runs_no_torch_op_on_the_optimizer_side(device, algo, lib):
+    """The step scalars come out of csrc's ascent_scalars/update_scalars, so the optimizer
+    side of a step is six calls into gr_fused._C (on CUDA: two norm stages, perturb, two norm
+    stages, update: 6 launches) and not a single torch op, with clipping and 200 tensors."""
+    params = [torch.randn(5, device=device, requires_grad=True) for _ in range(200)]
+    opt = (gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, max_grad_norm=1.0,
+                          backend=backend_name(device)) if algo == "sgd"
+           else gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, backend=backend_name(device)))
+    opt.step(closure_for(opt, params))  # the first step creates flat buffers and state
+    calls = []
+    module = _ext.load()
+
+    class Counting:  # gr_fused._C with every call recorded
+        def __getattr__(self, name):
+            fn = getattr(module, name)
+            return lambda *a: (calls.append(name), fn(*a))[1]
+
+    with DeviceWork() as work:
+        original, _ext.load = _ext.load, Counting
+        try:
+            opt.step(work.excluding(closure_for(opt, params)))
+        finally:
+            _ext.load = original
+    assert work.names == []
+    assert calls == ["ascent_scalars", "perturb", "update_scalars", f"update_{algo}"]
 
 
 # ----------------------------------------------------------------------- availability, errors

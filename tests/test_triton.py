@@ -22,11 +22,12 @@ import gr_fused
 from gr_fused import backends
 from gr_fused.backends import triton_backend
 from gr_fused.backends.torch_backend import TorchBackend
-from gr_fused import _scalars, kernels
+from gr_fused import kernels
 from gr_fused.kernels import (triton_common, triton_norm, triton_perturb, triton_scalars,
                               triton_update)
 import equality
-from equality import (CASE_IDS, CASES, assert_close, clone_bucket, closure_for,
+from equality import (CASE_IDS, CASES, SCALAR_HPARAM_IDS, SCALAR_HPARAMS, assert_close,
+                      check_ascent_scalars, check_update_scalars, clone_bucket, closure_for,
                       compare_backends, ulp_close)
 from test_nosync import forbid_host_reads
 from gr_fused.amp import GradScaler
@@ -150,37 +151,19 @@ def test_every_kernel_indexes_through_block_offsets():
 
 
 # ----------------------------------------------------------------------- step scalars
-def _scalars_close(actual, expected, what):
-    """Within 4 fp32 ulps, relative: the kernels divide and take square roots correctly
-    rounded (div_rn, sqrt_rn); torch's CPU sqrt is not always, and a 1-ulp root moves ε_t and
-    what follows by a few ulps. NaN must match NaN."""
-    a, b = actual.double(), expected.double()
-    both_nan = torch.isnan(a) & torch.isnan(b)
-    err = torch.where(both_nan, 0.0, (a - b).abs() / b.abs().clamp_min(1e-30))
-    assert bool((err <= 4 * 2.0 ** -23).all()), f"{what}: {actual.tolist()} vs {expected.tolist()}"
+def _triton_ascent(grad, param, scale, **hp):
+    return kernels.ascent_scalars(grad, param, scale, block=SMALL_BLOCK, **hp)
 
 
-@pytest.mark.parametrize("central", [False, True], ids=["fd", "central"])
-@pytest.mark.parametrize("normalize,alpha", [(True, None), (False, None), (True, 0.7)],
-                         ids=["normalized", "fixed-eps", "fixed-alpha"])
+def _triton_update(grad, combine, scale, **records):
+    return kernels.update_scalars(grad, combine, scale, block=SMALL_BLOCK, **records)
+
+
+@pytest.mark.parametrize("hp", SCALAR_HPARAMS, ids=SCALAR_HPARAM_IDS)
 @pytest.mark.parametrize("amp", [False, True], ids=["fp", "amp"])
-def test_ascent_scalars_kernel_matches_the_reference(central, normalize, alpha, amp):
-    """kernels.ascent_scalars (norm + ε, fold, combine in the finalize launch) against
-    _scalars.ascent_scalars on the same squared norm, over gradients from 1e-6 to 1e5."""
-    scale = torch.tensor(2.0 ** 12, device=DEVICE) if amp else None
-    for magnitude in (1e-6, 1.0, 1e5):
-        for adaptive in (False, True):
-            b = flat_bucket(1000 + int(magnitude) % 7, torch.float32)
-            grad, param = b.grads[0].mul_(magnitude), b.params[0]
-            got = kernels.ascent_scalars(
-                grad, param if adaptive else None, scale, rho=0.1, normalize=normalize,
-                gamma=0.0 if alpha else 0.05, alpha=alpha, central=central, block=SMALL_BLOCK)
-            want = _scalars.ascent_scalars(
-                triton_norm.sq_norm(grad, param if adaptive else None), None if scale is None
-                else scale.reciprocal(), rho=0.1, normalize=normalize,
-                gamma=0.0 if alpha else 0.05, alpha=alpha,
-                difference="central" if central else "forward")
-            _scalars_close(got, torch.stack(want), f"eps/fold/combine at |g|~{magnitude}")
+def test_ascent_scalars_kernel_matches_the_reference(hp, amp):
+    """kernels.ascent_scalars: the norm of g1 and ε, fold, combine in its finalize launch."""
+    check_ascent_scalars(_triton_ascent, DEVICE, torch.float32, hp, amp)
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 1e-3, 1e3], ids=["no-clip", "clip", "no-op-clip"])
@@ -188,32 +171,9 @@ def test_ascent_scalars_kernel_matches_the_reference(central, normalize, alpha, 
 @pytest.mark.parametrize("poison", [None, float("inf"), float("nan")], ids=["finite", "inf", "nan"])
 def test_update_scalars_kernel_matches_the_reference_and_records_the_skip(max_grad_norm, amp,
                                                                           poison):
-    """kernels.update_scalars (norm of G + gscale, found_inf in the finalize launch) against
-    _scalars.update_scalars, and the device records it keeps: the skip count, the last-step
-    flag, the GradScaler's flag and AdamW's step, which advances only on a taken step."""
-    scale = torch.tensor(2.0 ** 12, device=DEVICE) if amp else None
-    b = flat_bucket(4099, torch.float32)
-    grad = b.grads[0]
-    if poison is not None:
-        grad[1234] = poison
-    combine = torch.tensor(-0.37, device=DEVICE)
-    count = torch.tensor(5, dtype=torch.int64, device=DEVICE)
-    last = torch.empty((), dtype=torch.bool, device=DEVICE)
-    scaler_flag = torch.zeros((), device=DEVICE)
-    adam_step = torch.tensor(9.0, device=DEVICE)
-    got = kernels.update_scalars(grad, combine, scale, max_grad_norm=max_grad_norm,
-                                 skipped_steps=count, last_step_skipped=last,
-                                 scaler_found_inf=scaler_flag, adam_step=adam_step,
-                                 block=SMALL_BLOCK)
-    (gscale,), found_inf = _scalars.update_scalars(
-        [triton_norm.sq_norm(grad)], [combine], None if scale is None else scale.reciprocal(),
-        [max_grad_norm])
-    skipped = poison is not None
-    assert float(found_inf) == float(got[1]) == float(skipped)
-    if not skipped:
-        _scalars_close(got[:1], gscale.reshape(1), "gscale")
-    assert int(count) == 5 + skipped and bool(last) == skipped
-    assert float(scaler_flag) == float(skipped) and float(adam_step) == 9.0 + (not skipped)
+    """kernels.update_scalars: the norm of G and gscale, found_inf and the skip records in
+    its finalize launch."""
+    check_update_scalars(_triton_update, DEVICE, torch.float32, max_grad_norm, amp, poison)
 
 
 # ----------------------------------------------------------------------- norm

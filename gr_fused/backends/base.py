@@ -83,6 +83,29 @@ class SkipRecord:
             flag.copy_(torch.maximum(flag, found_inf.to(flag)))
 
 
+def adamw_state(b: "Bucket") -> Dict[str, Any]:
+    """The AdamW state of a flat bucket, created (zeros, step 0) on its first step."""
+    state = b.states[0]
+    if "step" not in state:
+        param = b.params[0]
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        state["exp_avg"] = torch.zeros_like(param)
+        state["exp_avg_sq"] = torch.zeros_like(param)
+    return state
+
+
+def scale_for(grad_scale: Optional[torch.Tensor], param: torch.Tensor) -> Optional[torch.Tensor]:
+    """The AMP scale S as fused kernels read it: float32 on the param's device (or None)."""
+    return None if grad_scale is None else grad_scale.to(device=param.device, dtype=torch.float32)
+
+
+def fusable_scaler_flag(skips: SkipRecord, device: torch.device) -> bool:
+    """Whether a fused kernel on ``device`` can raise the GradScaler's flag itself (it is
+    float32 there, or absent); else the caller raises it with torch ops."""
+    flag = skips.scaler_found_inf
+    return flag is None or (flag.device == device and flag.dtype == torch.float32)
+
+
 def _inverse(grad_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if grad_scale is None else grad_scale.reciprocal()
 

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .base import Backend, Bucket
+from .base import Backend, Bucket, adamw_state, fusable_scaler_flag, scale_for
 from .flat import FlatBackend
 from .torch_backend import compute_dtype
 
@@ -47,14 +47,57 @@ class CKernels(Backend):
         """A step scalar in p's compute dtype on p's device (itself when it already is)."""
         return t.to(device=p.device, dtype=compute_dtype(p.dtype))
 
+    @staticmethod
+    def _partials(p: torch.Tensor) -> torch.Tensor:
+        """Scratch for the CUDA norm's partial sums (the host build needs none)."""
+        return torch.empty(_ext.load().max_norm_blocks if p.is_cuda else 0,
+                           dtype=torch.float64, device=p.device)
+
     def sq_norm(self, b: Bucket, adaptive: bool) -> torch.Tensor:
         p, g = b.params[0], b.grads[0]
         out = torch.empty((), dtype=compute_dtype(p.dtype), device=p.device)
-        partials = torch.empty(_ext.load().max_norm_blocks if p.is_cuda else 0,
-                               dtype=torch.float64, device=p.device)
         self._call("sq_norm", p, g.data_ptr(), p.data_ptr() if adaptive else 0,
-                   partials.data_ptr(), out.data_ptr())
+                   self._partials(p).data_ptr(), out.data_ptr())
         return out
+
+    def ascend(self, b, grad_scale):
+        """The norm of g1 and the ascent scalars in one call (csrc's ascent_scalars: on CUDA
+        the norm's finalize kernel computes them), then perturb."""
+        p, group = b.params[0], b.group
+        out = torch.empty(3, dtype=compute_dtype(p.dtype), device=p.device)
+        scale = scale_for(grad_scale, p)
+        alpha = group["alpha"]
+        self._call("ascent_scalars", p, b.grads[0].data_ptr(),
+                   p.data_ptr() if group["adaptive"] else 0, self._partials(p).data_ptr(),
+                   0 if scale is None else scale.data_ptr(), out.data_ptr(),
+                   float(group["rho"]), float(group["gamma"]),
+                   0.0 if alpha is None else float(alpha), bool(group["normalize"]),
+                   alpha is not None, group["difference"] == "central")
+        eps, fold, combine = out
+        self.perturb(b, eps, fold, group["adaptive"])
+        return combine
+
+    def combine_update(self, b, combine, grad_scale, skips):
+        """The norm of G, the update scalars and the skip records in one call (csrc's
+        update_scalars), then the update."""
+        p = b.params[0]
+        if skips.count.device != p.device:
+            return super().combine_update(b, combine, grad_scale, skips)
+        out = torch.empty(2, dtype=compute_dtype(p.dtype), device=p.device)
+        scale, flag = scale_for(grad_scale, p), skips.scaler_found_inf
+        fused_flag = fusable_scaler_flag(skips, p.device)
+        max_norm = b.group["max_grad_norm"]
+        self._call("update_scalars", p, b.grads[0].data_ptr(), self._partials(p).data_ptr(),
+                   self._scalar(combine, p).data_ptr(), 0 if scale is None else scale.data_ptr(),
+                   out.data_ptr(), skips.count.data_ptr(), skips.last.data_ptr(),
+                   flag.data_ptr() if fused_flag and flag is not None else 0,
+                   adamw_state(b)["step"].data_ptr() if b.algo == "adamw" else 0,
+                   max_norm is not None, 1.0 if max_norm is None else float(max_norm))
+        gscale, found_inf = out
+        if not fused_flag:
+            flag.copy_(torch.maximum(flag, found_inf.to(flag)))
+        self.update(b, gscale, found_inf, step_advanced=True)
+        return found_inf
 
     def perturb(self, b, eps, fold, adaptive):
         p = b.params[0]
@@ -71,7 +114,7 @@ class CKernels(Backend):
         p = b.params[0]
         self._call("restore", p, p.data_ptr(), b.extra["backup"][0].data_ptr())
 
-    def update(self, b, gscale, found_inf):
+    def update(self, b, gscale, found_inf, step_advanced=False):
         p, G, backup, st, group = b.params[0], b.grads[0], b.extra["backup"][0], b.states[0], b.group
         gscale, found_inf = self._scalar(gscale, p), self._scalar(found_inf, p)
         head = (p.data_ptr(), G.data_ptr(), backup.data_ptr())
@@ -88,15 +131,12 @@ class CKernels(Backend):
                        float(group["momentum"]), float(group["dampening"]),
                        float(group["weight_decay"]), bool(group["nesterov"]))
         elif b.algo == "adamw":
-            if "step" not in st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                st["exp_avg"] = torch.zeros_like(p)
-                st["exp_avg_sq"] = torch.zeros_like(p)
+            st = adamw_state(b)
             beta1, beta2 = group["betas"]
             self._call("update_adamw", p, *head, st["exp_avg"].data_ptr(),
                        st["exp_avg_sq"].data_ptr(), st["step"].data_ptr(), gscale.data_ptr(),
                        found_inf.data_ptr(), float(group["lr"]), float(beta1), float(beta2),
-                       float(group["eps"]), float(group["weight_decay"]))
+                       float(group["eps"]), float(group["weight_decay"]), step_advanced)
         else:
             raise ValueError(f"unknown base update {b.algo!r}")
 

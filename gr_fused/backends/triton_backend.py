@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, Bucket
+from .base import Backend, Bucket, adamw_state, fusable_scaler_flag, scale_for
 from .flat import FlatBackend
 
 try:
@@ -110,7 +110,7 @@ class TritonFlatKernels(Backend):
             return super().ascend(b, grad_scale)
         group = b.group
         eps, fold, combine = _kernels().ascent_scalars(
-            grad, param if group["adaptive"] else None, _scale_for(grad_scale, param),
+            grad, param if group["adaptive"] else None, scale_for(grad_scale, param),
             rho=group["rho"], normalize=group["normalize"], gamma=group["gamma"],
             alpha=group["alpha"], central=group["difference"] == "central", **self._block())
         self.perturb(b, eps, fold, group["adaptive"])
@@ -118,30 +118,19 @@ class TritonFlatKernels(Backend):
 
     def combine_update(self, b, combine, grad_scale, skips):
         param, grad, _ = self._flat(b)
-        flag = skips.scaler_found_inf
-        fused_flag = flag is None or (flag.device == param.device and flag.dtype == torch.float32)
         if not param.numel() or skips.count.device != param.device:
             return super().combine_update(b, combine, grad_scale, skips)
-        adam_step = self._adamw_state(b)["step"] if b.algo == "adamw" else None
+        flag = skips.scaler_found_inf
+        fused_flag = fusable_scaler_flag(skips, param.device)
         gscale, found_inf = _kernels().update_scalars(
-            grad, combine, _scale_for(grad_scale, param), max_grad_norm=b.group["max_grad_norm"],
+            grad, combine, scale_for(grad_scale, param), max_grad_norm=b.group["max_grad_norm"],
             skipped_steps=skips.count, last_step_skipped=skips.last,
-            scaler_found_inf=flag if fused_flag else None, adam_step=adam_step,
-            **self._block())
+            scaler_found_inf=flag if fused_flag else None,
+            adam_step=adamw_state(b)["step"] if b.algo == "adamw" else None, **self._block())
         if not fused_flag:
             flag.copy_(torch.maximum(flag, found_inf.to(flag)))
         self.update(b, gscale, found_inf, step_advanced=True)
         return found_inf
-
-    @staticmethod
-    def _adamw_state(b):
-        state = b.states[0]
-        if "step" not in state:
-            param = b.params[0]
-            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param)
-            state["exp_avg_sq"] = torch.zeros_like(param)
-        return state
 
     def update(self, b, gscale, found_inf, step_advanced=False):
         param, grad, backup = self._flat(b)
@@ -160,7 +149,7 @@ class TritonFlatKernels(Backend):
                          weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                          first=first, **self._block())
         elif b.algo == "adamw":
-            state = self._adamw_state(b)
+            state = adamw_state(b)
             beta1, beta2 = group["betas"]
             k.adamw_update(param, grad, backup, state["exp_avg"], state["exp_avg_sq"],
                            state["step"], gscale, found_inf, lr=_number(group["lr"]),
@@ -169,11 +158,6 @@ class TritonFlatKernels(Backend):
                            **self._block())
         else:
             raise ValueError(f"unknown base update {b.algo!r}")
-
-
-def _scale_for(grad_scale, param):
-    """The AMP scale as the kernels read it: float32 on the param's device."""
-    return None if grad_scale is None else grad_scale.to(device=param.device, dtype=torch.float32)
 
 
 def _number(x) -> float:
