@@ -8,7 +8,8 @@ For each size and dtype it times, side by side in one run (medians):
   bucket, ``GRSGD(backend="triton")`` and ``GRSGD(backend="torch")`` over a list of tensors,
   the popular per-parameter SAM pattern (clone θ per tensor, a Python loop of adds, then
   torch.optim.SGD), and a plain torch.optim.SGD step for scale;
-* device launches per step for 1, 100 and 10,000 tensors (torch.profiler on CUDA).
+* device launches per step for 1, 100 and 10,000 tensors (torch.profiler on CUDA; on CPU
+  the Triton launches and torch ops as they are issued, :class:`DeviceWork`).
 
 On a GPU it times with CUDA events (``triton.testing.do_bench``, which also clears L2
 between runs) at 16M, 64M and 256M elements. Without one the kernels run under the Triton
@@ -364,8 +365,8 @@ def table(results: dict) -> str:
                      f"{r['fused_phases_ms']:.3f} | {r['triton']:.3f} | {r['torch']:.3f} | "
                      f"{r['sam-pattern']:.3f} | {r['torch-sgd']:.3f} |")
     if results["launches"]:
-        lines += ["", "device launches per steady-state step (gr_fused Triton kernels in brackets)"
-                  if CUDA else "Triton launches per steady-state step (CPU: other ops not counted)",
+        lines += ["", "device work per steady-state step: every launch, gr_fused's Triton kernels in "
+                  "brackets" + ("" if CUDA else " (CPU: Triton launches and torch ops, as issued)"),
                   "| tensors | " + " | ".join(k for k in results["launches"][0] if k != "n_tensors")
                   + " |", "|---" * len(results["launches"][0]) + "|"]
         for r in results["launches"]:

@@ -33,8 +33,9 @@ python -c "import gr_fused.backends as b; print('backends on cuda:', {n: b.unava
   2>&1 | tee -a "$OUT/results.md"
 
 log "equality tests, compiled on the GPU"
-timeout "$(cap 120)" python -m pytest -q -x -p no:cacheprovider tests/test_triton.py tests/test_cext.py \
-  tests/test_flat.py tests/test_nosync.py 2>&1 | tail -15 > "$OUT/pytest.txt"; [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+# (the ahead-of-time compile check is for machines without a GPU: here every kernel compiles for real)
+timeout "$(cap 150)" python -m pytest -q -x -p no:cacheprovider tests/test_triton.py tests/test_cext.py \
+  tests/test_flat.py tests/test_nosync.py -k "not compiles_for_sm80" 2>&1 | tail -15 > "$OUT/pytest.txt"; [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 cat "$OUT/pytest.txt"
 
 log "kernel timings: triton"

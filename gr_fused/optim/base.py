@@ -388,6 +388,7 @@ class GROptimizer(Optimizer):
             self.abort_step()
             raise RuntimeError("difference='central' needs reflect_step() and a third backward "
                                "before second_step(); the weights were restored")
+        last_skipped = self.last_step_skipped  # kept if this step raises before reporting
         try:
             self._adopt_replaced_grads()
             buckets = pending.buckets
@@ -403,6 +404,9 @@ class GROptimizer(Optimizer):
                     found_inf = self._update_buckets(buckets, pending.combine, main, scale)
                     skips.record(found_inf)
                 self._after_update(found_inf)
+        except BaseException:
+            self.last_step_skipped = last_skipped
+            raise
         finally:
             self._pending = None
             self._bn.stop()
