@@ -14,6 +14,7 @@ kernels, against torch and against Triton.
 """
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -475,6 +476,54 @@ def test_gr_step_runs_no_torch_op_on_the_optimizer_side(device, algo, lib):
             _ext.load = original
     assert work.names == []
     assert calls == ["ascent_scalars", "perturb", "update_scalars", f"update_{algo}"]
+
+
+# ----------------------------------------------------------------------- the CUDA build's code
+def _cuobjdump():
+    """cuobjdump from the CUDA toolkit, or the copy Triton's wheel ships."""
+    import triton
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return shutil.which("cuobjdump") or (str(bundled) if bundled.is_file() else None)
+
+
+def _sass_functions(module_file):
+    """{(arch, mangled kernel name): SASS text} of every kernel in the module's fatbin."""
+    dump = subprocess.run([_cuobjdump(), "-sass", module_file], capture_output=True, text=True,
+                          timeout=300).stdout
+    functions, arch, name = {}, None, None
+    for line in dump.splitlines():
+        if "code for sm_" in line:
+            arch, name = line.split("code for ")[1].strip(), None
+        elif "Function : " in line:
+            name = line.split("Function : ")[1].strip()
+            functions[(arch, name)] = []
+        elif name is not None:
+            functions[(arch, name)].append(line)
+    return {k: "\n".join(v) for k, v in functions.items()}
+
+
+def test_cuda_kernels_move_16_bytes_per_access_on_sm80_and_sm90(lib):
+    """No GPU is needed to read what nvcc made of cuda.cu: every kernel is there for sm_80
+    and sm_90, and each variant for aligned buffers (a pack of V > 1 elements: 4 floats, 8
+    halves, 2 doubles) loads with 128-bit LDG and, when it writes, stores with 128-bit STG."""
+    if not lib.with_cuda:
+        pytest.skip("gr_fused._C was built without CUDA (no nvcc at build time)")
+    if _cuobjdump() is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's NVIDIA backend) to read the SASS")
+    functions = _sass_functions(lib.__file__)
+    names = {arch: {n for a, n in functions if a == arch} for arch in ("sm_80", "sm_90")}
+    assert names["sm_80"] and names["sm_80"] == names["sm_90"]
+    packed = 0
+    for (arch, name), sass in functions.items():
+        width = re.search(r"Li(\d+)EEEv", name)  # the template argument V of the kernel
+        if not width or int(width.group(1)) == 1:
+            continue
+        packed += 1
+        assert "LDG.E.128" in sass, f"{arch} {name}: no 128-bit load"
+        if "foreach_kernel" in name:
+            assert "STG.E.128" in sass, f"{arch} {name}: no 128-bit store"
+    # per arch: 8 element-wise op variants and 2 norm variants, for each of 4 storage types
+    assert packed >= 2 * 4 * (8 + 2), packed
 
 
 # ----------------------------------------------------------------------- availability, errors
