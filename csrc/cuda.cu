@@ -187,47 +187,55 @@ template <class C> __global__ void advance_step(float* step, const C* found_inf)
 
 }  // namespace
 
-void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials, ptr out) {
+namespace {
+
+// The norm's first stage over g (θ·g when theta != 0), then `finalize(C{}, partials, blocks)`
+// launches one of the one-block finalize kernels above: two launches per entry point.
+template <class F>
+void norm_then(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials,
+               const char* what, F finalize) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using C = compute_t<T>;
     DeviceGuard guard(w.device);
     const int blocks = launch_partials<T>(w, n, g, theta, partials);
-    sq_norm_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(as<const double>(partials), blocks,
-                                                          as<C>(out));
-    check(cudaGetLastError(), "sq_norm (finalize)");
+    finalize(compute_t<T>{}, as<const double>(partials), blocks);
+    check(cudaGetLastError(), what);
   });
+}
+
+}  // namespace
+
+void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials, ptr out) {
+  norm_then(w, dtype, n, g, theta, partials, "sq_norm (finalize)",
+            [&](auto c, const double* sums, int blocks) {
+              using C = decltype(c);
+              sq_norm_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(sums, blocks, as<C>(out));
+            });
 }
 
 void ascent_scalars(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials,
                     ptr scale, ptr out, double rho, double gamma, double alpha, bool normalize,
                     bool fixed_alpha, bool central) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
-    DeviceGuard guard(w.device);
-    const int blocks = launch_partials<T>(w, n, g, theta, partials);
-    ascent_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(
-        as<const double>(partials), blocks, as<const float>(scale), as<C>(out),
-        AscentHp{rho, gamma, alpha, normalize, fixed_alpha, central});
-    check(cudaGetLastError(), "ascent_scalars (finalize)");
-  });
+  norm_then(w, dtype, n, g, theta, partials, "ascent_scalars (finalize)",
+            [&](auto c, const double* sums, int blocks) {
+              using C = decltype(c);
+              ascent_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(
+                  sums, blocks, as<const float>(scale), as<C>(out),
+                  AscentHp{rho, gamma, alpha, normalize, fixed_alpha, central});
+            });
 }
 
 void update_scalars(const Where& w, int dtype, int64_t n, ptr G, ptr partials, ptr combine,
                     ptr scale, ptr out, ptr count, ptr last, ptr scaler_flag, ptr adam_step,
                     bool clip, double max_norm) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
-    DeviceGuard guard(w.device);
-    const int blocks = launch_partials<T>(w, n, G, 0, partials);
-    update_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(
-        as<const double>(partials), blocks, as<const C>(combine), as<const float>(scale),
-        as<C>(out), as<int64_t>(count), as<bool>(last), as<float>(scaler_flag),
-        as<float>(adam_step), clip, max_norm);
-    check(cudaGetLastError(), "update_scalars (finalize)");
-  });
+  norm_then(w, dtype, n, G, 0, partials, "update_scalars (finalize)",
+            [&](auto c, const double* sums, int blocks) {
+              using C = decltype(c);
+              update_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(
+                  sums, blocks, as<const C>(combine), as<const float>(scale), as<C>(out),
+                  as<int64_t>(count), as<bool>(last), as<float>(scaler_flag),
+                  as<float>(adam_step), clip, max_norm);
+            });
 }
 
 void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps,
