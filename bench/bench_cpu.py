@@ -84,11 +84,11 @@ class Setup:
         """norm(g1) + scalars, perturb | norm(G) + scalars, update: what the driver calls."""
         k, b = self.kernels, self.flat
         start = time.perf_counter()
-        combine = k.ascend(b, None)
+        ascended = k.ascend([b], None)
         first = time.perf_counter() - start
         torch._foreach_add_(self.grads(), self.g2)
         start = time.perf_counter()
-        k.combine_update(b, combine, None, self.skips)
+        k.combine_update([b], ascended, None, self.skips)
         return first + time.perf_counter() - start
 
     def step(self) -> float:

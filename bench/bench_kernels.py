@@ -115,8 +115,7 @@ def phase_runs(k, sgd: Bucket, adamw: Bucket, none: Bucket) -> Dict[str, object]
                        torch.empty((), dtype=torch.bool, device=sgd.device), None)
 
     def gr_step():  # fixed α = 0.5 (SGD's GR keys): fold = 1, so G keeps its values
-        combine = k.ascend(sgd, None)
-        k.combine_update(sgd, combine, None, skips)
+        k.combine_update([sgd], k.ascend([sgd], None), None, skips)
 
     return {
         "norm": lambda: k.sq_norm(sgd, False),

@@ -121,7 +121,11 @@ def local_ascent_step(optimizer, closure: Callable[[], Any], model=None, process
         optimizer.step()
         return loss
     loss = run()
-    optimizer.first_step()
+    optimizer._fuse_scalars = False  # the general path: its per-group combines are edited below
+    try:
+        optimizer.first_step()
+    finally:
+        optimizer._fuse_scalars = True
     try:
         run()
         if optimizer._pending is not None and optimizer._needs_reflect():
@@ -130,12 +134,12 @@ def local_ascent_step(optimizer, closure: Callable[[], Any], model=None, process
         pending = optimizer._pending
         optimizer._adopt_replaced_grads()
         grads = []
-        for gi, combine in pending.combine.items():  # G_r ← α_r·G_r, then the update uses 1·G
+        for gi, combine in pending.ascended.items():  # G_r ← α_r·G_r, then the update uses 1·G
             for b in pending.buckets:
                 if b.extra["_group_index"] == gi:
                     torch._foreach_mul_(b.grads, combine.to(b.device))
                     grads.extend(b.grads)
-            pending.combine[gi] = torch.ones_like(combine)
+            pending.ascended[gi] = torch.ones_like(combine)
         _average(grads, process_group)
     except BaseException:
         optimizer.abort_step()

@@ -46,6 +46,7 @@ class Case:
     groups: int = 1                         # split parameters into this many groups
     no_grad_every: int = 0                  # every k-th parameter gets no gradient
     steps: int = 5
+    odd_group_options: dict = dataclasses.field(default_factory=lambda: {"lr": 0.03})
 
     def __str__(self):
         return self.name
@@ -79,7 +80,7 @@ def run_case(case: Case, backend: str, inputs, steps: Optional[int] = None):
     groups = [{"params": [params[i] for i in idx]} for idx in per_group if idx]
     for g, group in enumerate(groups):
         if g % 2 == 1:
-            group["lr"] = 0.03  # a second group with its own hyperparameters
+            group.update(case.odd_group_options)  # a second group with its own hyperparameters
     for i in skip:
         groups[0]["params"].append(params[i])  # in a group, but never given a gradient
     opt = case.make_opt(groups, backend)
@@ -149,6 +150,10 @@ CASES: List[Case] = [
     Case("adamw-forward", ODD, _adamw(lr=1e-2, weight_decay=0.1, gamma=0.002, rho=0.05)),
     Case("adamw-central-groups", ODD * 2, _adamw(lr=1e-2, gamma=0.002, rho=0.05, difference="central"), groups=2),
     Case("adamw-backward-clipped", ODD, _adamw(lr=1e-2, gamma=0.002, rho=-0.05, max_grad_norm=1.0)),
+    Case("sgd-groups-clipped-asam", ODD * 2, _sgd(max_grad_norm=0.5, **SGD_MOM), groups=2,
+         odd_group_options=dict(lr=0.03, rho=0.1, adaptive=True, weight_decay=0.0)),
+    Case("adamw-groups-own-clipping", ODD * 2, _adamw(lr=1e-2, gamma=0.002, rho=0.05,
+         max_grad_norm=1.0), groups=2, odd_group_options=dict(max_grad_norm=0.05)),
     Case("sam-adaptive", ODD, lambda g, b: gr_fused.SAM(g, torch.optim.SGD, rho=0.05, adaptive=True, lr=0.05, momentum=0.9, backend=b)),
     Case("gnp", ODD, lambda g, b: gr_fused.GNP(g, torch.optim.SGD, rho=0.05, lam=0.02, lr=0.05, backend=b)),
     Case("gr-wrapper-adam", ODD, lambda g, b: gr_fused.GR(g, torch.optim.Adam, gamma=0.002, rho=0.05, lr=1e-2, backend=b)),

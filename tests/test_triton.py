@@ -22,13 +22,13 @@ import gr_fused
 from gr_fused import backends
 from gr_fused.backends import triton_backend
 from gr_fused.backends.torch_backend import TorchBackend
-from gr_fused import kernels
+from gr_fused import _scalars, kernels
 from gr_fused.kernels import (triton_common, triton_norm, triton_perturb, triton_scalars,
                               triton_update)
 import equality
 from equality import (CASE_IDS, CASES, SCALAR_HPARAM_IDS, SCALAR_HPARAMS, assert_close,
                       check_ascent_scalars, check_update_scalars, clone_bucket, closure_for,
-                      compare_backends, ulp_close)
+                      compare_backends, exact_sq_norm, scalars_close, ulp_close)
 from test_nosync import forbid_host_reads
 from gr_fused.amp import GradScaler
 
@@ -151,12 +151,20 @@ def test_every_kernel_indexes_through_block_offsets():
 
 
 # ----------------------------------------------------------------------- step scalars
+def _group(rho, gamma, alpha, normalize, central):
+    return dict(rho=rho, gamma=gamma, alpha=alpha, normalize=normalize,
+                difference="central" if central else "forward")
+
+
 def _triton_ascent(grad, param, scale, **hp):
-    return kernels.ascent_scalars(grad, param, scale, block=SMALL_BLOCK, **hp)
+    (row,) = kernels.ascent_scalars([(grad, param)], scale, [_group(**hp)], block=SMALL_BLOCK)
+    return row
 
 
 def _triton_update(grad, combine, scale, **records):
-    return kernels.update_scalars(grad, combine, scale, block=SMALL_BLOCK, **records)
+    ascent = torch.zeros(1, 3, device=grad.device)
+    ascent[0, 2] = combine
+    return kernels.update_scalars([[grad]], ascent, scale, block=SMALL_BLOCK, **records)
 
 
 @pytest.mark.parametrize("hp", SCALAR_HPARAMS, ids=SCALAR_HPARAM_IDS)
@@ -174,6 +182,39 @@ def test_update_scalars_kernel_matches_the_reference_and_records_the_skip(max_gr
     """kernels.update_scalars: the norm of G and gscale, found_inf and the skip records in
     its finalize launch."""
     check_update_scalars(_triton_update, DEVICE, torch.float32, max_grad_norm, amp, poison)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3], ids=["no-clip", "clip"])
+def test_scalar_kernels_over_several_groups_and_buffers_match_the_reference(max_grad_norm):
+    """Three param groups in five flat buffers of three dtypes: the ascent rows come from
+    the global norm with each group's hyperparameters, the update's gscale from each group's
+    own norm of G and one clip factor over all of them (as the driver's torch-op path)."""
+    sizes = [[1000, 7], [4099], [1, 333]]
+    dtypes = [[torch.float32, torch.bfloat16], [torch.float32], [torch.float16, torch.float32]]
+    grads = [[torch.randn(n, device=DEVICE).to(dt) for n, dt in zip(ns, dts)]
+             for ns, dts in zip(sizes, dtypes)]
+    params = [[torch.randn_like(g) for g in group] for group in grads]
+    groups = [_group(0.05, 0.02, None, True, False), _group(0.1, 0.0, 0.6, True, True),
+              _group(0.2, 0.03, None, False, False)]
+    adaptive = [False, True, False]
+    inputs = [(g, p if a else None) for gs, ps, a in zip(grads, params, adaptive)
+              for g, p in zip(gs, ps)]
+    ascent = kernels.ascent_scalars(inputs, None, groups, block=SMALL_BLOCK)
+    sq1 = sum(exact_sq_norm(g, p).double() for g, p in inputs).float()
+    for row, group in zip(ascent, groups):
+        want = _scalars.ascent_scalars(sq1, None, rho=group["rho"], normalize=group["normalize"],
+                                       gamma=group["gamma"], alpha=group["alpha"],
+                                       difference=group["difference"])
+        scalars_close(row, torch.stack(want), f"ascent row of {group}")
+    count = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    last = torch.empty((), dtype=torch.bool, device=DEVICE)
+    out = kernels.update_scalars(grads, ascent, None, max_grad_norm=max_grad_norm,
+                                 skipped_steps=count, last_step_skipped=last, block=SMALL_BLOCK)
+    sq_by_group = [sum(exact_sq_norm(g, None).double() for g in gs).float() for gs in grads]
+    gscales, found_inf = _scalars.update_scalars(sq_by_group, list(ascent[:, 2]), None,
+                                                 [max_grad_norm] * 3)
+    scalars_close(out, torch.stack(gscales + [found_inf]), "gscales, found_inf")
+    assert int(count) == 0 and not bool(last)
 
 
 # ----------------------------------------------------------------------- norm
@@ -369,27 +410,34 @@ def test_found_inf_skips_with_theta_restored_and_state_untouched(make):
     assert not bool(opt.last_step_skipped) and not torch.equal(params[0], theta[0])
 
 
-@pytest.mark.parametrize("algo,options,expected", [
-    ("sgd", {}, 6), ("adamw", {}, 6), ("sgd", dict(max_grad_norm=1.0, adaptive=True), 6),
-    ("adamw", dict(difference="central"), 7)], ids=["sgd", "adamw", "sgd-clip-asam", "central"])
-def test_a_gr_step_is_six_launches_in_all_whatever_the_number_of_tensors(algo, options, expected):
+@pytest.mark.parametrize("algo,options,groups,expected", [
+    ("sgd", {}, 1, 6), ("adamw", {}, 1, 6), ("sgd", dict(max_grad_norm=1.0, adaptive=True), 1, 6),
+    ("adamw", dict(difference="central"), 1, 7), ("sgd", dict(max_grad_norm=1.0), 2, 11),
+    ("adamw", {}, 3, 4 * 3 + 3 + 1 + 3)],
+    ids=["sgd", "adamw", "sgd-clip-asam", "central", "sgd-2-groups", "adamw-3-groups"])
+def test_a_gr_step_is_six_launches_in_all_whatever_the_number_of_tensors(algo, options, groups,
+                                                                          expected):
     """SPEC §3's "≤ 6 in all": every unit of device work on the optimizer side of a step,
     Triton launches and torch ops alike (the closure's forward/backward aside), counted as
     issued. The step scalars are computed in the norms' finalize kernels, so there is no
-    torch op at all; the central difference adds its reflection."""
+    torch op at all; the central difference adds its reflection. With G param groups in K
+    flat buffers it is 4K + G + 1 (AdamW: + K step counts)."""
     per_step = {}
-    for n_tensors in (1, 200):
+    for n_tensors in (6, 198):
         params = [torch.randn(5, device=DEVICE, requires_grad=True) for _ in range(n_tensors)]
-        opt = (gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend="triton",
+        param_groups = [{"params": params[g::groups], "weight_decay": 0.01 * g}
+                        for g in range(groups)]
+        opt = (gr_fused.GRSGD(param_groups, lr=0.1, momentum=0.9, gamma=0.05, backend="triton",
                               **options) if algo == "sgd"
-               else gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, backend="triton", **options))
+               else gr_fused.GRAdamW(param_groups, lr=1e-2, gamma=0.05, backend="triton",
+                                     **options))
         opt.step(closure_for(opt, params))  # the first step builds the flat buffers and state
         with DeviceWork() as work:
             opt.step(work.excluding(closure_for(opt, params)))
         per_step[n_tensors] = work.names
-    assert len(per_step[1]) == expected, per_step[1]
-    assert set(per_step[1]) <= KERNEL_NAMES, per_step[1]
-    assert per_step[200] == per_step[1]
+    assert len(per_step[6]) == expected, per_step[6]
+    assert set(per_step[6]) <= KERNEL_NAMES, per_step[6]
+    assert per_step[198] == per_step[6]
 
 
 def test_an_amp_step_adds_no_launch_to_the_optimizer_side():

@@ -78,7 +78,7 @@ def _run_every_variant(n=10_000):
         def buf():
             return torch.randn(n).to(dtype)
         param, grad, backup = buf(), buf(), buf()
-        scale, combine = torch.tensor(1024.0), torch.tensor(0.5)
+        scale, ascent = torch.tensor(1024.0), torch.full((3, 3), 0.5)
         count, last = torch.zeros((), dtype=torch.int64), torch.empty((), dtype=torch.bool)
         flag, step = torch.zeros(()), torch.zeros(())
         k.sq_norm(grad)
@@ -86,13 +86,16 @@ def _run_every_variant(n=10_000):
         for normalize, alpha, central, amp, adaptive in [
                 (True, None, False, False, False), (False, None, True, True, True),
                 (True, 0.5, False, True, False), (True, None, True, False, True)]:
-            k.ascent_scalars(grad, param if adaptive else None, scale if amp else None,
-                             rho=0.05, normalize=normalize, gamma=0.0 if alpha else 0.05,
-                             alpha=alpha, central=central)
-        for clip, amp, with_flag, with_step in [(None, False, False, False),
-                                                (1.0, True, True, True)]:
-            k.update_scalars(grad, combine, scale if amp else None, max_grad_norm=clip,
-                             skipped_steps=count, last_step_skipped=last,
+            group = dict(rho=0.05, normalize=normalize, gamma=0.0 if alpha else 0.05,
+                         alpha=alpha, difference="central" if central else "forward")
+            k.ascent_scalars([(grad, param if adaptive else None)], scale if amp else None,
+                             [group])
+        for groups, clip, amp, with_flag, with_step in [(1, None, False, False, False),
+                                                        (1, 1.0, True, True, True),
+                                                        (2, 1.0, False, False, False),
+                                                        (3, None, True, True, False)]:
+            k.update_scalars([[grad]] * groups, ascent, scale if amp else None,
+                             max_grad_norm=clip, skipped_steps=count, last_step_skipped=last,
                              scaler_found_inf=flag if with_flag else None,
                              adam_step=step if with_step else None)
         eps, fold = torch.tensor(1e-3), torch.tensor(1.0)
@@ -102,14 +105,14 @@ def _run_every_variant(n=10_000):
         found_inf = torch.zeros(())
         for momentum, first, nesterov, wd in [(0.0, False, False, 0.0), (0.9, True, False, 0.0),
                                               (0.9, False, True, 1e-4), (0.9, False, False, 0.0)]:
-            k.sgd_update(param, grad, backup, buf(), combine, found_inf, lr=0.1,
+            k.sgd_update(param, grad, backup, buf(), ascent[0, 2], found_inf, lr=0.1,
                          momentum=momentum, dampening=0.0, weight_decay=wd, nesterov=nesterov,
                          first=first)
         for advance in (True, False):
-            k.adamw_update(param, grad, backup, buf(), buf(), step, combine, found_inf,
+            k.adamw_update(param, grad, backup, buf(), buf(), step, ascent[0, 2], found_inf,
                            lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
                            advance_step=advance)
-        k.restore_and_combine(param, grad, backup, combine, found_inf)
+        k.restore_and_combine(param, grad, backup, ascent[0, 2], found_inf)
 
 
 def main(argv=None):

@@ -27,8 +27,6 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .._scalars import ascent_scalars, update_scalars
-
 
 class Bucket:
     """The parameters of one param group that live on one (device, dtype).
@@ -106,10 +104,6 @@ def fusable_scaler_flag(skips: SkipRecord, device: torch.device) -> bool:
     return flag is None or (flag.device == device and flag.dtype == torch.float32)
 
 
-def _inverse(grad_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if grad_scale is None else grad_scale.reciprocal()
-
-
 class Backend:
     """One implementation of the three phases. Subclasses set ``name`` and implement all
     methods below; see ``TorchBackend`` for the reference semantics of each."""
@@ -153,28 +147,25 @@ class Backend:
         (``"none"``: θ ← backup and G ← g, for a base optimizer that steps afterwards)."""
         raise NotImplementedError
 
-    # --- whole halves of a step, for a bucket that is the whole step --------------------
-    # When one bucket holds every parameter (one param group on one device and dtype, the
-    # common case), the driver calls these two instead of the phases above. The defaults
-    # compose the phases with the torch-op scalars of _scalars.py; a backend overrides them
-    # to compute the scalars in its norm-finalize kernel (a GR step in 6 launches).
-    def ascend(self, b: Bucket, grad_scale: Optional[torch.Tensor]) -> torch.Tensor:
-        """Norm of g1, the ascent scalars of ``b.group`` and :meth:`perturb`. ``grad_scale``
-        is the AMP scale S (0-dim float32) or None. Returns ``combine`` (0-dim)."""
-        group = b.group
-        eps, fold, combine = ascent_scalars(
-            self.sq_norm(b, group["adaptive"]), _inverse(grad_scale), rho=group["rho"],
-            normalize=group["normalize"], gamma=group["gamma"], alpha=group["alpha"],
-            difference=group["difference"])
-        self.perturb(b, eps, fold, group["adaptive"])
-        return combine
+    # --- a whole step with its scalars fused into the norms (optional) ------------------
+    # The driver computes the step scalars (ε_t, fold, gscale, found_inf, ...) with the
+    # torch ops of _scalars.py between the phases above: about fifteen tiny launches per
+    # step and group. A backend that can compute them in its norms' finalize kernels says so
+    # in can_fuse, and the driver then runs each half of the step through one call.
+    def can_fuse(self, buckets: List[Bucket]) -> bool:
+        """Whether :meth:`ascend` and :meth:`combine_update` can run a step of ``buckets``
+        (the driver has checked that they are all this backend's, on one device, and not
+        sharded)."""
+        return False
 
-    def combine_update(self, b: Bucket, combine: torch.Tensor,
+    def ascend(self, buckets: List[Bucket], grad_scale: Optional[torch.Tensor]) -> Any:
+        """The global norm of g1, each param group's ascent scalars, and :meth:`perturb` of
+        every bucket. ``grad_scale`` is the AMP scale S (0-dim float32) or None. Returns
+        what :meth:`combine_update` needs (device tensors: each group's combine)."""
+        raise NotImplementedError
+
+    def combine_update(self, buckets: List[Bucket], ascended: Any,
                        grad_scale: Optional[torch.Tensor], skips: SkipRecord) -> torch.Tensor:
-        """Norm of G, the update scalars (unscale, clip, found_inf), :meth:`update` and the
-        skip record. Returns found_inf (0-dim, 0. or 1.)."""
-        (gscale,), found_inf = update_scalars([self.sq_norm(b, False)], [combine],
-                                              _inverse(grad_scale), [b.group["max_grad_norm"]])
-        self.update(b, gscale, found_inf)
-        skips.record(found_inf)
-        return found_inf
+        """The norms of G, the update scalars (unscale, clip, found_inf) into ``skips``,
+        and :meth:`update` of every bucket. Returns found_inf (0-dim float, 0. or 1.)."""
+        raise NotImplementedError

@@ -60,9 +60,13 @@ class CKernels(Backend):
                    self._partials(p).data_ptr(), out.data_ptr())
         return out
 
-    def ascend(self, b, grad_scale):
+    def can_fuse(self, fbs):
+        return len(fbs) == 1  # csrc's ascent_scalars/update_scalars take one buffer
+
+    def ascend(self, fbs, grad_scale):
         """The norm of g1 and the ascent scalars in one call (csrc's ascent_scalars: on CUDA
         the norm's finalize kernel computes them), then perturb."""
+        (b,) = fbs
         p, group = b.params[0], b.group
         out = torch.empty(3, dtype=compute_dtype(p.dtype), device=p.device)
         scale = scale_for(grad_scale, p)
@@ -73,22 +77,21 @@ class CKernels(Backend):
                    float(group["rho"]), float(group["gamma"]),
                    0.0 if alpha is None else float(alpha), bool(group["normalize"]),
                    alpha is not None, group["difference"] == "central")
-        eps, fold, combine = out
+        eps, fold, _ = out
         self.perturb(b, eps, fold, group["adaptive"])
-        return combine
+        return out  # [eps, fold, combine]
 
-    def combine_update(self, b, combine, grad_scale, skips):
+    def combine_update(self, fbs, ascent, grad_scale, skips):
         """The norm of G, the update scalars and the skip records in one call (csrc's
         update_scalars), then the update."""
+        (b,) = fbs
         p = b.params[0]
-        if skips.count.device != p.device:
-            return super().combine_update(b, combine, grad_scale, skips)
         out = torch.empty(2, dtype=compute_dtype(p.dtype), device=p.device)
         scale, flag = scale_for(grad_scale, p), skips.scaler_found_inf
         fused_flag = fusable_scaler_flag(skips, p.device)
         max_norm = b.group["max_grad_norm"]
         self._call("update_scalars", p, b.grads[0].data_ptr(), self._partials(p).data_ptr(),
-                   self._scalar(combine, p).data_ptr(), 0 if scale is None else scale.data_ptr(),
+                   ascent[2].data_ptr(), 0 if scale is None else scale.data_ptr(),
                    out.data_ptr(), skips.count.data_ptr(), skips.last.data_ptr(),
                    flag.data_ptr() if fused_flag and flag is not None else 0,
                    adamw_state(b)["step"].data_ptr() if b.algo == "adamw" else 0,

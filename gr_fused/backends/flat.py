@@ -185,30 +185,27 @@ class FlatBackend(Backend):
         fb = self._flat(b)
         if fb is None:
             return self._fallback.update(b, gscale, found_inf)
-        self._adopting_new_state(b, self.kernel.update, fb, gscale, found_inf)
-
-    def ascend(self, b, grad_scale):
-        fb = self._flat(b)
-        return (Backend.ascend(self, b, grad_scale) if fb is None
-                else self.kernel.ascend(fb, grad_scale))
-
-    def combine_update(self, b, combine, grad_scale, skips):
-        fb = self._flat(b)
-        if fb is None:
-            return Backend.combine_update(self, b, combine, grad_scale, skips)
-        return self._adopting_new_state(b, self.kernel.combine_update, fb, combine, grad_scale,
-                                        skips)
-
-    @staticmethod
-    def _adopting_new_state(b, kernel_phase, *args):
-        """Run a phase that may create the flat state (the first step), then point the
-        per-parameter state entries at views of it."""
         layout: FlatLayout = b.extra["flat"]
         keys = set(layout.state)
-        result = kernel_phase(*args)
-        if set(layout.state) != keys:
+        self.kernel.update(fb, gscale, found_inf)
+        if set(layout.state) != keys:  # the first step created state: point entries at it
             layout.adopt(b.grads, b.states)
-        return result
+
+    def can_fuse(self, buckets):
+        return (all("flat" in b.extra for b in buckets)
+                and self.kernel.can_fuse([self._flat(b) for b in buckets]))
+
+    def ascend(self, buckets, grad_scale):
+        return self.kernel.ascend([self._flat(b) for b in buckets], grad_scale)
+
+    def combine_update(self, buckets, ascended, grad_scale, skips):
+        keys = [set(b.extra["flat"].state) for b in buckets]
+        found_inf = self.kernel.combine_update([self._flat(b) for b in buckets], ascended,
+                                               grad_scale, skips)
+        for b, before in zip(buckets, keys):
+            if set(b.extra["flat"].state) != before:  # the first step created state
+                b.extra["flat"].adopt(b.grads, b.states)
+        return found_inf
 
 
 def zero_flat_grads(extras) -> list:

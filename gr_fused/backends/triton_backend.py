@@ -3,9 +3,11 @@ buffers of a bucket (see ``flat.py`` and ``gr_fused/kernels``), whatever the num
 
 ``TritonBackend`` is the :class:`~.flat.FlatBackend` that the registry hands out under the
 name ``"triton"``; ``TritonFlatKernels`` maps the phases of a *flat* bucket (one param, one
-grad, one state dict, one backup) onto the kernels. A GR step is 6 launches with SGD or AdamW
-(7 for the central difference): the norm of g1 and the ascent scalars (2), perturb (1), the
-norm of G and the update scalars (2), the update (1). The kernels never sync with the host.
+grad, one state dict, one backup) onto the kernels. With one param group a GR step is 6
+launches with SGD or AdamW (7 for the central difference): the norm of g1 and the ascent
+scalars (2), perturb (1), the norm of G and the update scalars (2), the update (1). With G
+groups in K flat buffers it is 4K + G + 1 (AdamW: + K step counts). The kernels never sync
+with the host.
 
 The kernels run on CUDA tensors, and on CPU tensors only under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before ``gr_fused.kernels`` is first imported), which is how CI
@@ -53,8 +55,8 @@ class TritonFlatKernels(Backend):
     """The backend phases for a flat bucket (``params[0]`` the flat param, ``grads[0]`` the
     flat grad, ``states[0]`` the flat state dict, ``extra["backup"][0]`` the flat backup).
 
-    ``ascend`` and ``combine_update`` compute the step scalars inside the norm's finalize
-    kernel (``kernels/triton_scalars.py``), so a whole GR step is 6 launches."""
+    ``ascend`` and ``combine_update`` compute the step scalars inside the norms' finalize
+    kernels (``kernels/triton_scalars.py``)."""
 
     name = "triton-flat"
 
@@ -104,32 +106,42 @@ class TritonFlatKernels(Backend):
         param, _, backup = self._flat(b)
         param.copy_(backup)
 
-    def ascend(self, b, grad_scale):
-        param, grad, _ = self._flat(b)
-        if not param.numel():
-            return super().ascend(b, grad_scale)
-        group = b.group
-        eps, fold, combine = _kernels().ascent_scalars(
-            grad, param if group["adaptive"] else None, scale_for(grad_scale, param),
-            rho=group["rho"], normalize=group["normalize"], gamma=group["gamma"],
-            alpha=group["alpha"], central=group["difference"] == "central", **self._block())
-        self.perturb(b, eps, fold, group["adaptive"])
-        return combine
+    def can_fuse(self, fbs):
+        # one clip threshold for every group (clip_grad_norm_ over all of them; per-group
+        # thresholds take the driver's general path), and each group's buckets in a row
+        runs = _group_runs(fbs)
+        return (len({id(group) for group, _ in runs}) == len(runs)
+                and len({group["max_grad_norm"] for group, _ in runs}) == 1)
 
-    def combine_update(self, b, combine, grad_scale, skips):
-        param, grad, _ = self._flat(b)
-        if not param.numel() or skips.count.device != param.device:
-            return super().combine_update(b, combine, grad_scale, skips)
+    def ascend(self, fbs, grad_scale):
+        runs = _group_runs(fbs)
+        ascent = _kernels().ascent_scalars(
+            [(fb.grads[0], fb.params[0] if fb.group["adaptive"] else None) for fb in fbs],
+            scale_for(grad_scale, fbs[0].params[0]), [group for group, _ in runs],
+            **self._block())
+        for (group, members), (eps, fold, _) in zip(runs, ascent):
+            for fb in members:
+                self.perturb(fb, eps, fold, group["adaptive"])
+        return ascent  # rows [eps, fold, combine], one per group
+
+    def combine_update(self, fbs, ascent, grad_scale, skips):
+        runs = _group_runs(fbs)
+        device = fbs[0].params[0].device
         flag = skips.scaler_found_inf
-        fused_flag = fusable_scaler_flag(skips, param.device)
-        gscale, found_inf = _kernels().update_scalars(
-            grad, combine, scale_for(grad_scale, param), max_grad_norm=b.group["max_grad_norm"],
+        fused_flag = fusable_scaler_flag(skips, device)
+        one_adamw = len(fbs) == 1 and fbs[0].algo == "adamw"  # its step advances in-kernel
+        out = _kernels().update_scalars(
+            [[fb.grads[0] for fb in members] for _, members in runs], ascent,
+            scale_for(grad_scale, fbs[0].params[0]), max_grad_norm=runs[0][0]["max_grad_norm"],
             skipped_steps=skips.count, last_step_skipped=skips.last,
             scaler_found_inf=flag if fused_flag else None,
-            adam_step=adamw_state(b)["step"] if b.algo == "adamw" else None, **self._block())
+            adam_step=adamw_state(fbs[0])["step"] if one_adamw else None, **self._block())
+        found_inf = out[len(runs)]
         if not fused_flag:
             flag.copy_(torch.maximum(flag, found_inf.to(flag)))
-        self.update(b, gscale, found_inf, step_advanced=True)
+        for gscale, (_, members) in zip(out, runs):
+            for fb in members:
+                self.update(fb, gscale, found_inf, step_advanced=one_adamw)
         return found_inf
 
     def update(self, b, gscale, found_inf, step_advanced=False):
@@ -158,6 +170,17 @@ class TritonFlatKernels(Backend):
                            **self._block())
         else:
             raise ValueError(f"unknown base update {b.algo!r}")
+
+
+def _group_runs(fbs):
+    """The flat buckets as runs of one param group each: [(group, [bucket, ...]), ...]."""
+    runs = []
+    for fb in fbs:
+        if runs and runs[-1][0] is fb.group:
+            runs[-1][1].append(fb)
+        else:
+            runs.append((fb.group, [fb]))
+    return runs
 
 
 def _number(x) -> float:

@@ -9,7 +9,7 @@ size or device; the kernels stay memory-bound (one fp64 multiply-add per element
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -33,13 +33,20 @@ def _partial_sq_kernel(x_ptr, y_ptr, partial_ptr, n, HAS_Y: tl.constexpr, BLOCK:
 
 
 @triton.jit
-def sum_partials(partial_ptr, num_partials, ITERS: tl.constexpr, BLOCK: tl.constexpr):
-    """The fp64 partial sums added in a fixed order (one program), rounded once to fp32."""
+def sum_partial_range(partial_ptr, start, stop, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """partials[start:stop] added in a fixed order (one program) in fp64, rounded once to
+    fp32. ITERS·BLOCK must cover stop − start."""
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for i in range(ITERS):
-        offs = i * BLOCK + tl.arange(0, BLOCK)
-        acc += tl.load(partial_ptr + offs, mask=offs < num_partials, other=0.0)
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + offs, mask=offs < stop, other=0.0)
     return tl.sum(acc, axis=0).to(tl.float32)
+
+
+@triton.jit
+def sum_partials(partial_ptr, num_partials, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """All ``num_partials`` partial sums, as :func:`sum_partial_range`."""
+    return sum_partial_range(partial_ptr, 0, num_partials, ITERS, BLOCK)
 
 
 @triton.jit
@@ -48,19 +55,30 @@ def _finalize_kernel(partial_ptr, out_ptr, num_partials, ITERS: tl.constexpr,
     tl.store(out_ptr, sum_partials(partial_ptr, num_partials, ITERS, BLOCK))
 
 
-def sq_norm_partials(x: torch.Tensor, y: Optional[torch.Tensor] = None, block: int = BLOCK
-                     ) -> Tuple[torch.Tensor, Dict[str, int]]:
-    """Stage one: one launch writing a partial sum of x² (or (x·y)²) per block. Returns the
-    partials and the launch arguments of a finalize over them (``num_partials``, ``ITERS``,
-    ``BLOCK``), for :func:`sum_partials` in any one-program kernel. ``x`` must be non-empty."""
-    n = x.numel()
-    partials = torch.empty(triton.cdiv(n, block), dtype=torch.float64, device=x.device)
-    _partial_sq_kernel[grid(n, block)](x, x if y is None else y, partials, n,
-                                       HAS_Y=y is not None, BLOCK=block, **LAUNCH_OPTIONS)
-    # The loop count is a compile-time constant (rounded up to a power of two, so a few
-    # variants cover every size): the interpreter cannot loop to a runtime bound.
-    iters = triton.next_power_of_2(triton.cdiv(partials.numel(), FINALIZE_BLOCK))
-    return partials, dict(num_partials=partials.numel(), ITERS=iters, BLOCK=FINALIZE_BLOCK)
+def partial_sums(inputs: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]],
+                 block: int = BLOCK) -> Tuple[torch.Tensor, List[int]]:
+    """Stage one over several buffers at once: for each ``(x, y)`` (y None: Σ x²; else
+    Σ (x·y)²) one launch writes a partial sum per block into its own slice of one float64
+    buffer (an empty x launches nothing). Returns the buffer and the slice boundaries,
+    ``bounds[i]:bounds[i + 1]`` for input i; a one-program kernel adds them with
+    :func:`sum_partials` or :func:`sum_partial_range`."""
+    bounds = [0]
+    for x, _ in inputs:
+        bounds.append(bounds[-1] + triton.cdiv(x.numel(), block))
+    partials = torch.empty(max(bounds[-1], 1), dtype=torch.float64, device=inputs[0][0].device)
+    for (x, y), start, stop in zip(inputs, bounds, bounds[1:]):
+        if stop > start:
+            _partial_sq_kernel[(stop - start,)](x, x if y is None else y, partials[start:],
+                                                x.numel(), HAS_Y=y is not None, BLOCK=block,
+                                                **LAUNCH_OPTIONS)
+    return partials, bounds
+
+
+def finalize_iters(num_partials: int) -> int:
+    """The loop count of a one-program sum over ``num_partials`` partials: a compile-time
+    constant (the interpreter cannot loop to a runtime bound), rounded up to a power of two
+    so that a few variants cover every size."""
+    return triton.next_power_of_2(max(triton.cdiv(num_partials, FINALIZE_BLOCK), 1))
 
 
 def sq_norm(x: torch.Tensor, y: Optional[torch.Tensor] = None, block: int = BLOCK) -> torch.Tensor:
@@ -69,6 +87,7 @@ def sq_norm(x: torch.Tensor, y: Optional[torch.Tensor] = None, block: int = BLOC
     out = torch.empty((), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return out.zero_()
-    partials, finalize = sq_norm_partials(x, y, block)
-    _finalize_kernel[(1,)](partials, out, **finalize, **LAUNCH_OPTIONS)
+    partials, bounds = partial_sums([(x, y)], block)
+    _finalize_kernel[(1,)](partials, out, bounds[-1], ITERS=finalize_iters(bounds[-1]),
+                           BLOCK=FINALIZE_BLOCK, **LAUNCH_OPTIONS)
     return out

@@ -85,12 +85,15 @@ def gr_enabled(group: Dict[str, Any]) -> bool:
 
 
 class _Pending:
-    """What lives between first_step() and second_step(): the buckets, per-group combine
-    coefficients, and whether the central difference has been reflected."""
+    """What lives between first_step() and second_step(): the buckets, the backend that runs
+    the step fused (or None), what the ascent left for the update (each group's combine
+    coefficient; the fused backend's own tensors), and whether the central difference has
+    been reflected."""
 
-    def __init__(self, buckets, combine, main_device):
+    def __init__(self, buckets, fused, ascended, main_device):
         self.buckets = buckets
-        self.combine = combine
+        self.fused = fused
+        self.ascended = ascended
         self.main_device = main_device
         self.reflected = False
 
@@ -127,6 +130,7 @@ class GROptimizer(Optimizer):
         self._bucket_extra: Dict[Tuple[int, torch.device, torch.dtype], Dict[str, Any]] = defaultdict(dict)
         self._bn = FreezeRunningStats()
         self._cached_buckets: Optional[List[_backends.Bucket]] = None
+        self._fuse_scalars = True  # False: the general path, whose combines can be edited
         self.skipped_steps: Optional[torch.Tensor] = None
         self.last_step_skipped: Optional[torch.Tensor] = None
         super().__init__(params, defaults)
@@ -142,6 +146,7 @@ class GROptimizer(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_fuse_scalars", True)
         for group in self.param_groups:
             for k, v in GR_DEFAULTS.items():
                 group.setdefault(k, v)
@@ -311,24 +316,40 @@ class GROptimizer(Optimizer):
             raise RuntimeError("first_step() with GR off (gamma=0, alpha=None): call step()")
         buckets = self._buckets()
         if not buckets:
-            self._pending = _Pending([], {}, None)
+            self._pending = _Pending([], None, {}, None)
             return
         main = buckets[0].device
         scale = self._grad_scale(main)
-        if _whole_step(buckets):  # one bucket: the backend may fuse the scalars (6 launches)
-            b = buckets[0]
-            combine = {b.extra["_group_index"]: self._backend(b).ascend(b, scale)}
+        fused = self._fusing_backend(buckets)
+        if fused is not None:  # the scalars come out of the norms' kernels (6 launches)
+            ascended = fused.ascend(buckets, scale)
         else:
-            combine = self._ascend_buckets(buckets, main, scale)
+            ascended = self._ascend_buckets(buckets, main, scale)
         for b in buckets:  # to tell, later, whether backward wrote into these buffers
             _record_grad_versions(b)
-        self._pending = _Pending(buckets, combine, main)
+        self._pending = _Pending(buckets, fused, ascended, main)
         if self.freeze_bn_stats:
             self._bn.start()
 
+    def _fusing_backend(self, buckets) -> Optional[_backends.Backend]:
+        """The backend that can run this step with its scalars fused into the norms: one
+        backend for every bucket, one device, no sharded (FSDP2/DTensor) bucket, the skip
+        counter on that device, and the backend's can_fuse. None: the general path."""
+        backend, device = self._backend(buckets[0]), buckets[0].device
+        if not self._fuse_scalars or (self.skipped_steps is not None
+                                      and self.skipped_steps.device != device):
+            return None
+        for b in buckets:
+            if (self._backend(b) is not backend or b.device != device
+                    or "shard_params" in b.extra or "shard_groups" in b.extra):
+                return None
+        return backend if backend.can_fuse(buckets) else None
+
     def _ascend_buckets(self, buckets, main, scale) -> Dict[int, torch.Tensor]:
-        """first_step over several buckets (param groups, devices, dtypes, shards): the
-        global norm, each group's ascent scalars, then perturb. Returns each group's combine."""
+        """first_step on the general path (any buckets: param groups, devices, dtypes,
+        shards): the global norm and each group's ascent scalars with torch ops, then
+        perturb. Returns each group's combine (``_pending.ascended``, which
+        ``distributed.local_ascent_step`` edits)."""
         inv = None if scale is None else scale.reciprocal()
         adaptive = {b.extra["_group_index"]: b.group["adaptive"] for b in buckets}
         sq = _global_sq_norm(main, buckets, adaptive=True)
@@ -345,8 +366,8 @@ class GROptimizer(Optimizer):
         return {gi: s[2] for gi, s in scalars.items()}
 
     def _update_buckets(self, buckets, combine, main, scale) -> torch.Tensor:
-        """second_step's update over several buckets: per-group norms of G, the update
-        scalars (global clipping, one found_inf for all), then each bucket's update."""
+        """second_step on the general path: per-group norms of G, the update scalars
+        (global clipping, one found_inf for all) with torch ops, then each bucket's update."""
         inv = None if scale is None else scale.reciprocal()
         groups = sorted(combine)
         sq_by_group = [_global_sq_norm(main, [b for b in buckets
@@ -396,12 +417,11 @@ class GROptimizer(Optimizer):
                 main = pending.main_device
                 scale = self._grad_scale(main)
                 skips = self._skip_record(main)
-                if _whole_step(buckets):
-                    b = buckets[0]
-                    found_inf = self._backend(b).combine_update(
-                        b, pending.combine[b.extra["_group_index"]], scale, skips)
+                if pending.fused is not None:
+                    found_inf = pending.fused.combine_update(buckets, pending.ascended, scale,
+                                                             skips)
                 else:
-                    found_inf = self._update_buckets(buckets, pending.combine, main, scale)
+                    found_inf = self._update_buckets(buckets, pending.ascended, main, scale)
                     skips.record(found_inf)
                 self._after_update(found_inf)
         except BaseException:
@@ -529,12 +549,6 @@ class GROptimizer(Optimizer):
                     torch._foreach_mul_([grad for grad, _ in per_group[i] if grad.device == device],
                                         coef.to(device))
         return found is None or not bool(found.item())
-
-
-def _whole_step(buckets: List[_backends.Bucket]) -> bool:
-    """One bucket holds the whole step (one param group, device and dtype; no shards), so
-    its backend's fused ``ascend``/``combine_update`` can run it."""
-    return len(buckets) == 1 and "shard_groups" not in buckets[0].extra
 
 
 def _global_sq_norm(main, buckets: List[_backends.Bucket], adaptive: bool) -> torch.Tensor:
