@@ -157,6 +157,8 @@ CASES: List[Case] = [
     Case("sam-adaptive", ODD, lambda g, b: gr_fused.SAM(g, torch.optim.SGD, rho=0.05, adaptive=True, lr=0.05, momentum=0.9, backend=b)),
     Case("gnp", ODD, lambda g, b: gr_fused.GNP(g, torch.optim.SGD, rho=0.05, lam=0.02, lr=0.05, backend=b)),
     Case("gr-wrapper-adam", ODD, lambda g, b: gr_fused.GR(g, torch.optim.Adam, gamma=0.002, rho=0.05, lr=1e-2, backend=b)),
+    Case("gr-wrapper-adam-groups", ODD * 2, lambda g, b: gr_fused.GR(g, torch.optim.Adam, gamma=0.002, rho=0.05, lr=1e-2, backend=b),
+         groups=2, no_grad_every=4, odd_group_options=dict(lr=0.03, rho=0.1)),
     Case("sgd-bf16", ODD, _sgd(**SGD_MOM), dtypes=(torch.bfloat16,), steps=1),
     Case("sgd-fp16", ODD, _sgd(**SGD_MOM), dtypes=(torch.float16,)),
     Case("adamw-mixed-dtypes", ODD * 2, _adamw(lr=1e-2, gamma=0.002, rho=0.05), dtypes=(torch.float32, torch.bfloat16, torch.float16), steps=1),
