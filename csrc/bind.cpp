@@ -4,6 +4,7 @@
 // C++ exceptions become Python exceptions (std::runtime_error -> RuntimeError, carrying the
 // CUDA error string; std::invalid_argument -> ValueError). The GIL is released meanwhile.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
@@ -47,16 +48,16 @@ std::string host_isa(const std::string& name) {
 
 bool host_packs = false;
 
-template <class... A>
-auto route(void (*host_fn)(const grf::Where&, A...), void (*avx2_fn)(const grf::Where&, A...),
-           void (*cuda_fn)(const grf::Where&, A...)) {
+template <class R, class... A>
+auto route(R (*host_fn)(const grf::Where&, A...), R (*avx2_fn)(const grf::Where&, A...),
+           R (*cuda_fn)(const grf::Where&, A...)) {
   return [=](int device, uintptr_t stream, int threads, A... args) {
     grf::Where w{device, stream, threads, host_packs};
     if (device < 0) return (use_avx2 && avx2_fn ? avx2_fn : host_fn)(w, args...);
     if (cuda_fn == nullptr)
       throw std::runtime_error("gr_fused._C was built without CUDA (nvcc was not found at "
                                "build time); rebuild with GR_FUSED_BUILD_CUDA=1");
-    cuda_fn(w, args...);
+    return cuda_fn(w, args...);
   };
 }
 
@@ -92,14 +93,16 @@ PYBIND11_MODULE(_C, m) {
   GRF_DEF(update_adamw,
           "(device, stream, threads, dtype, n, theta, G, backup, m, v, step, gscale, "
           "found_inf, lr, beta1, beta2, eps, weight_decay, step_advanced)");
-  GRF_DEF(ascent_scalars,
-          "(device, stream, threads, dtype, n, g, theta_or_0, partials, scale_or_0, out, rho, "
-          "gamma, alpha, normalize, fixed_alpha, central): the norm, then out = {eps, fold, "
-          "combine}");
-  GRF_DEF(update_scalars,
-          "(device, stream, threads, dtype, n, G, partials, combine, scale_or_0, out, count, "
-          "last, scaler_flag_or_0, adam_step_or_0, clip, max_norm): the norm, then out = "
-          "{gscale, found_inf} and the skip records");
+  GRF_DEF(norm_partials,
+          "(device, stream, threads, dtype, n, g, theta_or_0, partials) -> how many partial "
+          "sums of the norm were written to partials");
+  GRF_DEF(ascent_finalize,
+          "(device, stream, threads, compute_dtype, partials, count, scale_or_0, out, rho, "
+          "gamma, alpha, normalize, fixed_alpha, central): out = {eps, fold, combine}");
+  GRF_DEF(update_finalize,
+          "(device, stream, threads, compute_dtype, partials, bounds, ascent, scale_or_0, out, "
+          "count, last, scaler_flag_or_0, adam_step_or_0, clip, max_norm): out = {gscale per "
+          "group..., found_inf} and the skip records");
   m.def("host_isa", &host_isa, py::arg("name") = "",
         "The host code in use ('avx2' or 'baseline'); pass a name to switch (for tests).");
   m.def("set_host_packs", [](bool on) { host_packs = on; },
@@ -111,6 +114,7 @@ PYBIND11_MODULE(_C, m) {
   codes["float64"] = int(grf::kF64);
   m.attr("dtype_codes") = codes;
   m.attr("max_norm_blocks") = grf::kMaxNormBlocks;
+  m.attr("max_groups") = grf::kMaxGroups;
   m.attr("source_hash") = GRF_SOURCE_HASH;
 #ifdef GRF_WITH_CUDA
   m.attr("with_cuda") = true;

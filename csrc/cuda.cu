@@ -128,9 +128,9 @@ GRF_UNROLL
 }
 
 // The partial sums added in a fixed order by one block; valid in thread 0.
-__device__ double sum_partials(const double* partials, int count) {
+__device__ double sum_partials(const double* partials, int64_t count) {
   double x = 0;
-  for (int i = threadIdx.x; i < count; i += blockDim.x) x += partials[i];
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) x += partials[i];
   return block_sum(x);
 }
 
@@ -140,22 +140,34 @@ sq_norm_finalize(const double* partials, int count, C* out) {
   if (threadIdx.x == 0) *out = C(x);
 }
 
-// The finalize of the norm of g1 that also computes the ascent scalars (grf_math.h).
+// One group's ascent scalars (grf_math.h) from the sum of all partials.
 template <class C> __global__ void __launch_bounds__(kThreads)
-ascent_finalize(const double* partials, int count, const float* scale, C* out, AscentHp h) {
+ascent_finalize_kernel(const double* partials, int64_t count, const float* scale, C* out,
+                       AscentHp h) {
   const double x = sum_partials(partials, count);
   if (threadIdx.x == 0) ascent_scalars_of(x, scale, h, out);
 }
 
-// The finalize of the norm of G that also computes gscale, found_inf and the skip records.
+// The group ranges of update_finalize, passed by value.
+struct GroupBounds {
+  int64_t at[kMaxGroups + 1];
+  int groups;
+};
+
+// Every group's ‖G‖² from its range of partials, then gscale, found_inf and the skip records.
 template <class C> __global__ void __launch_bounds__(kThreads)
-update_finalize(const double* partials, int count, const C* combine, const float* scale,
-                C* out, int64_t* skip_count, bool* last, float* scaler_flag, float* adam_step,
-                bool clip, double max_norm) {
-  const double x = sum_partials(partials, count);
+update_finalize_kernel(const double* partials, GroupBounds b, const C* ascent,
+                       const float* scale, C* out, int64_t* skip_count, bool* last,
+                       float* scaler_flag, float* adam_step, bool clip, double max_norm) {
+  __shared__ C sq[kMaxGroups];
+  for (int g = 0; g < b.groups; ++g) {
+    const double x = sum_partials(partials + b.at[g], b.at[g + 1] - b.at[g]);
+    if (threadIdx.x == 0) sq[g] = C(x);
+    __syncthreads();  // block_sum's scratch is reused by the next group
+  }
   if (threadIdx.x == 0) {
-    update_scalars_of(x, *combine, scale, clip, max_norm, out);
-    record_skip(out[1], skip_count, last, scaler_flag, adam_step);
+    update_scalars_of(sq, ascent, b.groups, scale, clip, max_norm, out);
+    record_skip(out[b.groups], skip_count, last, scaler_flag, adam_step);
   }
 }
 
@@ -187,55 +199,55 @@ template <class C> __global__ void advance_step(float* step, const C* found_inf)
 
 }  // namespace
 
-namespace {
-
-// The norm's first stage over g (θ·g when theta != 0), then `finalize(C{}, partials, blocks)`
-// launches one of the one-block finalize kernels above: two launches per entry point.
-template <class F>
-void norm_then(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials,
-               const char* what, F finalize) {
+void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials, ptr out) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    using C = compute_t<T>;
     DeviceGuard guard(w.device);
     const int blocks = launch_partials<T>(w, n, g, theta, partials);
-    finalize(compute_t<T>{}, as<const double>(partials), blocks);
-    check(cudaGetLastError(), what);
+    sq_norm_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(as<const double>(partials), blocks,
+                                                          as<C>(out));
+    check(cudaGetLastError(), "sq_norm (finalize)");
   });
 }
 
-}  // namespace
-
-void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials, ptr out) {
-  norm_then(w, dtype, n, g, theta, partials, "sq_norm (finalize)",
-            [&](auto c, const double* sums, int blocks) {
-              using C = decltype(c);
-              sq_norm_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(sums, blocks, as<C>(out));
-            });
+int64_t norm_partials(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials) {
+  int64_t blocks = 0;
+  dispatch_dtype(dtype, [&](auto tag) {
+    DeviceGuard guard(w.device);
+    blocks = launch_partials<decltype(tag)>(w, n, g, theta, partials);
+  });
+  return blocks;
 }
 
-void ascent_scalars(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials,
-                    ptr scale, ptr out, double rho, double gamma, double alpha, bool normalize,
-                    bool fixed_alpha, bool central) {
-  norm_then(w, dtype, n, g, theta, partials, "ascent_scalars (finalize)",
-            [&](auto c, const double* sums, int blocks) {
-              using C = decltype(c);
-              ascent_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(
-                  sums, blocks, as<const float>(scale), as<C>(out),
-                  AscentHp{rho, gamma, alpha, normalize, fixed_alpha, central});
-            });
+void ascent_finalize(const Where& w, int ctype, ptr partials, int64_t count, ptr scale, ptr out,
+                     double rho, double gamma, double alpha, bool normalize, bool fixed_alpha,
+                     bool central) {
+  dispatch_compute(ctype, [&](auto tag) {
+    using C = decltype(tag);
+    DeviceGuard guard(w.device);
+    ascent_finalize_kernel<C><<<1, kThreads, 0, stream_of(w)>>>(
+        as<const double>(partials), count, as<const float>(scale), as<C>(out),
+        AscentHp{rho, gamma, alpha, normalize, fixed_alpha, central});
+    check(cudaGetLastError(), "ascent_finalize");
+  });
 }
 
-void update_scalars(const Where& w, int dtype, int64_t n, ptr G, ptr partials, ptr combine,
-                    ptr scale, ptr out, ptr count, ptr last, ptr scaler_flag, ptr adam_step,
-                    bool clip, double max_norm) {
-  norm_then(w, dtype, n, G, 0, partials, "update_scalars (finalize)",
-            [&](auto c, const double* sums, int blocks) {
-              using C = decltype(c);
-              update_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(
-                  sums, blocks, as<const C>(combine), as<const float>(scale), as<C>(out),
-                  as<int64_t>(count), as<bool>(last), as<float>(scaler_flag),
-                  as<float>(adam_step), clip, max_norm);
-            });
+void update_finalize(const Where& w, int ctype, ptr partials, const std::vector<int64_t>& bounds,
+                     ptr ascent, ptr scale, ptr out, ptr count, ptr last, ptr scaler_flag,
+                     ptr adam_step, bool clip, double max_norm) {
+  GroupBounds b{};
+  b.groups = check_groups(bounds);
+  for (int g = 0; g <= b.groups; ++g) b.at[g] = bounds[g];
+  dispatch_compute(ctype, [&](auto tag) {
+    using C = decltype(tag);
+    DeviceGuard guard(w.device);
+    update_finalize_kernel<C><<<1, kThreads, 0, stream_of(w)>>>(
+        as<const double>(partials), b, as<const C>(ascent), as<const float>(scale), as<C>(out),
+        as<int64_t>(count), as<bool>(last), as<float>(scaler_flag), as<float>(adam_step), clip,
+        max_norm);
+    check(cudaGetLastError(), "update_finalize");
+  });
 }
 
 void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps,

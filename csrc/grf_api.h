@@ -10,6 +10,8 @@
 
 #include <stdint.h>
 
+#include <vector>
+
 namespace grf {
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
@@ -31,6 +33,9 @@ using ptr = uintptr_t;
 // many).
 constexpr int kMaxNormBlocks = 1024;
 
+// update_finalize takes at most this many param groups (more take the torch-op path).
+constexpr int kMaxGroups = 16;
+
 #define GRF_DECLARE_PHASES                                                                  \
   /* out = Σ g² (Σ (θ·g)² when theta != 0), deterministic; partials: CUDA scratch of doubles */       \
   void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials,        \
@@ -50,16 +55,23 @@ constexpr int kMaxNormBlocks = 1024;
                     ptr m, ptr v, ptr step, ptr gscale, ptr found_inf, double lr,           \
                     double beta1, double beta2, double eps, double weight_decay,            \
                     bool step_advanced);                                                    \
-  /* the norm of g (θ·g when theta != 0), then out = {eps, fold, combine} (compute type); */ \
-  /* scale: the AMP scale (float32) or 0 */                                                 \
-  void ascent_scalars(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials, \
-                      ptr scale, ptr out, double rho, double gamma, double alpha,           \
-                      bool normalize, bool fixed_alpha, bool central);                      \
-  /* the norm of G, then out = {gscale, found_inf} and the skip records: count (int64), */  \
-  /* last (bool), scaler_flag (float32, or 0), adam_step (float32, or 0) */                 \
-  void update_scalars(const Where& w, int dtype, int64_t n, ptr G, ptr partials,            \
-                      ptr combine, ptr scale, ptr out, ptr count, ptr last,                 \
-                      ptr scaler_flag, ptr adam_step, bool clip, double max_norm);
+  /* stage one of the norm of g (θ·g when theta != 0) into partials (doubles: one per     */ \
+  /* CUDA block, at most kMaxNormBlocks; the host build writes one); returns how many      */ \
+  int64_t norm_partials(const Where& w, int dtype, int64_t n, ptr g, ptr theta,            \
+                        ptr partials);                                                     \
+  /* one group's ascent scalars from Σ partials[0:count]: out = {eps, fold, combine} of    */ \
+  /* compute type ctype (kF32 or kF64); scale: the AMP scale (float32) or 0                */ \
+  void ascent_finalize(const Where& w, int ctype, ptr partials, int64_t count, ptr scale,   \
+                       ptr out, double rho, double gamma, double alpha, bool normalize,     \
+                       bool fixed_alpha, bool central);                                     \
+  /* the update scalars of G = bounds.size() − 1 ≤ kMaxGroups groups, group g's ‖G‖² being  */ \
+  /* Σ partials[bounds[g]:bounds[g+1]]; ascent: G rows {eps, fold, combine}; out[g] =       */ \
+  /* gscale, out[G] = found_inf; and the skip records: count (int64), last (bool),          */ \
+  /* scaler_flag (float32, or 0), adam_step (float32, or 0)                                 */ \
+  void update_finalize(const Where& w, int ctype, ptr partials,                            \
+                       const std::vector<int64_t>& bounds, ptr ascent, ptr scale, ptr out,  \
+                       ptr count, ptr last, ptr scaler_flag, ptr adam_step, bool clip,      \
+                       double max_norm);
 
 namespace host { GRF_DECLARE_PHASES }       // host.cpp, for any CPU of its architecture
 namespace host_avx2 { GRF_DECLARE_PHASES }  // host.cpp again, with AVX2 + FMA (x86-64 only)

@@ -213,10 +213,10 @@ template <class C> GRF_HD C adamw_elem(C G, C gscale, C backup, C& m, C& v, cons
 }
 
 // ---------------------------------------------------------------- step scalars
-// gr_fused/_scalars.py for one param group, from the norm's double sum. The host build and
-// the CUDA norm's finalize kernel compute them where the sum is formed, so a step runs no
-// separate scalar ops (a GR step on the CUDA kernels is 6 launches). Each operation rounds
-// where torch's does: a Python number divided by a tensor, c / x, is x⁻¹·c in torch.
+// gr_fused/_scalars.py, from the norms' double sums. The host build and the CUDA norm's
+// one-block finalize kernels compute them where the sums are formed, so a step runs no
+// separate scalar ops (a one-group GR step on the CUDA kernels is 6 launches). Each
+// operation rounds where torch's does: a Python number divided by a tensor, c / x, is x⁻¹·c.
 constexpr double kNormEps = 1e-12;  // _scalars.NORM_EPS
 constexpr double kClipEps = 1e-6;   // _scalars.CLIP_EPS
 
@@ -246,17 +246,26 @@ template <class C> GRF_HD void ascent_scalars_of(double sq, const float* scale,
   out[2] = h.central ? a * C(-0.5) : a;
 }
 
-// _scalars.update_scalars for one group: out = {gscale, found_inf}.
-template <class C> GRF_HD void update_scalars_of(double sq_sum, C combine, const float* scale,
-                                                 bool clip, double max_norm, C* out) {
-  const C sq = C(sq_sum);
-  C gscale = scale != nullptr ? combine * inverse_scale<C>(scale) : combine;
-  if (clip) {  // clip_grad_norm_: min(max_norm / (‖g‖ + 1e-6), 1); NaN stays NaN
-    const C coef = (C(1) / (grf_sqrt(gscale * gscale * sq) + C(kClipEps))) * C(max_norm);
-    gscale = gscale * (coef > C(1) ? C(1) : coef);
+// _scalars.update_scalars over `groups` param groups: sq[g] is group g's ‖G‖², ascent holds
+// each group's ascent row {eps, fold, combine}. out[g] = gscale of group g, out[groups] =
+// found_inf; clipping (clip_grad_norm_ over all groups) scales every gscale by one factor.
+template <class C> GRF_HD void update_scalars_of(const C* sq, const C* ascent, int groups,
+                                                 const float* scale, bool clip,
+                                                 double max_norm, C* out) {
+  const C inv = inverse_scale<C>(scale);
+  C total = C(0), clip_total = C(0);  // Σ ‖G_g‖² (for found_inf), Σ gscale²·‖G_g‖² = ‖g‖²
+  for (int g = 0; g < groups; ++g) {
+    const C gscale = scale != nullptr ? ascent[3 * g + 2] * inv : ascent[3 * g + 2];
+    total = total + sq[g];
+    clip_total = clip_total + gscale * gscale * sq[g];
+    out[g] = gscale;
   }
-  out[0] = gscale;
-  out[1] = is_finite(sq) ? C(0) : C(1);
+  if (clip) {  // min(max_norm / (‖g‖ + 1e-6), 1); NaN stays NaN
+    C coef = (C(1) / (grf_sqrt(clip_total) + C(kClipEps))) * C(max_norm);
+    coef = coef > C(1) ? C(1) : coef;
+    for (int g = 0; g < groups; ++g) out[g] = out[g] * coef;
+  }
+  out[groups] = is_finite(total) ? C(0) : C(1);
 }
 
 // The optimizer's skip records (SkipRecord in gr_fused/backends/base.py): the count grows by

@@ -209,7 +209,7 @@ GRF_UNROLL
 };
 
 // θ = backup, then torch.optim.AdamW's update with g = gscale·G. The stored step count is
-// advanced either before the pass (update_scalars; step_offset 0) or by the driver after it
+// advanced either before the pass (update_finalize; step_offset 0) or by the driver after it
 // (step_offset 1: every element reads the old count here and adds one).
 template <class T> struct UpdateAdamwOp {
   using value_type = T;
@@ -259,6 +259,29 @@ template <class F> void dispatch_dtype(int dtype, F&& f) {
     default:
       throw std::invalid_argument("gr_fused._C: unknown dtype code " + std::to_string(dtype));
   }
+}
+
+// Calls f(C{}) with the compute type named by a dtype code (kF32: float, kF64: double).
+template <class F> void dispatch_compute(int ctype, F&& f) {
+  switch (ctype) {
+    case kF32: f(float{}); break;
+    case kF64: f(double{}); break;
+    default:
+      throw std::invalid_argument("gr_fused._C: not a compute dtype code " + std::to_string(ctype));
+  }
+}
+
+// The number of groups that update_finalize's `bounds` describe (checked).
+inline int check_groups(const std::vector<int64_t>& bounds) {
+  const int64_t groups = int64_t(bounds.size()) - 1;
+  if (groups < 1 || groups > kMaxGroups)
+    throw std::invalid_argument("gr_fused._C.update_finalize: 1 to " +
+                                std::to_string(kMaxGroups) + " groups, not " +
+                                std::to_string(groups));
+  for (int64_t g = 0; g < groups; ++g)
+    if (bounds[g] > bounds[g + 1] || bounds[g] < 0)
+      throw std::invalid_argument("gr_fused._C.update_finalize: bounds must not decrease");
+  return int(groups);
 }
 
 // Calls f(std::integral_constant<bool, b>{}).

@@ -108,6 +108,13 @@ template <class T> double sum_sq(const Where& w, int64_t n, ptr g, ptr theta) {
   return sum;
 }
 
+// partials[begin:end] added in index order.
+double sum_range(const double* partials, int64_t begin, int64_t end) {
+  double sum = 0;
+  for (int64_t i = begin; i < end; ++i) sum += partials[i];
+  return sum;
+}
+
 }  // namespace
 
 void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr, ptr out) {
@@ -117,27 +124,36 @@ void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr, ptr ou
   });
 }
 
-void ascent_scalars(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr, ptr scale,
-                    ptr out, double rho, double gamma, double alpha, bool normalize,
-                    bool fixed_alpha, bool central) {
+int64_t norm_partials(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials) {
   dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    ascent_scalars_of(sum_sq<T>(w, n, g, theta), as<const float>(scale),
+    *as<double>(partials) = sum_sq<decltype(tag)>(w, n, g, theta);
+  });
+  return 1;
+}
+
+void ascent_finalize(const Where&, int ctype, ptr partials, int64_t count, ptr scale, ptr out,
+                     double rho, double gamma, double alpha, bool normalize, bool fixed_alpha,
+                     bool central) {
+  dispatch_compute(ctype, [&](auto tag) {
+    ascent_scalars_of(sum_range(as<const double>(partials), 0, count), as<const float>(scale),
                       AscentHp{rho, gamma, alpha, normalize, fixed_alpha, central},
-                      as<compute_t<T>>(out));
+                      as<decltype(tag)>(out));
   });
 }
 
-void update_scalars(const Where& w, int dtype, int64_t n, ptr G, ptr, ptr combine, ptr scale,
-                    ptr out, ptr count, ptr last, ptr scaler_flag, ptr adam_step, bool clip,
-                    double max_norm) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
+void update_finalize(const Where&, int ctype, ptr partials, const std::vector<int64_t>& bounds,
+                     ptr ascent, ptr scale, ptr out, ptr count, ptr last, ptr scaler_flag,
+                     ptr adam_step, bool clip, double max_norm) {
+  const int groups = check_groups(bounds);
+  dispatch_compute(ctype, [&](auto tag) {
+    using C = decltype(tag);
+    C sq[kMaxGroups];
+    for (int g = 0; g < groups; ++g)
+      sq[g] = C(sum_range(as<const double>(partials), bounds[g], bounds[g + 1]));
     C* result = as<C>(out);
-    update_scalars_of(sum_sq<T>(w, n, G, 0), *as<const C>(combine), as<const float>(scale),
-                      clip, max_norm, result);
-    record_skip(result[1], as<int64_t>(count), as<bool>(last), as<float>(scaler_flag),
+    update_scalars_of(sq, as<const C>(ascent), groups, as<const float>(scale), clip, max_norm,
+                      result);
+    record_skip(result[groups], as<int64_t>(count), as<bool>(last), as<float>(scaler_flag),
                 as<float>(adam_step));
   });
 }

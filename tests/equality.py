@@ -279,3 +279,44 @@ def exact_sq_norm(grad, param):
     """Σ g² (Σ (θ·g)²) in float64, rounded once to the compute dtype: what fused norms give."""
     x = grad.double() if param is None else grad.double() * param.double()
     return x.square().sum().to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+
+
+def scalar_group(rho, gamma, alpha, normalize, central):
+    """The GR keys of a param group, as the fused ascent reads them."""
+    return dict(rho=rho, gamma=gamma, alpha=alpha, normalize=normalize,
+                difference="central" if central else "forward")
+
+
+def check_groups(ascent_rows, update_out, device, max_grad_norm):
+    """Three param groups in five flat buffers of three dtypes, through a backend's fused
+    stages: ``ascent_rows(inputs, scale, groups)`` (inputs: (grad, param or None) per buffer)
+    gives each group's [eps, fold, combine] from the global norm with the group's own
+    hyperparameters; ``update_out(grads_by_group, rows, scale, max_grad_norm=,
+    skipped_steps=, last_step_skipped=)`` gives each group's gscale from its own norm of G,
+    one clip factor over all groups, and found_inf, as the driver's torch-op path does."""
+    sizes = [[1000, 7], [4099], [1, 333]]
+    dtypes = [[torch.float32, torch.bfloat16], [torch.float32], [torch.float16, torch.float32]]
+    grads = [[torch.randn(n, device=device).to(dt) for n, dt in zip(ns, dts)]
+             for ns, dts in zip(sizes, dtypes)]
+    params = [[torch.randn_like(g) for g in group] for group in grads]
+    groups = [scalar_group(0.05, 0.02, None, True, False), scalar_group(0.1, 0.0, 0.6, True, True),
+              scalar_group(0.2, 0.03, None, False, False)]
+    adaptive = [False, True, False]
+    inputs = [(g, p if a else None) for gs, ps, a in zip(grads, params, adaptive)
+              for g, p in zip(gs, ps)]
+    rows = ascent_rows(inputs, None, groups)
+    sq1 = sum(exact_sq_norm(g, p).double() for g, p in inputs).float()
+    for row, group in zip(rows, groups):
+        want = _scalars.ascent_scalars(sq1, None, rho=group["rho"], normalize=group["normalize"],
+                                       gamma=group["gamma"], alpha=group["alpha"],
+                                       difference=group["difference"])
+        scalars_close(row, torch.stack(want), f"ascent row of {group}")
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    last = torch.empty((), dtype=torch.bool, device=device)
+    out = update_out(grads, rows, None, max_grad_norm=max_grad_norm, skipped_steps=count,
+                     last_step_skipped=last)
+    sq_by_group = [sum(exact_sq_norm(g, None).double() for g in gs).float() for gs in grads]
+    gscales, found_inf = _scalars.update_scalars(sq_by_group, list(rows[:, 2]), None,
+                                                 [max_grad_norm] * 3)
+    scalars_close(out, torch.stack(gscales + [found_inf]), "gscales, found_inf")
+    assert int(count) == 0 and not bool(last)

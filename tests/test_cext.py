@@ -27,10 +27,11 @@ import torch
 import gr_fused
 from gr_fused import _ext, backends
 from gr_fused.backends.base import Bucket
-from gr_fused.backends.cext_backend import _CODES as CODES, CKernels
+from gr_fused.backends.cext_backend import _CODES as CODES, CKernels, _where
 from gr_fused.backends.torch_backend import TorchBackend
 from equality import (CASE_IDS, CASES, SCALAR_HPARAM_IDS, SCALAR_HPARAMS, check_ascent_scalars,
-                      check_update_scalars, clone_bucket, closure_for, compare_backends,
+                      check_groups, check_update_scalars, clone_bucket, closure_for,
+                      compare_backends, scalar_group,
                       flat_bucket, ulp_close)
 from test_nosync import forbid_host_reads
 
@@ -148,36 +149,51 @@ def test_sq_norm_reports_inf_and_nan(device, lib):
 
 
 # ----------------------------------------------------------------------- step scalars
-def _where(t):
-    """(device, stream, threads) for gr_fused._C on t's device."""
-    if t.is_cuda:
-        return t.device.index, torch.cuda.current_stream(t.device).cuda_stream, 0
-    return -1, 0, torch.get_num_threads()
+def _c_ascent_rows(inputs, scale, groups):
+    """csrc's two stages of the ascent: norm_partials per buffer, ascent_finalize per group
+    (through CKernels' own helpers, as the backend calls them)."""
+    kernels = CKernels()
+    grad = inputs[0][0]
+    partials, bounds = kernels._partial_sums(inputs)
+    rows = torch.empty((len(groups), 3), dtype=compute(grad.dtype), device=grad.device)
+    for row, group in zip(rows, groups):
+        alpha = group["alpha"]
+        _ext.load().ascent_finalize(*_where(grad), CODES[row.dtype], partials.data_ptr(),
+                                    bounds[-1], 0 if scale is None else scale.data_ptr(),
+                                    row.data_ptr(), group["rho"], group["gamma"],
+                                    0.0 if alpha is None else alpha, group["normalize"],
+                                    alpha is not None, group["difference"] == "central")
+    return rows
 
 
-def _c_ascent(grad, param, scale, *, rho, gamma, alpha, normalize, central):
-    out = torch.empty(3, dtype=compute(grad.dtype), device=grad.device)
-    partials = CKernels._partials(grad)
-    _ext.load().ascent_scalars(*_where(grad), CODES[grad.dtype], grad.numel(), grad.data_ptr(),
-                               0 if param is None else param.data_ptr(), partials.data_ptr(),
-                               0 if scale is None else scale.data_ptr(), out.data_ptr(), rho,
-                               gamma, 0.0 if alpha is None else alpha, normalize,
-                               alpha is not None, central)
+def _c_update_out(grads, ascent, scale, *, max_grad_norm, skipped_steps, last_step_skipped,
+                  scaler_found_inf=None, adam_step=None):
+    """csrc's norm_partials per buffer and one update_finalize for all groups."""
+    flat = [g for group in grads for g in group]
+    partials, bounds = CKernels()._partial_sums([(g, None) for g in flat])
+    group_bounds, seen = [0], 0
+    for group in grads:
+        seen += len(group)
+        group_bounds.append(bounds[seen])
+    out = torch.empty(len(grads) + 1, dtype=ascent.dtype, device=flat[0].device)
+    _ext.load().update_finalize(
+        *_where(flat[0]), CODES[ascent.dtype], partials.data_ptr(), group_bounds,
+        ascent.data_ptr(), 0 if scale is None else scale.data_ptr(), out.data_ptr(),
+        skipped_steps.data_ptr(), last_step_skipped.data_ptr(),
+        0 if scaler_found_inf is None else scaler_found_inf.data_ptr(),
+        0 if adam_step is None else adam_step.data_ptr(), max_grad_norm is not None,
+        1.0 if max_grad_norm is None else max_grad_norm)
     return out
 
 
-def _c_update(grad, combine, scale, *, max_grad_norm, skipped_steps, last_step_skipped,
-              scaler_found_inf, adam_step):
-    out = torch.empty(2, dtype=compute(grad.dtype), device=grad.device)
-    partials = CKernels._partials(grad)
-    _ext.load().update_scalars(*_where(grad), CODES[grad.dtype], grad.numel(), grad.data_ptr(),
-                               partials.data_ptr(), combine.data_ptr(),
-                               0 if scale is None else scale.data_ptr(), out.data_ptr(),
-                               skipped_steps.data_ptr(), last_step_skipped.data_ptr(),
-                               scaler_found_inf.data_ptr(), adam_step.data_ptr(),
-                               max_grad_norm is not None,
-                               1.0 if max_grad_norm is None else max_grad_norm)
-    return out
+def _c_ascent(grad, param, scale, **hp):
+    return _c_ascent_rows([(grad, param)], scale, [scalar_group(**hp)])[0]
+
+
+def _c_update(grad, combine, scale, **records):
+    ascent = torch.zeros(1, 3, dtype=combine.dtype, device=grad.device)
+    ascent[0, 2] = combine
+    return _c_update_out([[grad]], ascent, scale, **records)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -187,6 +203,22 @@ def _c_update(grad, combine, scale, *, max_grad_norm, skipped_steps, last_step_s
 def test_ascent_scalars_match_the_reference(device, dtype, hp, amp, lib):
     """csrc's ascent_scalars (grf_math.h's ascent_scalars_of where the norm is finalized)."""
     check_ascent_scalars(_c_ascent, device, dtype, hp, amp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3], ids=["no-clip", "clip"])
+def test_finalize_over_several_groups_and_buffers_matches_the_reference(device, max_grad_norm,
+                                                                        lib):
+    check_groups(_c_ascent_rows, _c_update_out, device, max_grad_norm)
+
+
+def test_update_finalize_refuses_bad_group_bounds(lib):
+    """A clear ValueError before any memory is touched (ascent, out, count, last: a dummy)."""
+    out = torch.empty(3)
+    args = (out.data_ptr(), 0, out.data_ptr(), out.data_ptr(), out.data_ptr(), 0, 0, False, 1.0)
+    for bounds in ([0], [0, 3, 2], list(range(lib.max_groups + 2))):
+        with pytest.raises(ValueError, match="update_finalize"):
+            lib.update_finalize(-1, 0, 1, CODES[torch.float32], out.data_ptr(), bounds, *args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -450,23 +482,29 @@ def test_gr_step_reads_nothing_back_to_the_host(device, lib):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("algo", ["sgd", "adamw"])
-def test_gr_step_runs_no_torch_op_on_the_optimizer_side(device, algo, lib):
-    """The step scalars come out of csrc's ascent_scalars/update_scalars, so the optimizer
-    side of a step is six calls into gr_fused._C (on CUDA: two norm stages, perturb, two norm
-    stages, update: 6 launches) and not a single torch op, with clipping and 200 tensors."""
+@pytest.mark.parametrize("algo,groups", [("sgd", 1), ("adamw", 1), ("sgd", 2), ("adamw", 3)])
+def test_gr_step_runs_no_torch_op_on_the_optimizer_side(device, algo, groups, lib):
+    """The step scalars come out of csrc's finalize calls, so the optimizer side of a step is
+    calls into gr_fused._C and not a single torch op, with clipping and 200 tensors. With one
+    group: stage one of the norm, its finalize, perturb, the same for G, the update (on CUDA
+    one launch each); with G groups in K buffers, one finalize per group for the ascent and
+    one for all of the update."""
     params = [torch.randn(5, device=device, requires_grad=True) for _ in range(200)]
-    opt = (gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, max_grad_norm=1.0,
+    param_groups = [{"params": params[g::groups], "weight_decay": 0.01 * g}
+                    for g in range(groups)]
+    opt = (gr_fused.GRSGD(param_groups, lr=0.1, momentum=0.9, gamma=0.05, max_grad_norm=1.0,
                           backend=backend_name(device)) if algo == "sgd"
-           else gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, backend=backend_name(device)))
+           else gr_fused.GRAdamW(param_groups, lr=1e-2, gamma=0.05, backend=backend_name(device)))
     opt.step(closure_for(opt, params))  # the first step creates flat buffers and state
     calls = []
     module = _ext.load()
 
     class Counting:  # gr_fused._C with every call recorded
         def __getattr__(self, name):
-            fn = getattr(module, name)
-            return lambda *a: (calls.append(name), fn(*a))[1]
+            attr = getattr(module, name)
+            if not callable(attr):
+                return attr
+            return lambda *a: (calls.append(name), attr(*a))[1]
 
     with DeviceWork() as work:
         original, _ext.load = _ext.load, Counting
@@ -475,7 +513,9 @@ def test_gr_step_runs_no_torch_op_on_the_optimizer_side(device, algo, lib):
         finally:
             _ext.load = original
     assert work.names == []
-    assert calls == ["ascent_scalars", "perturb", "update_scalars", f"update_{algo}"]
+    update = f"update_{algo}"
+    assert calls == (["norm_partials"] * groups + ["ascent_finalize", "perturb"] * groups
+                     + ["norm_partials"] * groups + ["update_finalize"] + [update] * groups)
 
 
 # ----------------------------------------------------------------------- the CUDA build's code

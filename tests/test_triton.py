@@ -11,6 +11,7 @@ TRITON_INTERPRET=1), with a GPU they run compiled: the same tests check both.
 """
 import dataclasses
 import os
+from functools import partial
 import sys
 
 import pytest
@@ -22,13 +23,13 @@ import gr_fused
 from gr_fused import backends
 from gr_fused.backends import triton_backend
 from gr_fused.backends.torch_backend import TorchBackend
-from gr_fused import _scalars, kernels
+from gr_fused import kernels
 from gr_fused.kernels import (triton_common, triton_norm, triton_perturb, triton_scalars,
                               triton_update)
 import equality
 from equality import (CASE_IDS, CASES, SCALAR_HPARAM_IDS, SCALAR_HPARAMS, assert_close,
-                      check_ascent_scalars, check_update_scalars, clone_bucket, closure_for,
-                      compare_backends, exact_sq_norm, scalars_close, ulp_close)
+                      check_ascent_scalars, check_groups, check_update_scalars, clone_bucket,
+                      closure_for, compare_backends, scalar_group, ulp_close)
 from test_nosync import forbid_host_reads
 from gr_fused.amp import GradScaler
 
@@ -151,13 +152,9 @@ def test_every_kernel_indexes_through_block_offsets():
 
 
 # ----------------------------------------------------------------------- step scalars
-def _group(rho, gamma, alpha, normalize, central):
-    return dict(rho=rho, gamma=gamma, alpha=alpha, normalize=normalize,
-                difference="central" if central else "forward")
-
-
 def _triton_ascent(grad, param, scale, **hp):
-    (row,) = kernels.ascent_scalars([(grad, param)], scale, [_group(**hp)], block=SMALL_BLOCK)
+    (row,) = kernels.ascent_scalars([(grad, param)], scale, [scalar_group(**hp)],
+                                    block=SMALL_BLOCK)
     return row
 
 
@@ -186,35 +183,8 @@ def test_update_scalars_kernel_matches_the_reference_and_records_the_skip(max_gr
 
 @pytest.mark.parametrize("max_grad_norm", [None, 1e-3], ids=["no-clip", "clip"])
 def test_scalar_kernels_over_several_groups_and_buffers_match_the_reference(max_grad_norm):
-    """Three param groups in five flat buffers of three dtypes: the ascent rows come from
-    the global norm with each group's hyperparameters, the update's gscale from each group's
-    own norm of G and one clip factor over all of them (as the driver's torch-op path)."""
-    sizes = [[1000, 7], [4099], [1, 333]]
-    dtypes = [[torch.float32, torch.bfloat16], [torch.float32], [torch.float16, torch.float32]]
-    grads = [[torch.randn(n, device=DEVICE).to(dt) for n, dt in zip(ns, dts)]
-             for ns, dts in zip(sizes, dtypes)]
-    params = [[torch.randn_like(g) for g in group] for group in grads]
-    groups = [_group(0.05, 0.02, None, True, False), _group(0.1, 0.0, 0.6, True, True),
-              _group(0.2, 0.03, None, False, False)]
-    adaptive = [False, True, False]
-    inputs = [(g, p if a else None) for gs, ps, a in zip(grads, params, adaptive)
-              for g, p in zip(gs, ps)]
-    ascent = kernels.ascent_scalars(inputs, None, groups, block=SMALL_BLOCK)
-    sq1 = sum(exact_sq_norm(g, p).double() for g, p in inputs).float()
-    for row, group in zip(ascent, groups):
-        want = _scalars.ascent_scalars(sq1, None, rho=group["rho"], normalize=group["normalize"],
-                                       gamma=group["gamma"], alpha=group["alpha"],
-                                       difference=group["difference"])
-        scalars_close(row, torch.stack(want), f"ascent row of {group}")
-    count = torch.zeros((), dtype=torch.int64, device=DEVICE)
-    last = torch.empty((), dtype=torch.bool, device=DEVICE)
-    out = kernels.update_scalars(grads, ascent, None, max_grad_norm=max_grad_norm,
-                                 skipped_steps=count, last_step_skipped=last, block=SMALL_BLOCK)
-    sq_by_group = [sum(exact_sq_norm(g, None).double() for g in gs).float() for gs in grads]
-    gscales, found_inf = _scalars.update_scalars(sq_by_group, list(ascent[:, 2]), None,
-                                                 [max_grad_norm] * 3)
-    scalars_close(out, torch.stack(gscales + [found_inf]), "gscales, found_inf")
-    assert int(count) == 0 and not bool(last)
+    check_groups(partial(kernels.ascent_scalars, block=SMALL_BLOCK),
+                 partial(kernels.update_scalars, block=SMALL_BLOCK), DEVICE, max_grad_norm)
 
 
 # ----------------------------------------------------------------------- norm

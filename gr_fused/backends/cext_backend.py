@@ -17,10 +17,18 @@ import torch
 
 from .. import _ext
 from .base import Backend, Bucket, adamw_state, fusable_scaler_flag, scale_for
-from .flat import FlatBackend
+from .flat import FlatBackend, fusable_groups, group_runs, update_all
 from .torch_backend import compute_dtype
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def _where(p: torch.Tensor):
+    """(device, stream, threads) of a _C call on p's device: the CUDA device and its current
+    stream, or -1 and torch's thread count for the host build."""
+    if p.is_cuda:
+        return p.device.index, torch.cuda.current_stream(p.device).cuda_stream, 0
+    return -1, 0, torch.get_num_threads()
 
 
 class CKernels(Backend):
@@ -34,13 +42,9 @@ class CKernels(Backend):
         return _ext.unavailable_reason()
 
     @staticmethod
-    def _call(fn: str, p: torch.Tensor, *args) -> None:
+    def _call(fn: str, p: torch.Tensor, *args):
         """gr_fused._C.<fn>(device, stream, threads, dtype, n, *args) for the buffer ``p``."""
-        if p.is_cuda:
-            where = (p.device.index, torch.cuda.current_stream(p.device).cuda_stream, 0)
-        else:
-            where = (-1, 0, torch.get_num_threads())
-        getattr(_ext.load(), fn)(*where, _CODES[p.dtype], p.numel(), *args)
+        return getattr(_ext.load(), fn)(*_where(p), _CODES[p.dtype], p.numel(), *args)
 
     @staticmethod
     def _scalar(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -61,46 +65,68 @@ class CKernels(Backend):
         return out
 
     def can_fuse(self, fbs):
-        return len(fbs) == 1  # csrc's ascent_scalars/update_scalars take one buffer
+        runs = fusable_groups(fbs)
+        return (runs is not None and len(runs) <= _ext.load().max_groups
+                and len({compute_dtype(fb.dtype) for fb in fbs}) == 1)
+
+    def _partial_sums(self, inputs):
+        """Stage one of a norm over several flat buffers into one float64 buffer (``_C``'s
+        norm_partials: one launch per CUDA buffer, one host loop each on a CPU). Returns it
+        and each input's ``bounds[i]:bounds[i + 1]`` in it."""
+        p = inputs[0][0]
+        slots = _ext.load().max_norm_blocks if p.is_cuda else 1
+        partials = torch.empty(len(inputs) * slots, dtype=torch.float64, device=p.device)
+        bounds = [0]
+        for g, theta in inputs:
+            written = self._call("norm_partials", g, g.data_ptr(),
+                                 0 if theta is None else theta.data_ptr(),
+                                 partials.data_ptr() + 8 * bounds[-1])
+            bounds.append(bounds[-1] + written)
+        return partials, bounds
 
     def ascend(self, fbs, grad_scale):
-        """The norm of g1 and the ascent scalars in one call (csrc's ascent_scalars: on CUDA
-        the norm's finalize kernel computes them), then perturb."""
-        (b,) = fbs
-        p, group = b.params[0], b.group
-        out = torch.empty(3, dtype=compute_dtype(p.dtype), device=p.device)
+        """The global norm of g1 (stage one per buffer), each group's ascent scalars from it
+        (one finalize per group: on CUDA a one-block kernel), then perturb per buffer."""
+        runs = group_runs(fbs)
+        p = fbs[0].params[0]
+        partials, bounds = self._partial_sums(
+            [(fb.grads[0], fb.params[0] if fb.group["adaptive"] else None) for fb in fbs])
+        ascent = torch.empty((len(runs), 3), dtype=compute_dtype(p.dtype), device=p.device)
         scale = scale_for(grad_scale, p)
-        alpha = group["alpha"]
-        self._call("ascent_scalars", p, b.grads[0].data_ptr(),
-                   p.data_ptr() if group["adaptive"] else 0, self._partials(p).data_ptr(),
-                   0 if scale is None else scale.data_ptr(), out.data_ptr(),
-                   float(group["rho"]), float(group["gamma"]),
-                   0.0 if alpha is None else float(alpha), bool(group["normalize"]),
-                   alpha is not None, group["difference"] == "central")
-        eps, fold, _ = out
-        self.perturb(b, eps, fold, group["adaptive"])
-        return out  # [eps, fold, combine]
+        for row, (group, members) in zip(ascent, runs):
+            alpha = group["alpha"]
+            _ext.load().ascent_finalize(
+                *_where(p), _CODES[row.dtype], partials.data_ptr(), bounds[-1],
+                0 if scale is None else scale.data_ptr(), row.data_ptr(), float(group["rho"]),
+                float(group["gamma"]), 0.0 if alpha is None else float(alpha),
+                bool(group["normalize"]), alpha is not None, group["difference"] == "central")
+            for fb in members:
+                self.perturb(fb, row[0], row[1], group["adaptive"])
+        return ascent  # rows [eps, fold, combine], one per group
 
     def combine_update(self, fbs, ascent, grad_scale, skips):
-        """The norm of G, the update scalars and the skip records in one call (csrc's
-        update_scalars), then the update."""
-        (b,) = fbs
-        p = b.params[0]
-        out = torch.empty(2, dtype=compute_dtype(p.dtype), device=p.device)
+        """The norms of G (stage one per buffer), one finalize for every group's gscale,
+        found_inf and the skip records, then the update per buffer."""
+        runs = group_runs(fbs)
+        p = fbs[0].params[0]
+        partials, bounds = self._partial_sums([(fb.grads[0], None) for fb in fbs])
+        group_bounds, buffers = [0], 0  # group g's partials: group_bounds[g]:[g + 1]
+        for _, members in runs:
+            buffers += len(members)
+            group_bounds.append(bounds[buffers])
+        out = torch.empty(len(runs) + 1, dtype=ascent.dtype, device=p.device)
         scale, flag = scale_for(grad_scale, p), skips.scaler_found_inf
         fused_flag = fusable_scaler_flag(skips, p.device)
-        max_norm = b.group["max_grad_norm"]
-        self._call("update_scalars", p, b.grads[0].data_ptr(), self._partials(p).data_ptr(),
-                   ascent[2].data_ptr(), 0 if scale is None else scale.data_ptr(),
-                   out.data_ptr(), skips.count.data_ptr(), skips.last.data_ptr(),
-                   flag.data_ptr() if fused_flag and flag is not None else 0,
-                   adamw_state(b)["step"].data_ptr() if b.algo == "adamw" else 0,
-                   max_norm is not None, 1.0 if max_norm is None else float(max_norm))
-        gscale, found_inf = out
-        if not fused_flag:
-            flag.copy_(torch.maximum(flag, found_inf.to(flag)))
-        self.update(b, gscale, found_inf, step_advanced=True)
-        return found_inf
+        one_adamw = len(fbs) == 1 and fbs[0].algo == "adamw"  # its step advances in-kernel
+        max_norm = runs[0][0]["max_grad_norm"]
+        _ext.load().update_finalize(
+            *_where(p), _CODES[ascent.dtype], partials.data_ptr(), group_bounds,
+            ascent.data_ptr(), 0 if scale is None else scale.data_ptr(), out.data_ptr(),
+            skips.count.data_ptr(), skips.last.data_ptr(),
+            flag.data_ptr() if fused_flag and flag is not None else 0,
+            adamw_state(fbs[0])["step"].data_ptr() if one_adamw else 0,
+            max_norm is not None, 1.0 if max_norm is None else float(max_norm))
+        return update_all(self, runs, out, skips, step_advanced=one_adamw)
 
     def perturb(self, b, eps, fold, adaptive):
         p = b.params[0]

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .base import Backend, Bucket
+from .base import Backend, Bucket, fusable_scaler_flag
 from .torch_backend import TorchBackend
 
 _grad_of = attrgetter("grad")
@@ -206,6 +206,44 @@ class FlatBackend(Backend):
             if set(b.extra["flat"].state) != before:  # the first step created state
                 b.extra["flat"].adopt(b.grads, b.states)
         return found_inf
+
+
+def group_runs(fbs: Sequence[Bucket]) -> List[tuple]:
+    """Flat buckets as runs of one param group each: ``[(group, [bucket, ...]), ...]``."""
+    runs: List[tuple] = []
+    for fb in fbs:
+        if runs and runs[-1][0] is fb.group:
+            runs[-1][1].append(fb)
+        else:
+            runs.append((fb.group, [fb]))
+    return runs
+
+
+def fusable_groups(fbs: Sequence[Bucket]) -> Optional[List[tuple]]:
+    """``group_runs(fbs)`` when a kernel backend can fuse the step's scalars over them: each
+    group's buckets in a row and one ``max_grad_norm`` for all groups (clip_grad_norm_ over
+    all of them; per-group thresholds take the driver's torch-op path). Else None."""
+    runs = group_runs(fbs)
+    if (len({id(group) for group, _ in runs}) != len(runs)
+            or len({group["max_grad_norm"] for group, _ in runs}) != 1):
+        return None
+    return runs
+
+
+def update_all(kernel: Backend, runs: List[tuple], out: torch.Tensor, skips,
+               step_advanced: bool) -> torch.Tensor:
+    """The end of a fused ``combine_update``, after its finalize wrote ``out`` = [gscale of
+    each group..., found_inf]: raise the GradScaler's flag if the finalize could not (see
+    ``base.fusable_scaler_flag``), then update every flat bucket with its group's gscale.
+    Returns found_inf."""
+    found_inf = out[len(runs)]
+    flag = skips.scaler_found_inf
+    if flag is not None and not fusable_scaler_flag(skips, found_inf.device):
+        flag.copy_(torch.maximum(flag, found_inf.to(flag)))
+    for gscale, (_, members) in zip(out, runs):
+        for fb in members:
+            kernel.update(fb, gscale, found_inf, step_advanced=step_advanced)
+    return found_inf
 
 
 def zero_flat_grads(extras) -> list:

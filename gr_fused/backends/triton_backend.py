@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .base import Backend, Bucket, adamw_state, fusable_scaler_flag, scale_for
-from .flat import FlatBackend
+from .flat import FlatBackend, fusable_groups, group_runs, update_all
 
 try:
     import triton  # noqa: F401
@@ -107,14 +107,10 @@ class TritonFlatKernels(Backend):
         param.copy_(backup)
 
     def can_fuse(self, fbs):
-        # one clip threshold for every group (clip_grad_norm_ over all of them; per-group
-        # thresholds take the driver's general path), and each group's buckets in a row
-        runs = _group_runs(fbs)
-        return (len({id(group) for group, _ in runs}) == len(runs)
-                and len({group["max_grad_norm"] for group, _ in runs}) == 1)
+        return fusable_groups(fbs) is not None
 
     def ascend(self, fbs, grad_scale):
-        runs = _group_runs(fbs)
+        runs = group_runs(fbs)
         ascent = _kernels().ascent_scalars(
             [(fb.grads[0], fb.params[0] if fb.group["adaptive"] else None) for fb in fbs],
             scale_for(grad_scale, fbs[0].params[0]), [group for group, _ in runs],
@@ -125,7 +121,7 @@ class TritonFlatKernels(Backend):
         return ascent  # rows [eps, fold, combine], one per group
 
     def combine_update(self, fbs, ascent, grad_scale, skips):
-        runs = _group_runs(fbs)
+        runs = group_runs(fbs)
         device = fbs[0].params[0].device
         flag = skips.scaler_found_inf
         fused_flag = fusable_scaler_flag(skips, device)
@@ -136,13 +132,7 @@ class TritonFlatKernels(Backend):
             skipped_steps=skips.count, last_step_skipped=skips.last,
             scaler_found_inf=flag if fused_flag else None,
             adam_step=adamw_state(fbs[0])["step"] if one_adamw else None, **self._block())
-        found_inf = out[len(runs)]
-        if not fused_flag:
-            flag.copy_(torch.maximum(flag, found_inf.to(flag)))
-        for gscale, (_, members) in zip(out, runs):
-            for fb in members:
-                self.update(fb, gscale, found_inf, step_advanced=one_adamw)
-        return found_inf
+        return update_all(self, runs, out, skips, step_advanced=one_adamw)
 
     def update(self, b, gscale, found_inf, step_advanced=False):
         param, grad, backup = self._flat(b)
@@ -170,17 +160,6 @@ class TritonFlatKernels(Backend):
                            **self._block())
         else:
             raise ValueError(f"unknown base update {b.algo!r}")
-
-
-def _group_runs(fbs):
-    """The flat buckets as runs of one param group each: [(group, [bucket, ...]), ...]."""
-    runs = []
-    for fb in fbs:
-        if runs and runs[-1][0] is fb.group:
-            runs[-1][1].append(fb)
-        else:
-            runs.append((fb.group, [fb]))
-    return runs
 
 
 def _number(x) -> float:
