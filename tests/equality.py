@@ -320,3 +320,61 @@ def check_groups(ascent_rows, update_out, device, max_grad_norm):
                                                  [max_grad_norm] * 3)
     scalars_close(out, torch.stack(gscales + [found_inf]), "gscales, found_inf")
     assert int(count) == 0 and not bool(last)
+
+
+# ------------------------------------------------------------------ kernel phases vs torch
+# Per-phase checks shared by the Triton and csrc suites.
+KERNEL_ULPS = {torch.float32: 2, torch.float64: 2, torch.bfloat16: 1, torch.float16: 1}
+SGD_GROUPS = {
+    "momentum-wd": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False),
+    "nesterov": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True),
+    "dampening": dict(lr=0.05, momentum=0.5, dampening=0.3, weight_decay=0.0, nesterov=False),
+    "plain": dict(lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.01, nesterov=False),
+}
+
+
+def check_update(b, ref, skip, dtype, keys, old_state):
+    """A kernel's update of flat bucket ``b`` against the torch backend's of ``ref``: θ and
+    the ``keys`` of the state within KERNEL_ULPS (0-dim state exactly); when ``skip``, θ is
+    the backup and every state buffer in ``old_state`` kept its bits."""
+    ulp_close(b.params[0], ref.params[0], KERNEL_ULPS[dtype], "theta")
+    if skip:
+        assert torch.equal(b.params[0], b.extra["backup"][0]), "theta must be the backup"
+    assert set(b.states[0]) == set(ref.states[0]) >= set(keys)
+    for key in keys:
+        got, want = b.states[0][key], ref.states[0][key]
+        assert got.dtype == want.dtype and got.shape == want.shape, key
+        if key in old_state and skip:
+            assert torch.equal(got, old_state[key]), f"{key} changed in a skipped step"
+        elif want.dim() == 0:
+            assert torch.equal(got, want), key
+        else:
+            ulp_close(got, want, KERNEL_ULPS[dtype], key)
+
+
+def check_nan_in_G_skips(opt, params):
+    """Two GR steps of ``opt`` over ``params`` (sizes at least (7, 300, 1, 4099)), the second
+    with a NaN in g2 only, so that it lands in G = fold·g1 + g2: that step is skipped, θ is
+    restored bit for bit and every state tensor (the base optimizer's, for a wrapper) keeps
+    its bits; the step after it is taken."""
+    calls = []
+
+    def poison_second_gradient():
+        calls.append(1)
+        if len(calls) == 4:
+            params[3].grad[123] += float("nan")
+
+    closure = closure_for(opt, params, poison_second_gradient)
+    opt.step(closure)
+    state_of = getattr(opt, "base_optimizer", opt).state
+    theta = [p.detach().clone() for p in params]
+    state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in state_of[p].items()
+             if isinstance(v, torch.Tensor)}
+    opt.step(closure)
+    assert len(calls) == 4 and bool(opt.last_step_skipped)
+    for p, t in zip(params, theta):
+        assert torch.equal(p, t), "theta must be restored bit for bit"
+    for (i, k), v in state.items():
+        assert torch.equal(state_of[params[i]][k], v), (i, k)
+    opt.step(closure)  # and the next step is taken
+    assert not bool(opt.last_step_skipped) and not torch.equal(params[0], theta[0])

@@ -28,11 +28,11 @@ import gr_fused
 from gr_fused import _ext, backends
 from gr_fused.backends.base import Bucket
 from gr_fused.backends.cext_backend import _CODES as CODES, CKernels, _where
-from gr_fused.backends.torch_backend import TorchBackend
-from equality import (CASE_IDS, CASES, SCALAR_HPARAM_IDS, SCALAR_HPARAMS, check_ascent_scalars,
-                      check_groups, check_update_scalars, clone_bucket, closure_for,
-                      compare_backends, scalar_group,
-                      flat_bucket, ulp_close)
+from gr_fused.backends.torch_backend import TorchBackend, compute_dtype
+from equality import (CASE_IDS, CASES, KERNEL_ULPS, SCALAR_HPARAM_IDS, SCALAR_HPARAMS,
+                      SGD_GROUPS, check_ascent_scalars, check_groups, check_nan_in_G_skips,
+                      check_update, check_update_scalars, clone_bucket, closure_for,
+                      compare_backends, flat_bucket, scalar_group, ulp_close)
 from test_nosync import forbid_host_reads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -44,7 +44,6 @@ NEEDS_GPU = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; the sa
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_GPU)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SIZES = [1, 4099, 70001]     # one element; odd; > two host chunks (2^15) and many CUDA blocks
-ULPS = {torch.float32: 2, torch.float64: 2, torch.bfloat16: 1, torch.float16: 1}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -99,11 +98,8 @@ def test_params_run_through_the_kernels_not_the_fallback(device, lib):
 
 # ----------------------------------------------------------------------- helpers
 def scalar(x, device, dtype=torch.float32):
-    return torch.tensor(x, dtype=dtype, device=device)
-
-
-def compute(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """A step scalar for buffers of ``dtype``: a 0-dim tensor of its compute dtype."""
+    return torch.tensor(x, dtype=compute_dtype(dtype), device=device)
 
 
 # ----------------------------------------------------------------------- phase 1: the norm
@@ -117,7 +113,8 @@ def test_sq_norm_matches_float64_sum(device, dtype, n, adaptive, lib):
         x = b.grads[0].double() * (b.params[0].double() if adaptive else 1.0)
         ref = float(x.square().sum())
         got = CKernels().sq_norm(b, adaptive)
-        assert got.dtype == compute(dtype) and got.dim() == 0 and got.device == b.grads[0].device
+        assert got.dtype == compute_dtype(dtype) and got.dim() == 0
+        assert got.device == b.grads[0].device
         assert abs(float(got) - ref) <= 1e-6 * ref, (float(got), ref)
 
 
@@ -155,7 +152,7 @@ def _c_ascent_rows(inputs, scale, groups):
     kernels = CKernels()
     grad = inputs[0][0]
     partials, bounds = kernels._partial_sums(inputs)
-    rows = torch.empty((len(groups), 3), dtype=compute(grad.dtype), device=grad.device)
+    rows = torch.empty((len(groups), 3), dtype=compute_dtype(grad.dtype), device=grad.device)
     for row, group in zip(rows, groups):
         alpha = group["alpha"]
         _ext.load().ascent_finalize(*_where(grad), CODES[row.dtype], partials.data_ptr(),
@@ -243,12 +240,12 @@ def test_perturb_matches_torch(device, dtype, n, adaptive, lib):
         b = flat_bucket(n, dtype, device, offset=offset)
         ref = clone_bucket(b)
         old_theta = b.params[0].clone()
-        eps, fold = scalar(0.037, device, compute(dtype)), scalar(-0.61, device, compute(dtype))
+        eps, fold = scalar(0.037, device, dtype), scalar(-0.61, device, dtype)
         CKernels().perturb(b, eps, fold, adaptive)
         TorchBackend().perturb(ref, eps, fold, adaptive)
         assert torch.equal(b.extra["backup"][0], old_theta)
-        ulp_close(b.params[0], ref.params[0], ULPS[dtype], "theta")
-        ulp_close(b.grads[0], ref.grads[0], ULPS[dtype], "grad")
+        ulp_close(b.params[0], ref.params[0], KERNEL_ULPS[dtype], "theta")
+        ulp_close(b.grads[0], ref.grads[0], KERNEL_ULPS[dtype], "grad")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -258,7 +255,7 @@ def test_reflect_and_restore_match_torch(device, dtype, lib):
     ref = clone_bucket(b)
     CKernels().reflect(b)
     TorchBackend().reflect(ref)
-    ulp_close(b.params[0], ref.params[0], ULPS[dtype], "theta")
+    ulp_close(b.params[0], ref.params[0], KERNEL_ULPS[dtype], "theta")
     assert torch.equal(b.grads[0], ref.grads[0])
     CKernels().restore(b)
     assert torch.equal(b.params[0], b.extra["backup"][0])
@@ -284,31 +281,9 @@ def test_rounding_to_16_bits_is_torchs_bit_for_bit(device, dtype, lib):
 
 
 # ----------------------------------------------------------------------- phase 3
-SGD_GROUPS = {
-    "momentum-wd": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False),
-    "nesterov": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True),
-    "dampening": dict(lr=0.05, momentum=0.5, dampening=0.3, weight_decay=0.0, nesterov=False),
-    "plain": dict(lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.01, nesterov=False),
-}
 UPDATE_SHAPES = [(torch.float32, 4099, 0), (torch.float32, 70001, 1), (torch.bfloat16, 1000, 0),
                  (torch.float16, 1, 0), (torch.float64, 333, 0)]
 UPDATE_IDS = ["fp32-4099", "fp32-70001-unaligned", "bf16-1000", "fp16-1", "fp64-333"]
-
-
-def check_update(b, ref, skip, dtype, keys, old_state):
-    ulp_close(b.params[0], ref.params[0], ULPS[dtype], "theta")
-    if skip:
-        assert torch.equal(b.params[0], b.extra["backup"][0]), "theta must be the backup"
-    assert set(b.states[0]) == set(ref.states[0]) >= set(keys)
-    for key in keys:
-        got, want = b.states[0][key], ref.states[0][key]
-        assert got.dtype == want.dtype and got.shape == want.shape, key
-        if key in old_state and skip:
-            assert torch.equal(got, old_state[key]), f"{key} changed in a skipped step"
-        elif want.dim() == 0:
-            assert torch.equal(got, want), key
-        else:
-            ulp_close(got, want, ULPS[dtype], key)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -323,7 +298,7 @@ def test_sgd_update_matches_torch(device, hp, first, skip, dtype, n, offset, lib
     b = flat_bucket(n, dtype, device, "sgd", group, state, offset=offset)
     ref = clone_bucket(b)
     old_state = {k: v.clone() for k, v in state.items()}
-    gscale, found_inf = scalar(0.73, device, compute(dtype)), scalar(float(skip), device, compute(dtype))
+    gscale, found_inf = scalar(0.73, device, dtype), scalar(float(skip), device, dtype)
     CKernels().update(b, gscale, found_inf)
     TorchBackend().update(ref, gscale, found_inf)
     keys = ["momentum_buffer"] if group["momentum"] else []
@@ -346,7 +321,7 @@ def test_adamw_update_matches_torch(device, first, skip, dtype, n, offset, lib):
     b = flat_bucket(n, dtype, device, "adamw", group, state, offset=offset)
     ref = clone_bucket(b)
     old_state = {k: v.clone() for k, v in state.items()}
-    gscale, found_inf = scalar(0.73, device, compute(dtype)), scalar(float(skip), device, compute(dtype))
+    gscale, found_inf = scalar(0.73, device, dtype), scalar(float(skip), device, dtype)
     CKernels().update(b, gscale, found_inf)
     TorchBackend().update(ref, gscale, found_inf)
     check_update(b, ref, skip, dtype, ["step", "exp_avg", "exp_avg_sq"], old_state)
@@ -360,11 +335,11 @@ def test_restore_and_combine_matches_torch(device, dtype, skip, lib):
     b = flat_bucket(4099, dtype, device, "none")
     ref = clone_bucket(b)
     old_grad = b.grads[0].clone()
-    gscale, found_inf = scalar(-1.37, device, compute(dtype)), scalar(float(skip), device, compute(dtype))
+    gscale, found_inf = scalar(-1.37, device, dtype), scalar(float(skip), device, dtype)
     CKernels().update(b, gscale, found_inf)
     TorchBackend().update(ref, gscale, found_inf)
     assert torch.equal(b.params[0], b.extra["backup"][0])
-    ulp_close(b.grads[0], ref.grads[0], ULPS[dtype], "grad")
+    ulp_close(b.grads[0], ref.grads[0], KERNEL_ULPS[dtype], "grad")
     if skip:
         assert torch.equal(b.grads[0], old_grad)
 
@@ -410,7 +385,7 @@ def test_host_pack_code_gives_the_same_bits(dtype, lib):
         a = flat_bucket(n, dtype, "cpu", "adamw",
                         dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1))
         none = flat_bucket(n, dtype, "cpu", "none")
-        c, k = compute(dtype), CKernels()
+        c, k = compute_dtype(dtype), CKernels()
         out = [k.sq_norm(b, False), k.sq_norm(b, True)]
         k.perturb(b, scalar(0.01, "cpu", c), scalar(0.3, "cpu", c), True)
         k.reflect(b)
@@ -443,28 +418,7 @@ def test_host_pack_code_gives_the_same_bits(dtype, lib):
 ], ids=["sgd", "adamw", "sam-wrapper"])
 def test_nan_in_G_skips_with_theta_restored_and_state_untouched(device, make, lib):
     params = [torch.randn(s, device=device, requires_grad=True) for s in (7, 300, 1, 4099)]
-    opt = make(params, backend_name(device))
-    calls = []
-
-    def poison_second_gradient():  # NaN in g2 only, so it lands in G = fold·g1 + g2
-        calls.append(1)
-        if len(calls) == 4:
-            params[3].grad[123] += float("nan")
-
-    closure = closure_for(opt, params, poison_second_gradient)
-    opt.step(closure)
-    state_of = getattr(opt, "base_optimizer", opt).state
-    theta = [p.detach().clone() for p in params]
-    state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in state_of[p].items()
-             if isinstance(v, torch.Tensor)}
-    opt.step(closure)
-    assert len(calls) == 4 and bool(opt.last_step_skipped)
-    for p, t in zip(params, theta):
-        assert torch.equal(p, t), "theta must be restored bit for bit"
-    for (i, k), v in state.items():
-        assert torch.equal(state_of[params[i]][k], v), (i, k)
-    opt.step(closure)
-    assert not bool(opt.last_step_skipped) and not torch.equal(params[0], theta[0])
+    check_nan_in_G_skips(make(params, backend_name(device)), params)
 
 
 @pytest.mark.parametrize("device", DEVICES)

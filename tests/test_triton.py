@@ -27,8 +27,9 @@ from gr_fused import kernels
 from gr_fused.kernels import (triton_common, triton_norm, triton_perturb, triton_scalars,
                               triton_update)
 import equality
-from equality import (CASE_IDS, CASES, SCALAR_HPARAM_IDS, SCALAR_HPARAMS, assert_close,
-                      check_ascent_scalars, check_groups, check_update_scalars, clone_bucket,
+from equality import (CASE_IDS, CASES, KERNEL_ULPS, SCALAR_HPARAM_IDS, SCALAR_HPARAMS,
+                      SGD_GROUPS, assert_close, check_ascent_scalars, check_groups,
+                      check_nan_in_G_skips, check_update, check_update_scalars, clone_bucket,
                       closure_for, compare_backends, scalar_group, ulp_close)
 from test_nosync import forbid_host_reads
 from gr_fused.amp import GradScaler
@@ -226,10 +227,6 @@ def test_sq_norm_reports_inf_and_nan():
 
 
 # ----------------------------------------------------------------------- perturb / reflect / restore
-def _ulps(dtype):
-    return 2 if dtype == torch.float32 else 1
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -241,8 +238,8 @@ def test_perturb_matches_torch(n, dtype, adaptive):
                     block=SMALL_BLOCK)
     TorchBackend().perturb(ref, eps, fold, adaptive)
     assert torch.equal(b.extra["backup"][0], old_theta)
-    ulp_close(b.params[0], ref.params[0], _ulps(dtype), "theta")
-    ulp_close(b.grads[0], ref.grads[0], _ulps(dtype), "grad")
+    ulp_close(b.params[0], ref.params[0], KERNEL_ULPS[dtype], "theta")
+    ulp_close(b.grads[0], ref.grads[0], KERNEL_ULPS[dtype], "grad")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -252,37 +249,15 @@ def test_reflect_and_restore_match_torch(n, dtype):
     ref = clone_bucket(b)
     kernels.reflect(*b.params, *b.grads, *b.extra["backup"], block=SMALL_BLOCK)
     TorchBackend().reflect(ref)
-    ulp_close(b.params[0], ref.params[0], _ulps(dtype), "theta")
+    ulp_close(b.params[0], ref.params[0], KERNEL_ULPS[dtype], "theta")
     assert torch.equal(b.grads[0], ref.grads[0])
     triton_backend.TritonFlatKernels().restore(b)
     assert torch.equal(b.params[0], b.extra["backup"][0])
 
 
 # ----------------------------------------------------------------------- update
-SGD_GROUPS = {
-    "momentum-wd": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False),
-    "nesterov": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True),
-    "dampening": dict(lr=0.05, momentum=0.5, dampening=0.3, weight_decay=0.0, nesterov=False),
-    "plain": dict(lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.01, nesterov=False),
-}
-
-
 def _run_update(b, gscale, found_inf):
     triton_backend.TritonFlatKernels(block=SMALL_BLOCK).update(b, gscale, found_inf)
-
-
-def _check_update(b, ref, skip, dtype, state_keys):
-    ulp_close(b.params[0], ref.params[0], _ulps(dtype), "theta")
-    if skip:
-        assert torch.equal(b.params[0], b.extra["backup"][0])
-    assert set(b.states[0]) == set(ref.states[0]) >= set(state_keys)
-    for key in state_keys:
-        got, want = b.states[0][key], ref.states[0][key]
-        assert got.dtype == want.dtype and got.shape == want.shape, key
-        if want.dim() == 0:
-            assert torch.equal(got, want), key
-        else:
-            ulp_close(got, want, _ulps(dtype), key)
 
 
 @pytest.mark.parametrize("skip", [False, True], ids=["taken", "found-inf"])
@@ -301,9 +276,7 @@ def test_sgd_update_matches_torch(hp, first, skip, dtype, n):
     _run_update(b, gscale, found_inf)
     TorchBackend().update(ref, gscale, found_inf)
     keys = ["momentum_buffer"] if group["momentum"] else []
-    _check_update(b, ref, skip, dtype, keys)
-    if skip and not first and keys:
-        assert torch.equal(b.states[0]["momentum_buffer"], old_state["momentum_buffer"])
+    check_update(b, ref, skip, dtype, keys, old_state)
     if skip and first and keys:
         assert not b.states[0]["momentum_buffer"].any()
 
@@ -325,10 +298,7 @@ def test_adamw_update_matches_torch(first, skip, dtype, n):
     gscale, found_inf = scalar(0.73), scalar(float(skip))
     _run_update(b, gscale, found_inf)
     TorchBackend().update(ref, gscale, found_inf)
-    _check_update(b, ref, skip, dtype, ["step", "exp_avg", "exp_avg_sq"])
-    if skip:
-        for key, old in old_state.items():
-            assert torch.equal(b.states[0][key], old), key
+    check_update(b, ref, skip, dtype, ["step", "exp_avg", "exp_avg_sq"], old_state)
 
 
 @pytest.mark.parametrize("skip", [False, True], ids=["taken", "found-inf"])
@@ -341,7 +311,7 @@ def test_restore_and_combine_matches_torch(dtype, skip):
     _run_update(b, gscale, found_inf)
     TorchBackend().update(ref, gscale, found_inf)
     assert torch.equal(b.params[0], b.extra["backup"][0])
-    ulp_close(b.grads[0], ref.grads[0], _ulps(dtype), "grad")
+    ulp_close(b.grads[0], ref.grads[0], KERNEL_ULPS[dtype], "grad")
     if skip:
         assert torch.equal(b.grads[0], old_grad)
 
@@ -358,26 +328,7 @@ def _params(n_tensors=4):
 ], ids=["sgd", "adamw"])
 def test_found_inf_skips_with_theta_restored_and_state_untouched(make):
     params = _params()
-    opt = make(params)
-    calls = []
-
-    def poison_second_gradient():  # NaN in g2 only, so it lands in G = fold·g1 + g2
-        calls.append(1)
-        if len(calls) == 4:
-            params[3].grad[123] += float("nan")
-
-    closure = closure_for(opt, params, poison_second_gradient)
-    opt.step(closure)
-    theta = [p.detach().clone() for p in params]
-    state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in opt.state[p].items()}
-    opt.step(closure)
-    assert len(calls) == 4 and bool(opt.last_step_skipped)
-    for p, t in zip(params, theta):
-        assert torch.equal(p, t)
-    for (i, k), v in state.items():
-        assert torch.equal(opt.state[params[i]][k], v), (i, k)
-    opt.step(closure)  # and the next step is taken
-    assert not bool(opt.last_step_skipped) and not torch.equal(params[0], theta[0])
+    check_nan_in_G_skips(make(params), params)
 
 
 @pytest.mark.parametrize("algo,options,groups,expected", [
