@@ -20,7 +20,6 @@ Timed side by side in one run, interleaved round by round, medians of many round
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ import gr_fused  # noqa: E402
 from gr_fused import _ext  # noqa: E402
 from gr_fused.backends.base import Bucket, SkipRecord  # noqa: E402
 from gr_fused.backends.cext_backend import CKernels  # noqa: E402
-from bench_kernels import PHASE_BYTES, SAMPattern, _split  # noqa: E402
+from bench_kernels import PHASE_BYTES, SAMPattern, _split, write_results  # noqa: E402
 
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 METHODS = ["gr_fused cpu", "host phases", "gr_fused torch", "SAM pattern", "torch SGD", "copy"]
@@ -174,8 +173,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     numel = int(float(args.numel[:-1]) * scale) if scale else int(args.numel)
     res = run(numel, args.tensors, args.rounds)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_results(args.json, res)
     print(table(res))
     return res
 

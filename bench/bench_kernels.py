@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -64,6 +65,30 @@ KERNEL_NAMES = {"_partial_sq_kernel", "_finalize_kernel", "_ascent_scalars_kerne
                 "_update_scalars_kernel", "_perturb_kernel", "_reflect_kernel",
                 "_sgd_kernel", "_adamw_kernel", "_advance_step_kernel",
                 "_restore_combine_kernel"}
+
+
+def run_pytest(args: List[str], timeout_s: int) -> str:
+    """The summary line of ``pytest -q -x ARGS`` run from the repository root, or why it did
+    not finish (the GPU scripts record it with their results)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x"] + args
+    try:
+        done = subprocess.run(cmd, cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                    ".."),
+                              capture_output=True, text=True, timeout=timeout_s)
+        return (done.stdout + done.stderr).strip().splitlines()[-1]
+    except subprocess.TimeoutExpired:
+        return f"tests did not finish in {timeout_s} s"
+
+
+def write_results(path: str, results: dict, markdown: Optional[str] = None) -> None:
+    """``results`` as JSON at ``path`` (folders made as needed) and, when given, ``markdown``
+    in a .md file beside it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    if markdown is not None:
+        with open(os.path.splitext(path)[0] + ".md", "w") as f:
+            f.write(markdown)
 
 
 def parse_size(text: str) -> int:
@@ -399,8 +424,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     results = run([parse_size(s) for s in args.sizes], args.dtypes, args.tensors,
                   args.launch_counts, args.reps, args.budget, args.sweep_blocks)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_results(args.json, results)
     print(table(results))
     return results
 

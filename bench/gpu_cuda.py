@@ -21,9 +21,7 @@ was left out is listed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -114,16 +112,6 @@ def check_equality(n: int = 1_000_003) -> Dict[str, str]:
     return results
 
 
-def run_tests(timeout_s: int) -> str:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "tests/test_cext.py", "-k", "cuda"]
-    try:
-        done = subprocess.run(cmd, cwd=os.path.join(HERE, ".."), capture_output=True, text=True,
-                              timeout=timeout_s)
-        return (done.stdout + done.stderr).strip().splitlines()[-1]
-    except subprocess.TimeoutExpired:
-        return f"tests did not finish in {timeout_s} s"
-
-
 def short_table(res: dict) -> str:
     lines = [f"device: {res['device']}, torch {res['torch']}, gr_fused._C cuda archs "
              f"{res['cuda_archs']}; % = GB/s over the bytes each phase must move, relative to a "
@@ -170,7 +158,8 @@ def main() -> int:
     lib = _ext.load()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "cuda_archs": lib.cuda_archs, "source_hash": lib.source_hash,
-           "tests": run_tests(150) if args.tests else "not run here (gpu_check.sh runs them)",
+           "tests": (bk.run_pytest(["tests/test_cext.py", "-k", "cuda"], 150) if args.tests
+                     else "not run here (gpu_check.sh runs them)"),
            "equality": check_equality(), "phases": [], "steps": [], "configs": [], "skipped": []}
     print(f"tests: {res['tests']}\nequality: {res['equality']}", flush=True)
     for size in args.sizes:
@@ -187,12 +176,8 @@ def main() -> int:
                 res["steps"].append(dict(dtype=name, n=n, **time_steps(n, dtype, 100, args.reps)))
             print(f"{name} {size} done at {time.time() - start:.0f} s", flush=True)
     res["seconds"] = time.time() - start
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
     table = short_table(res)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(table + "\n")
+    bk.write_results(args.out, res, table + "\n")
     print("\n== cuda kernels: summary")
     print(table)
     ok = all(v.startswith("pass") for v in res["equality"].values()) and "failed" not in res["tests"]

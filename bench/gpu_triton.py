@@ -13,9 +13,7 @@ stays inside gpu_check.sh's 120 s; what was left out is listed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -23,16 +21,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_kernels  # noqa: E402
-
-
-def run_tests(timeout_s: int) -> str:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "tests/test_triton.py", "tests/test_flat.py"]
-    try:
-        done = subprocess.run(cmd, cwd=os.path.join(HERE, ".."), capture_output=True, text=True,
-                              timeout=timeout_s)
-        return (done.stdout + done.stderr).strip().splitlines()[-1]
-    except subprocess.TimeoutExpired:
-        return f"tests did not finish in {timeout_s} s"
 
 
 def human(n: int) -> str:
@@ -72,17 +60,15 @@ def main() -> int:
     parser.add_argument("--sweep-blocks", action="store_true")
     args = parser.parse_args()
     start = time.time()
-    tests = run_tests(150) if args.tests else "not run here (gpu_check.sh runs them)"
+    tests = (bench_kernels.run_pytest(["tests/test_triton.py", "tests/test_flat.py"], 150)
+             if args.tests else "not run here (gpu_check.sh runs them)")
     print(f"tests: {tests}", flush=True)
     argv = ["--budget", str(args.budget)] + (["--sweep-blocks"] if args.sweep_blocks else [])
     results = bench_kernels.main(argv)  # prints the full tables
     results["tests"] = tests
     results["total_seconds"] = time.time() - start
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(f"tests: {tests}\n\n{bench_kernels.table(results)}\n")
+    bench_kernels.write_results(args.out, results,
+                                f"tests: {tests}\n\n{bench_kernels.table(results)}\n")
     print("\n== triton kernels: summary (% = achieved GB/s over the bytes each phase must "
           "move, relative to a device copy)")
     if results["interpreted"]:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import BLOCK, LAUNCH_OPTIONS, block_offsets, grid
+from .triton_common import BLOCK, LAUNCH_OPTIONS, block_offsets
 
 FINALIZE_BLOCK = 1024
 
