@@ -192,6 +192,15 @@ template <class T> int launch_partials(const Where& w, int64_t n, ptr g, ptr the
   return blocks;
 }
 
+// The CUDA driver of grf_ops.h's run_* phases: one grid-stride launch.
+struct CudaRun {
+  const Where& w;
+  template <class Op>
+  void operator()(const Op& op, int64_t n, bool aligned, const char* what) const {
+    launch_foreach(w, op, n, aligned, what);
+  }
+};
+
 // AdamW's step count moves only when the step is taken.
 template <class C> __global__ void advance_step(float* step, const C* found_inf) {
   if (*found_inf == C(0)) *step += 1.0f;
@@ -252,23 +261,11 @@ void update_finalize(const Where& w, int ctype, ptr partials, const std::vector<
 
 void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps,
              ptr fold, bool adaptive) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
-    dispatch_bool(adaptive, [&](auto adaptive_) {
-      PerturbOp<T, decltype(adaptive_)::value> op{as<T>(theta), as<T>(g), as<T>(backup),
-                                                  as<const C>(eps), as<const C>(fold)};
-      launch_foreach(w, op, n, aligned16({theta, g, backup}), "perturb");
-    });
-  });
+  run_perturb(CudaRun{w}, dtype, n, theta, g, backup, eps, fold, adaptive);
 }
 
 void reflect(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    ReflectOp<T> op{as<T>(theta), as<T>(g), as<const T>(backup)};
-    launch_foreach(w, op, n, aligned16({theta, g, backup}), "reflect");
-  });
+  run_reflect(CudaRun{w}, dtype, n, theta, g, backup);
 }
 
 void restore(const Where& w, int dtype, int64_t n, ptr theta, ptr backup) {
@@ -284,44 +281,24 @@ void restore(const Where& w, int dtype, int64_t n, ptr theta, ptr backup) {
 
 void update_none(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup,
                  ptr gscale, ptr found_inf) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
-    UpdateNoneOp<T> op{as<T>(theta), as<T>(G), as<const T>(backup),
-                       {as<const C>(gscale), as<const C>(found_inf)}};
-    launch_foreach(w, op, n, aligned16({theta, G, backup}), "update_none");
-  });
+  run_update_none(CudaRun{w}, dtype, n, theta, G, backup, gscale, found_inf);
 }
 
 void update_sgd(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr buf,
                 bool first, ptr gscale, ptr found_inf, double lr, double momentum,
                 double dampening, double weight_decay, bool nesterov) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
-    dispatch_momentum(buf, first, [&](auto mode) {
-      UpdateSgdOp<T, decltype(mode)::value> op{
-          as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(buf),
-          {as<const C>(gscale), as<const C>(found_inf)},
-          make_sgd_hp<C>(lr, momentum, dampening, weight_decay, nesterov)};
-      launch_foreach(w, op, n, aligned16({theta, G, backup, buf}), "update_sgd");
-    });
-  });
+  run_update_sgd(CudaRun{w}, dtype, n, theta, G, backup, buf, first, gscale, found_inf, lr,
+                 momentum, dampening, weight_decay, nesterov);
 }
 
 void update_adamw(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr m,
                   ptr v, ptr step, ptr gscale, ptr found_inf, double lr, double beta1,
                   double beta2, double eps, double weight_decay, bool step_advanced) {
+  run_update_adamw(CudaRun{w}, dtype, n, theta, G, backup, m, v, step, gscale, found_inf, lr,
+                   beta1, beta2, eps, weight_decay, step_advanced);
+  if (step_advanced) return;
   dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
-    UpdateAdamwOp<T> op{as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(m), as<T>(v),
-                        as<const float>(step),
-                        {as<const C>(gscale), as<const C>(found_inf)},
-                        make_adam_hp<C>(lr, beta1, beta2, eps, weight_decay),
-                        step_advanced ? 0.0f : 1.0f};
-    launch_foreach(w, op, n, aligned16({theta, G, backup, m, v}), "update_adamw");
-    if (step_advanced) return;
+    using C = compute_t<decltype(tag)>;
     DeviceGuard guard(w.device);
     advance_step<C><<<1, 1, 0, stream_of(w)>>>(as<float>(step), as<const C>(found_inf));
     check(cudaGetLastError(), "update_adamw (step count)");

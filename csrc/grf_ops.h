@@ -296,4 +296,76 @@ template <class F> void dispatch_momentum(uintptr_t buf, bool first, F&& f) {
   else f(std::integral_constant<int, kMomentum>{});
 }
 
+// ---------------------------------------------------------------- the element-wise phases
+// Each phase of grf_api.h as its op, built here once for both drivers: `run(op, n, aligned,
+// what)` is the host build's OpenMP loop (host.cpp) or the CUDA launch (cuda.cu).
+template <class Run>
+void run_perturb(Run&& run, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps,
+                 ptr fold, bool adaptive) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    dispatch_bool(adaptive, [&](auto a) {
+      run(PerturbOp<T, decltype(a)::value>{as<T>(theta), as<T>(g), as<T>(backup),
+                                          as<const C>(eps), as<const C>(fold)},
+          n, aligned16({theta, g, backup}), "perturb");
+    });
+  });
+}
+
+template <class Run>
+void run_reflect(Run&& run, int dtype, int64_t n, ptr theta, ptr g, ptr backup) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    run(ReflectOp<T>{as<T>(theta), as<T>(g), as<const T>(backup)}, n,
+        aligned16({theta, g, backup}), "reflect");
+  });
+}
+
+template <class Run>
+void run_update_none(Run&& run, int dtype, int64_t n, ptr theta, ptr G, ptr backup,
+                     ptr gscale, ptr found_inf) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    run(UpdateNoneOp<T>{as<T>(theta), as<T>(G), as<const T>(backup),
+                        {as<const C>(gscale), as<const C>(found_inf)}},
+        n, aligned16({theta, G, backup}), "update_none");
+  });
+}
+
+template <class Run>
+void run_update_sgd(Run&& run, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr buf,
+                    bool first, ptr gscale, ptr found_inf, double lr, double momentum,
+                    double dampening, double weight_decay, bool nesterov) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    dispatch_momentum(buf, first, [&](auto mode) {
+      run(UpdateSgdOp<T, decltype(mode)::value>{
+              as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(buf),
+              {as<const C>(gscale), as<const C>(found_inf)},
+              make_sgd_hp<C>(lr, momentum, dampening, weight_decay, nesterov)},
+          n, aligned16({theta, G, backup, buf}), "update_sgd");
+    });
+  });
+}
+
+// The element-wise pass only: the driver advances the step count after it unless
+// step_advanced (update_finalize did, before it).
+template <class Run>
+void run_update_adamw(Run&& run, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr m,
+                      ptr v, ptr step, ptr gscale, ptr found_inf, double lr, double beta1,
+                      double beta2, double eps, double weight_decay, bool step_advanced) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = compute_t<T>;
+    run(UpdateAdamwOp<T>{as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(m), as<T>(v),
+                         as<const float>(step), {as<const C>(gscale), as<const C>(found_inf)},
+                         make_adam_hp<C>(lr, beta1, beta2, eps, weight_decay),
+                         step_advanced ? 0.0f : 1.0f},
+        n, aligned16({theta, G, backup, m, v}), "update_adamw");
+  });
+}
+
 }  // namespace grf

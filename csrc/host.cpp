@@ -108,6 +108,14 @@ template <class T> double sum_sq(const Where& w, int64_t n, ptr g, ptr theta) {
   return sum;
 }
 
+// The host driver of grf_ops.h's run_* phases: the OpenMP loop.
+struct HostRun {
+  const Where& w;
+  template <class Op> void operator()(const Op& op, int64_t n, bool aligned, const char*) const {
+    for_each(op, n, w, aligned);
+  }
+};
+
 // partials[begin:end] added in index order.
 double sum_range(const double* partials, int64_t begin, int64_t end) {
   double sum = 0;
@@ -160,23 +168,11 @@ void update_finalize(const Where&, int ctype, ptr partials, const std::vector<in
 
 void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps,
              ptr fold, bool adaptive) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
-    dispatch_bool(adaptive, [&](auto adaptive_) {
-      for_each(PerturbOp<T, decltype(adaptive_)::value>{as<T>(theta), as<T>(g), as<T>(backup),
-                                                        as<const C>(eps), as<const C>(fold)},
-               n, w, aligned16({theta, g, backup}));
-    });
-  });
+  run_perturb(HostRun{w}, dtype, n, theta, g, backup, eps, fold, adaptive);
 }
 
 void reflect(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    for_each(ReflectOp<T>{as<T>(theta), as<T>(g), as<const T>(backup)}, n, w,
-             aligned16({theta, g, backup}));
-  });
+  run_reflect(HostRun{w}, dtype, n, theta, g, backup);
 }
 
 void restore(const Where& w, int dtype, int64_t n, ptr theta, ptr backup) {
@@ -196,44 +192,25 @@ void restore(const Where& w, int dtype, int64_t n, ptr theta, ptr backup) {
 
 void update_none(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup,
                  ptr gscale, ptr found_inf) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
-    for_each(UpdateNoneOp<T>{as<T>(theta), as<T>(G), as<const T>(backup),
-                             {as<const C>(gscale), as<const C>(found_inf)}},
-             n, w, aligned16({theta, G, backup}));
-  });
+  run_update_none(HostRun{w}, dtype, n, theta, G, backup, gscale, found_inf);
 }
 
 void update_sgd(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr buf,
                 bool first, ptr gscale, ptr found_inf, double lr, double momentum,
                 double dampening, double weight_decay, bool nesterov) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
-    dispatch_momentum(buf, first, [&](auto mode) {
-      for_each(UpdateSgdOp<T, decltype(mode)::value>{
-                   as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(buf),
-                   {as<const C>(gscale), as<const C>(found_inf)},
-                   make_sgd_hp<C>(lr, momentum, dampening, weight_decay, nesterov)},
-               n, w, aligned16({theta, G, backup, buf}));
-    });
-  });
+  run_update_sgd(HostRun{w}, dtype, n, theta, G, backup, buf, first, gscale, found_inf, lr,
+                 momentum, dampening, weight_decay, nesterov);
 }
 
 void update_adamw(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr m,
                   ptr v, ptr step, ptr gscale, ptr found_inf, double lr, double beta1,
                   double beta2, double eps, double weight_decay, bool step_advanced) {
+  run_update_adamw(HostRun{w}, dtype, n, theta, G, backup, m, v, step, gscale, found_inf, lr,
+                   beta1, beta2, eps, weight_decay, step_advanced);
+  if (step_advanced) return;
   dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
-    for_each(UpdateAdamwOp<T>{as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(m),
-                              as<T>(v), as<const float>(step),
-                              {as<const C>(gscale), as<const C>(found_inf)},
-                              make_adam_hp<C>(lr, beta1, beta2, eps, weight_decay),
-                              step_advanced ? 0.0f : 1.0f},
-             n, w, aligned16({theta, G, backup, m, v}));
-    if (!step_advanced && *as<const C>(found_inf) == C(0)) *as<float>(step) += 1.0f;
+    using C = compute_t<decltype(tag)>;
+    if (*as<const C>(found_inf) == C(0)) *as<float>(step) += 1.0f;
   });
 }
 
