@@ -21,8 +21,12 @@ STEPS = 3
 RHO, GAMMA, LR, MOM = 0.1, 0.05, 0.1, 0.9
 
 
-def make_mlp():
-    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+def make_mlp(state=None):
+    """The test MLP, with the weights of ``state`` (a state_dict) when given."""
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    if state is not None:
+        model.load_state_dict(state)
+    return model
 
 
 def make_bn_mlp():
@@ -86,15 +90,13 @@ def _scenarios(rank, init, bn_init, data, bn_data):
     # 1. global ascent: both gradients all-reduced by DDP. gradient_as_bucket_view=True makes
     #    DDP replace p.grad by its bucket views, which a flat-buffer backend must adopt.
     for name, make_opt, as_view in GLOBAL_CASES:
-        model = make_mlp()
-        model.load_state_dict(init)
+        model = make_mlp(init)
         ddp = _ddp(model, gradient_as_bucket_view=as_view)
         _train(ddp, make_opt(ddp.parameters()), mine)
         out[name] = params_of(model)
 
     # 2. local ascent, SAM: only the first backward under no_sync (α = 1 on every rank)
-    model = make_mlp()
-    model.load_state_dict(init)
+    model = make_mlp(init)
     ddp = _ddp(model)
     opt = gr_fused.SAM(ddp.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM)
     for x, y in mine:
@@ -106,16 +108,14 @@ def _scenarios(rank, init, bn_init, data, bn_data):
     out["local_sam_no_sync"] = params_of(model)
 
     # 3. local ascent, GR with gamma and normalize: gr_fused.distributed.local_ascent_step
-    model = make_mlp()
-    model.load_state_dict(init)
+    model = make_mlp(init)
     ddp = _ddp(model)
     opt = gr_fused.GRSGD(ddp.parameters(), lr=LR, momentum=MOM, gamma=GAMMA, rho=RHO)
     _train(ddp, opt, mine, step=lambda o, c: local_ascent_step(o, c, model=ddp))
     out["local_gr"] = params_of(model)
 
     # 3b. the same with only the first backward under no_sync: α_r differs between ranks
-    model = make_mlp()
-    model.load_state_dict(init)
+    model = make_mlp(init)
     ddp = _ddp(model)
     opt = gr_fused.GRSGD(ddp.parameters(), lr=LR, gamma=GAMMA, rho=RHO)
     x, y = mine[0]
@@ -142,8 +142,7 @@ def _scenarios(rank, init, bn_init, data, bn_data):
     # 5. FSDP2: parameters sharded over the 2 ranks, global ascent
     from torch.distributed.fsdp import fully_shard
     for name, make_opt in FSDP_CASES:
-        model = make_mlp()
-        model.load_state_dict(init)
+        model = make_mlp(init)
         fully_shard(model[0])
         fully_shard(model[2])
         fully_shard(model)
@@ -184,8 +183,7 @@ def runs():
 # ---------------------------------------------------------------------------- references
 def _global_reference(make_opt, inputs):
     """One process, the concatenated batch."""
-    model = make_mlp()
-    model.load_state_dict(inputs["init"])
+    model = make_mlp(inputs["init"])
     opt = make_opt(model.parameters())
     _train(model, opt, [(x.reshape(-1, 5), y.reshape(-1, 3)) for x, y in inputs["data"]])
     return params_of(model)
@@ -203,8 +201,7 @@ def _grad_at(model, params, x, y):
 def _local_reference(inputs, combine_rank, steps):
     """Hand-written local ascent: per rank g1_r, ε_r = ρ/‖g1_r‖, g2_r at θ + ε_r·g1_r,
     g = mean_r combine_rank(g1_r, g2_r, ε_r), then torch.optim.SGD(momentum) with g."""
-    model = make_mlp()
-    model.load_state_dict(inputs["init"])
+    model = make_mlp(inputs["init"])
     theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
     sgd = torch.optim.SGD(theta, lr=LR, momentum=MOM)
     for x, y in inputs["data"][:steps]:
@@ -243,8 +240,7 @@ def test_ddp_global_ascent_equals_one_process_on_the_global_batch(runs, name):
 
 
 def _initial(inputs):
-    model = make_mlp()
-    model.load_state_dict(inputs["init"])
+    model = make_mlp(inputs["init"])
     return model
 
 
