@@ -13,7 +13,9 @@ Timed side by side in one run, interleaved round by round, medians of many round
 * ``GRSGD(backend="torch")``, the same optimizer on the pure-PyTorch backend;
 * the popular per-parameter SAM pattern (bench_kernels.SAMPattern: clone θ per tensor, a
   Python loop of adds, then torch.optim.SGD);
-* a plain torch.optim.SGD momentum step and a copy of all parameters, for scale.
+* a plain torch.optim.SGD momentum step and a copy of all parameters, for scale;
+
+then each element-wise phase of the host build alone (norm, perturb, update) with its GB/s.
 
     python bench/bench_cpu.py [--numel 10M] [--tensors 50] [--rounds 21] [--json PATH]
 """
@@ -36,7 +38,7 @@ import gr_fused  # noqa: E402
 from gr_fused import _ext  # noqa: E402
 from gr_fused.backends.base import Bucket, SkipRecord  # noqa: E402
 from gr_fused.backends.cext_backend import CKernels  # noqa: E402
-from bench_kernels import PHASE_BYTES, SAMPattern, _split, write_results  # noqa: E402
+from bench_kernels import PHASE_BYTES, SAMPattern, _split, gbps, write_results  # noqa: E402
 
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 METHODS = ["gr_fused cpu", "host phases", "gr_fused torch", "SAM pattern", "torch SGD", "copy"]
@@ -115,6 +117,34 @@ class Setup:
         return first + time.perf_counter() - start
 
 
+def phase_times(setup: Setup, rounds: int) -> Dict[str, float]:
+    """Median ms of each element-wise phase of the host build alone, on the "host phases"
+    flat bucket: the _C calls the step driver makes, without the finalize calls between
+    them. The gradients are rewritten before each round, as in Setup.step."""
+    b, call = setup.flat, CKernels._call
+    theta, grad, backup = b.params[0], b.grads[0], b.extra["backup"][0]
+    buf = torch.zeros_like(theta)
+    partials = torch.empty(1, dtype=torch.float64)
+    eps, fold, gscale, found_inf = (torch.tensor(v) for v in (1e-3, 1.0, 1.0, 0.0))
+    phases = {
+        "norm": lambda: call("norm_partials", grad, grad.data_ptr(), 0, partials.data_ptr()),
+        "perturb": lambda: call("perturb", theta, theta.data_ptr(), grad.data_ptr(),
+                                backup.data_ptr(), eps.data_ptr(), fold.data_ptr(), False),
+        "update-sgd": lambda: call("update_sgd", theta, theta.data_ptr(), grad.data_ptr(),
+                                   backup.data_ptr(), buf.data_ptr(), False, gscale.data_ptr(),
+                                   found_inf.data_ptr(), SGD["lr"], SGD["momentum"], 0.0,
+                                   SGD["weight_decay"], False),
+    }
+    times: Dict[str, List[float]] = {name: [] for name in phases}
+    for _ in range(rounds):
+        torch._foreach_copy_(setup.grads(), setup.g1)
+        for name, phase in phases.items():
+            start = time.perf_counter()
+            phase()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
 def paired_ratio(a: List[float], b: List[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
@@ -130,6 +160,7 @@ def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2) -> dict:
             if r >= warmup:
                 times[m].append(t)
     backends = setups["gr_fused cpu"].opt.backends
+    phase_ms = phase_times(setups["host phases"], rounds)
     ms = {m: 1e3 * statistics.median(ts) for m, ts in times.items()}
     numel = sum(sizes)
     step_bytes = sum(PHASE_BYTES["gr-step"]) * 4 * numel
@@ -143,6 +174,9 @@ def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2) -> dict:
         "ratio_cpu_vs_torch_backend": paired_ratio(times["gr_fused cpu"], times["gr_fused torch"]),
         "gr_step_gbps": step_bytes / (ms["gr_fused cpu"] * 1e-3) / 1e9,
         "copy_gbps": 8 * numel / (ms["copy"] * 1e-3) / 1e9,
+        # each phase alone: GB/s over the bytes it reads and writes (PHASE_BYTES)
+        "phases": {name: {"ms": t, "gbps": gbps(name, numel, torch.float32, t)}
+                   for name, t in phase_ms.items()},
     }
 
 
@@ -158,7 +192,13 @@ def table(res: dict) -> str:
               f"host build / torch backend: {res['ratio_cpu_vs_torch_backend']:.2f}x   "
               "(medians of the per-round ratios)",
               f"host build moves 48 B/param at {res['gr_step_gbps']:.1f} GB/s; "
-              f"a copy runs at {res['copy_gbps']:.1f} GB/s"]
+              f"a copy runs at {res['copy_gbps']:.1f} GB/s",
+              "", "| host phase alone | ms | GB/s over the bytes it reads and writes |",
+              "|---|---|---|"]
+    for name, p in res["phases"].items():
+        reads, writes = PHASE_BYTES[name]
+        lines.append(f"| {name} ({4 * reads} B read, {4 * writes} B written) | {p['ms']:.2f} | "
+                     f"{p['gbps']:.1f} |")
     return "\n".join(lines)
 
 
