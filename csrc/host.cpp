@@ -7,12 +7,13 @@
 // and the two give the same bits.
 //
 // Work is cut into fixed chunks of kChunk elements, independent of the thread count; the
-// norm sums each chunk in kLanes double lanes, then the lanes and the chunks in index order.
-// So the norm is the same bit for bit whatever the number of threads.
+// norm sums each chunk in kParts × kLanes double lanes, then the lanes and the chunks in a
+// fixed order. So the norm is the same bit for bit whatever the number of threads.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "grf_ops.h"
@@ -28,6 +29,20 @@ namespace {
 constexpr int64_t kChunk = 1 << 15;
 constexpr int64_t kMinChunksPerThread = 8;  // a thread gets ≥ 256K elements, or stays idle
 constexpr int kLanes = 16;
+
+// The norm sums a chunk as kParts equal parts, each in its own kLanes double lanes. With
+// AVX2 (16 registers hold the 4 × kLanes lanes) it reads the parts at once, for the types
+// whose pass memory bounds; otherwise part after part (with SSE2 the lanes would spill, and
+// fp16's software conversion bounds its pass). Each lane adds the same elements in the same
+// order either way, so both give the same bits.
+constexpr int kParts = 4;
+template <class T> constexpr bool parts_at_once() {
+#ifdef __AVX2__
+  return !std::is_same<T, half_t>::value;
+#else
+  return false;
+#endif
+}
 
 int64_t chunks_of(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
@@ -67,8 +82,12 @@ template <class Op> void for_each(Op op, int64_t n, const Where& w, bool aligned
     for_each_v<1>(op, n, w.threads);
 }
 
-// Σ over [0, n) into kLanes lanes per chunk: element i always lands in lane i % kLanes, in
-// index order, whether it is read in packs of V or alone, so the sum has the same bits.
+// Σ over [0, n), chunk by chunk, in kParts × kLanes lanes (see kParts): element j of a chunk
+// lands in lane (j / part, j % kLanes), those past the parts in the lanes of part 0, whether
+// it is read in packs of V or alone and whether the parts are read at once or in turn. So the
+// sum has the same bits for any V, either build and any thread count. Reading the parts at
+// once puts more loads in flight than one read stream per core does: with 4 parts the fp32
+// norm takes about 0.7× the time here.
 template <int V, class Op> double sum_squares_v(const Op& op, int64_t n, int threads) {
   static_assert(kLanes % V == 0, "a pack must not straddle two rounds of lanes");
   const int64_t chunks = chunks_of(n);
@@ -77,15 +96,25 @@ template <int V, class Op> double sum_squares_v(const Op& op, int64_t n, int thr
 #pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const Op local = op;
-    const int64_t end = std::min(n, (c + 1) * kChunk);
-    double acc[kLanes] = {};
-    int64_t i = c * kChunk;
-    for (; i + kLanes <= end; i += kLanes)
-      for (int k = 0; k < kLanes; k += V) local.template accumulate<V>(i + k, &acc[k]);
-    for (; i < end; ++i) local.template accumulate<1>(i, &acc[i % kLanes]);
-    double s = 0;
-    for (int k = 0; k < kLanes; ++k) s += acc[k];
-    partial[c] = s;
+    const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+    const int64_t part = (end - begin) / (kParts * kLanes) * kLanes;  // a multiple of kLanes
+    double acc[kParts][kLanes] = {};
+    if constexpr (parts_at_once<typename Op::value_type>()) {
+      const int64_t stop = begin + part;
+      for (int64_t i = begin; i < stop; i += kLanes)  // (an unroll pragma on s: 1.6× slower)
+        for (int s = 0; s < kParts; ++s)
+          for (int k = 0; k < kLanes; k += V) local.template accumulate<V>(i + s * part + k, &acc[s][k]);
+    } else {
+      for (int s = 0; s < kParts; ++s)
+        for (int64_t i = begin + s * part; i < begin + (s + 1) * part; i += kLanes)
+          for (int k = 0; k < kLanes; k += V) local.template accumulate<V>(i + k, &acc[s][k]);
+    }
+    for (int64_t i = begin + kParts * part; i < end; ++i)
+      local.template accumulate<1>(i, &acc[0][i % kLanes]);
+    double sum = 0;
+    for (int s = 0; s < kParts; ++s)
+      for (int k = 0; k < kLanes; ++k) sum += acc[s][k];
+    partial[c] = sum;
   }
   double total = 0;
   for (int64_t c = 0; c < chunks; ++c) total += partial[c];

@@ -364,8 +364,11 @@ def test_host_avx2_and_baseline_code_give_the_same_bits(lib):
                             dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1))
             k.update(b, scalar(0.7, "cpu"), scalar(0.0, "cpu"))
             k.update(a, scalar(0.7, "cpu"), scalar(0.0, "cpu"))
-            outs[isa] = [sq, b.params[0], b.grads[0], b.states[0]["momentum_buffer"],
-                         a.params[0], a.states[0]["exp_avg_sq"]]
+            big = flat_bucket(300_001, torch.float32, "cpu")  # ten chunks of the norm
+            sums = k._partial_sums([(big.grads[0], None), (big.grads[0], big.params[0])])[0]
+            outs[isa] = [sq, sums, b.params[0],
+                         b.grads[0], b.states[0]["momentum_buffer"], a.params[0],
+                         a.states[0]["exp_avg_sq"]]
         finally:
             lib.host_isa("avx2")
     for x, y in zip(outs["baseline"], outs["avx2"]):
