@@ -15,7 +15,8 @@ Timed side by side in one run, interleaved round by round, medians of many round
   Python loop of adds, then torch.optim.SGD);
 * a plain torch.optim.SGD momentum step and a copy of all parameters, for scale;
 
-then each element-wise phase of the host build alone (norm, perturb, update) with its GB/s.
+then each element-wise phase of the host build alone (norm, perturb, update) with its GB/s,
+and the cost of a whole step over 50 and 500 tiny tensors (the step's Python and dispatch).
 
     python bench/bench_cpu.py [--numel 10M] [--tensors 50] [--rounds 21] [--json PATH]
 """
@@ -145,6 +146,23 @@ def phase_times(setup: Setup, rounds: int) -> Dict[str, float]:
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
+def driver_overhead_us(n_tensors: int, steps: int = 200) -> float:
+    """Median µs of a whole GRSGD(backend="cpu") step (first_step + second_step) over
+    ``n_tensors`` 16-element tensors: the kernels' work is negligible there, so this is
+    the Python and dispatch cost that every step pays, whatever its size."""
+    params = [torch.randn(16).requires_grad_() for _ in range(n_tensors)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = gr_fused.GRSGD(params, gamma=0.02, rho=0.05, backend="cpu", **SGD)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        opt.first_step()
+        opt.second_step(zero_grad=False)
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times[steps // 10:])
+
+
 def paired_ratio(a: List[float], b: List[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
@@ -177,6 +195,7 @@ def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2) -> dict:
         # each phase alone: GB/s over the bytes it reads and writes (PHASE_BYTES)
         "phases": {name: {"ms": t, "gbps": gbps(name, numel, torch.float32, t)}
                    for name, t in phase_ms.items()},
+        "driver_overhead_us": {n: driver_overhead_us(n) for n in (50, 500)},
     }
 
 
@@ -199,6 +218,8 @@ def table(res: dict) -> str:
         reads, writes = PHASE_BYTES[name]
         lines.append(f"| {name} ({4 * reads} B read, {4 * writes} B written) | {p['ms']:.2f} | "
                      f"{p['gbps']:.1f} |")
+    lines += ["", "a whole step over tiny tensors (its Python and dispatch cost): " + ", ".join(
+        f"{n} tensors {us:.0f} µs" for n, us in res["driver_overhead_us"].items())]
     return "\n".join(lines)
 
 

@@ -642,3 +642,5 @@ def test_bench_cpu_script_runs(tmp_path, lib):
     assert res["backends"] == {"cpu": "cpu"} and res["ratio_cpu_vs_sam"] > 0
     assert set(res["phases"]) == {"norm", "perturb", "update-sgd"}
     assert all(p["ms"] > 0 and p["gbps"] > 0 for p in res["phases"].values())
+    assert set(res["driver_overhead_us"]) == {50, 500}
+    assert all(us > 0 for us in res["driver_overhead_us"].values())
