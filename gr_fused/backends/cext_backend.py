@@ -17,7 +17,7 @@ import torch
 
 from .. import _ext
 from .base import Backend, Bucket, adamw_state, fusable_scaler_flag, scale_for
-from .flat import FlatBackend, fusable_groups, group_runs, update_all
+from .flat import FlatBackend, fusable_groups, group_runs, raise_scaler_flag
 from .torch_backend import compute_dtype
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -52,6 +52,17 @@ class CKernels(Backend):
         return t.to(device=p.device, dtype=compute_dtype(p.dtype))
 
     @staticmethod
+    def _scratch(fb: Bucket, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A step's scratch tensor, kept in the flat bucket ``fb`` and reused every step: a
+        fused step reads what it writes there within the same step (on CUDA, in stream
+        order), so no allocation runs between the kernels."""
+        scratch = fb.extra.setdefault("c_scratch", {})
+        t = scratch.get(name)
+        if t is None or t.shape != shape or t.dtype != dtype:
+            t = scratch[name] = torch.empty(shape, dtype=dtype, device=fb.params[0].device)
+        return t
+
+    @staticmethod
     def _partials(p: torch.Tensor) -> torch.Tensor:
         """Scratch for the CUDA norm's partial sums (the host build needs none)."""
         return torch.empty(_ext.load().max_norm_blocks if p.is_cuda else 0,
@@ -69,18 +80,19 @@ class CKernels(Backend):
         return (runs is not None and len(runs) <= _ext.load().max_groups
                 and len({compute_dtype(fb.dtype) for fb in fbs}) == 1)
 
-    def _partial_sums(self, inputs):
+    def _partial_sums(self, inputs, keep_in: Optional[Bucket] = None):
         """Stage one of a norm over several flat buffers into one float64 buffer (``_C``'s
-        norm_partials: one launch per CUDA buffer, one host loop each on a CPU). Returns it
-        and each input's ``bounds[i]:bounds[i + 1]`` in it."""
+        norm_partials: one launch per CUDA buffer, one host loop each on a CPU), kept in the
+        bucket ``keep_in`` (see _scratch) if given. Returns it and each input's
+        ``bounds[i]:bounds[i + 1]`` in it."""
         p = inputs[0][0]
-        slots = _ext.load().max_norm_blocks if p.is_cuda else 1
-        partials = torch.empty(len(inputs) * slots, dtype=torch.float64, device=p.device)
-        bounds = [0]
+        shape = (len(inputs) * (_ext.load().max_norm_blocks if p.is_cuda else 1),)
+        partials = (torch.empty(shape, dtype=torch.float64, device=p.device) if keep_in is None
+                    else self._scratch(keep_in, "partials", shape, torch.float64))
+        bounds, at = [0], partials.data_ptr()
         for g, theta in inputs:
             written = self._call("norm_partials", g, g.data_ptr(),
-                                 0 if theta is None else theta.data_ptr(),
-                                 partials.data_ptr() + 8 * bounds[-1])
+                                 0 if theta is None else theta.data_ptr(), at + 8 * bounds[-1])
             bounds.append(bounds[-1] + written)
         return partials, bounds
 
@@ -90,18 +102,19 @@ class CKernels(Backend):
         runs = group_runs(fbs)
         p = fbs[0].params[0]
         partials, bounds = self._partial_sums(
-            [(fb.grads[0], fb.params[0] if fb.group["adaptive"] else None) for fb in fbs])
-        ascent = torch.empty((len(runs), 3), dtype=compute_dtype(p.dtype), device=p.device)
+            [(fb.grads[0], fb.params[0] if fb.group["adaptive"] else None) for fb in fbs], fbs[0])
+        ascent = self._scratch(fbs[0], "ascent", (len(runs), 3), compute_dtype(p.dtype))
         scale = scale_for(grad_scale, p)
-        for row, (group, members) in zip(ascent, runs):
-            alpha = group["alpha"]
+        where, size = _where(p), ascent.element_size()
+        for i, (group, members) in enumerate(runs):
+            row, alpha = ascent.data_ptr() + 3 * size * i, group["alpha"]  # [eps, fold, combine]
             _ext.load().ascent_finalize(
-                *_where(p), _CODES[row.dtype], partials.data_ptr(), bounds[-1],
-                0 if scale is None else scale.data_ptr(), row.data_ptr(), float(group["rho"]),
+                *where, _CODES[ascent.dtype], partials.data_ptr(), bounds[-1],
+                0 if scale is None else scale.data_ptr(), row, float(group["rho"]),
                 float(group["gamma"]), 0.0 if alpha is None else float(alpha),
                 bool(group["normalize"]), alpha is not None, group["difference"] == "central")
             for fb in members:
-                self.perturb(fb, row[0], row[1], group["adaptive"])
+                self._perturb_at(fb, row, row + size, group["adaptive"])
         return ascent  # rows [eps, fold, combine], one per group
 
     def combine_update(self, fbs, ascent, grad_scale, skips):
@@ -109,12 +122,12 @@ class CKernels(Backend):
         found_inf and the skip records, then the update per buffer."""
         runs = group_runs(fbs)
         p = fbs[0].params[0]
-        partials, bounds = self._partial_sums([(fb.grads[0], None) for fb in fbs])
+        partials, bounds = self._partial_sums([(fb.grads[0], None) for fb in fbs], fbs[0])
         group_bounds, buffers = [0], 0  # group g's partials: group_bounds[g]:[g + 1]
         for _, members in runs:
             buffers += len(members)
             group_bounds.append(bounds[buffers])
-        out = torch.empty(len(runs) + 1, dtype=ascent.dtype, device=p.device)
+        out = self._scratch(fbs[0], "out", (len(runs) + 1,), ascent.dtype)
         scale, flag = scale_for(grad_scale, p), skips.scaler_found_inf
         fused_flag = fusable_scaler_flag(skips, p.device)
         one_adamw = len(fbs) == 1 and fbs[0].algo == "adamw"  # its step advances in-kernel
@@ -126,13 +139,24 @@ class CKernels(Backend):
             flag.data_ptr() if fused_flag and flag is not None else 0,
             adamw_state(fbs[0])["step"].data_ptr() if one_adamw else 0,
             max_norm is not None, 1.0 if max_norm is None else float(max_norm))
-        return update_all(self, runs, out, skips, step_advanced=one_adamw)
+        found_inf = out[len(runs)]
+        raise_scaler_flag(skips, found_inf)
+        size, found_inf_at = out.element_size(), out.data_ptr() + out.element_size() * len(runs)
+        for i, (_, members) in enumerate(runs):
+            for fb in members:  # gscale of group i, then found_inf, as _C pointers into out
+                self._update_at(fb, out.data_ptr() + size * i, found_inf_at, one_adamw)
+        return found_inf
 
     def perturb(self, b, eps, fold, adaptive):
         p = b.params[0]
-        eps, fold = self._scalar(eps, p), self._scalar(fold, p)
+        self._perturb_at(b, self._scalar(eps, p).data_ptr(), self._scalar(fold, p).data_ptr(),
+                         adaptive)
+
+    def _perturb_at(self, b, eps_at: int, fold_at: int, adaptive: bool) -> None:
+        """perturb, with eps and fold given as addresses of the compute dtype's scalars."""
+        p = b.params[0]
         self._call("perturb", p, p.data_ptr(), b.grads[0].data_ptr(),
-                   b.extra["backup"][0].data_ptr(), eps.data_ptr(), fold.data_ptr(), adaptive)
+                   b.extra["backup"][0].data_ptr(), eps_at, fold_at, adaptive)
 
     def reflect(self, b):
         p = b.params[0]
@@ -144,11 +168,17 @@ class CKernels(Backend):
         self._call("restore", p, p.data_ptr(), b.extra["backup"][0].data_ptr())
 
     def update(self, b, gscale, found_inf, step_advanced=False):
+        p = b.params[0]
+        self._update_at(b, self._scalar(gscale, p).data_ptr(),
+                        self._scalar(found_inf, p).data_ptr(), step_advanced)
+
+    def _update_at(self, b, gscale_at: int, found_inf_at: int, step_advanced: bool) -> None:
+        """update, with gscale and found_inf given as addresses of the compute dtype's
+        scalars."""
         p, G, backup, st, group = b.params[0], b.grads[0], b.extra["backup"][0], b.states[0], b.group
-        gscale, found_inf = self._scalar(gscale, p), self._scalar(found_inf, p)
         head = (p.data_ptr(), G.data_ptr(), backup.data_ptr())
         if b.algo == "none":
-            self._call("update_none", p, *head, gscale.data_ptr(), found_inf.data_ptr())
+            self._call("update_none", p, *head, gscale_at, found_inf_at)
         elif b.algo == "sgd":
             buf, first = st.get("momentum_buffer"), False
             if group["momentum"] != 0 and buf is None:  # buf = g; zeros if the step is skipped
@@ -156,15 +186,15 @@ class CKernels(Backend):
                 first = True
             self._call("update_sgd", p, *head,
                        buf.data_ptr() if group["momentum"] != 0 else 0, first,
-                       gscale.data_ptr(), found_inf.data_ptr(), float(group["lr"]),
+                       gscale_at, found_inf_at, float(group["lr"]),
                        float(group["momentum"]), float(group["dampening"]),
                        float(group["weight_decay"]), bool(group["nesterov"]))
         elif b.algo == "adamw":
             st = adamw_state(b)
             beta1, beta2 = group["betas"]
             self._call("update_adamw", p, *head, st["exp_avg"].data_ptr(),
-                       st["exp_avg_sq"].data_ptr(), st["step"].data_ptr(), gscale.data_ptr(),
-                       found_inf.data_ptr(), float(group["lr"]), float(beta1), float(beta2),
+                       st["exp_avg_sq"].data_ptr(), st["step"].data_ptr(), gscale_at,
+                       found_inf_at, float(group["lr"]), float(beta1), float(beta2),
                        float(group["eps"]), float(group["weight_decay"]), step_advanced)
         else:
             raise ValueError(f"unknown base update {b.algo!r}")

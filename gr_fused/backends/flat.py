@@ -230,6 +230,14 @@ def fusable_groups(fbs: Sequence[Bucket]) -> Optional[List[tuple]]:
     return runs
 
 
+def raise_scaler_flag(skips, found_inf: torch.Tensor) -> None:
+    """Raise the GradScaler's flag to found_inf with torch ops where the finalize kernel
+    could not (see ``base.fusable_scaler_flag``)."""
+    flag = skips.scaler_found_inf
+    if flag is not None and not fusable_scaler_flag(skips, found_inf.device):
+        flag.copy_(torch.maximum(flag, found_inf.to(flag)))
+
+
 def update_all(kernel: Backend, runs: List[tuple], out: torch.Tensor, skips,
                step_advanced: bool) -> torch.Tensor:
     """The end of a fused ``combine_update``, after its finalize wrote ``out`` = [gscale of
@@ -237,9 +245,7 @@ def update_all(kernel: Backend, runs: List[tuple], out: torch.Tensor, skips,
     ``base.fusable_scaler_flag``), then update every flat bucket with its group's gscale.
     Returns found_inf."""
     found_inf = out[len(runs)]
-    flag = skips.scaler_found_inf
-    if flag is not None and not fusable_scaler_flag(skips, found_inf.device):
-        flag.copy_(torch.maximum(flag, found_inf.to(flag)))
+    raise_scaler_flag(skips, found_inf)
     for gscale, (_, members) in zip(out, runs):
         for fb in members:
             kernel.update(fb, gscale, found_inf, step_advanced=step_advanced)
