@@ -8,7 +8,6 @@ base optimizer steps when GR is off (``_plain_step``).
 from __future__ import annotations
 
 import math
-from operator import attrgetter, is_
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -17,7 +16,7 @@ from torch.optim import Optimizer
 
 from .. import backends as _backends
 from .._bn import FreezeRunningStats
-from ..backends.flat import zero_flat_grads
+from ..backends.flat import views_intact, zero_flat_grads
 from .._scalars import ascent_scalars, update_scalars
 from ..distributed import all_reduce_max, all_reduce_sq_norm, local_shard
 
@@ -62,14 +61,6 @@ def check_lr(lr) -> None:
     value = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
     if not (_is_number(value) and value >= 0):
         raise ValueError(f"Invalid learning rate: {lr!r}")
-
-
-_grad_of = attrgetter("grad")
-
-
-def views_intact(params, grads) -> bool:
-    """``p.grad is g`` for every pair, checked at C speed (no per-tensor Python loop)."""
-    return all(map(is_, map(_grad_of, params), grads))
 
 
 def _record_grad_versions(b) -> None:
