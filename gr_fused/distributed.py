@@ -55,6 +55,8 @@ def local_shard(p: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], 
     """``(local param, local grad, shard groups)`` of a parameter: for a DTensor (FSDP2) its
     local shard and that of its grad, which alias the DTensors' storage, so in-place updates
     reach them; for a plain tensor ``(p, p.grad, ())``."""
+    if type(p) is torch.nn.Parameter or type(p) is torch.Tensor:
+        return p, p.grad, ()  # the common case, without the DTensor checks
     groups = shard_groups(p)
     DTensor = _dtensor_type()
     if DTensor is None or not isinstance(p, DTensor):

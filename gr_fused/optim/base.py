@@ -196,10 +196,7 @@ class GROptimizer(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                        f"(param of shape {tuple(p.shape)} in group {gi})")
-                if type(p) is torch.nn.Parameter or type(p) is torch.Tensor:
-                    local_p, local_g, shard_groups = p, p.grad, ()  # the common, cheap case
-                else:
-                    local_p, local_g, shard_groups = local_shard(p)  # DTensor (FSDP2) shards
+                local_p, local_g, shard_groups = local_shard(p)  # DTensor (FSDP2): its shard
                 lists = split.setdefault((local_p.device, local_p.dtype, shard_groups),
                                          ([], [], [], []))
                 lists[0].append(local_p)
