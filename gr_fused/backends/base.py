@@ -76,6 +76,10 @@ class SkipRecord:
         """The torch-op version of what fused backends do inside their kernel."""
         self.last.copy_(found_inf != 0)
         self.count += found_inf.to(torch.int64)
+        self.raise_scaler_flag(found_inf)
+
+    def raise_scaler_flag(self, found_inf: torch.Tensor) -> None:
+        """Raise the GradScaler's flag (if any) to found_inf, with torch ops."""
         flag = self.scaler_found_inf
         if flag is not None:
             flag.copy_(torch.maximum(flag, found_inf.to(flag)))

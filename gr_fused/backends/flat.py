@@ -238,9 +238,8 @@ def fusable_groups(fbs: Sequence[Bucket]) -> Optional[List[tuple]]:
 def raise_scaler_flag(skips, found_inf: torch.Tensor) -> None:
     """Raise the GradScaler's flag to found_inf with torch ops where the finalize kernel
     could not (see ``base.fusable_scaler_flag``)."""
-    flag = skips.scaler_found_inf
-    if flag is not None and not fusable_scaler_flag(skips, found_inf.device):
-        flag.copy_(torch.maximum(flag, found_inf.to(flag)))
+    if not fusable_scaler_flag(skips, found_inf.device):
+        skips.raise_scaler_flag(found_inf)
 
 
 def update_all(kernel: Backend, runs: List[tuple], out: torch.Tensor, skips,
