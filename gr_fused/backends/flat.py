@@ -190,11 +190,9 @@ class FlatBackend(Backend):
         fb = self._flat(b)
         if fb is None:
             return self._fallback.update(b, gscale, found_inf)
-        layout: FlatLayout = b.extra["flat"]
-        keys = set(layout.state)
+        keys = _state_keys([b])
         self.kernel.update(fb, gscale, found_inf)
-        if set(layout.state) != keys:  # the first step created state: point entries at it
-            layout.adopt(b.grads, b.states)
+        _adopt_created_state([b], keys)
 
     def can_fuse(self, buckets):
         return (all("flat" in b.extra for b in buckets)
@@ -204,13 +202,24 @@ class FlatBackend(Backend):
         return self.kernel.ascend([self._flat(b) for b in buckets], grad_scale)
 
     def combine_update(self, buckets, ascended, grad_scale, skips):
-        keys = [set(b.extra["flat"].state) for b in buckets]
+        keys = _state_keys(buckets)
         found_inf = self.kernel.combine_update([self._flat(b) for b in buckets], ascended,
                                                grad_scale, skips)
-        for b, before in zip(buckets, keys):
-            if set(b.extra["flat"].state) != before:  # the first step created state
-                b.extra["flat"].adopt(b.grads, b.states)
+        _adopt_created_state(buckets, keys)
         return found_inf
+
+
+def _state_keys(buckets: Sequence[Bucket]) -> List[set]:
+    """The flat state each bucket's layout holds, before an update that may create some."""
+    return [set(b.extra["flat"].state) for b in buckets]
+
+
+def _adopt_created_state(buckets: Sequence[Bucket], before: List[set]) -> None:
+    """Where the update created flat state (a first step), point the per-parameter state
+    entries at it."""
+    for b, keys in zip(buckets, before):
+        if set(b.extra["flat"].state) != keys:
+            b.extra["flat"].adopt(b.grads, b.states)
 
 
 def group_runs(fbs: Sequence[Bucket]) -> List[tuple]:
