@@ -261,12 +261,7 @@ def test_manual_first_second_step_equals_step_with_closure():
     o1 = gr_fused.GRSGD(m1.parameters(), lr=0.1, momentum=0.9, gamma=0.05, difference="central")
     o2 = gr_fused.GRSGD(m2.parameters(), lr=0.1, momentum=0.9, gamma=0.05, difference="central")
     for _ in range(3):
-        def closure():
-            o1.zero_grad()
-            loss = torch.nn.functional.mse_loss(m1(x), y)
-            loss.backward()
-            return loss
-        o1.step(closure)
+        o1.step(mse_closure(o1, m1, x, y))
         torch.nn.functional.mse_loss(m2(x), y).backward()
         o2.first_step()
         torch.nn.functional.mse_loss(m2(x), y).backward()
