@@ -82,7 +82,8 @@ auto route(R (*host_fn)(const grf::Where&, A...), R (*avx2_fn)(const grf::Where&
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gr_fused's compiled kernels (csrc/): the phases of a GR step over flat buffers";
   GRF_DEF(sq_norm, "(device, stream, threads, dtype, n, g, theta_or_0, partials, out)");
-  GRF_DEF(perturb, "(device, stream, threads, dtype, n, theta, g, backup, eps, fold, adaptive)");
+  GRF_DEF(perturb,
+          "(device, stream, threads, dtype, n, theta, g, backup, eps, fold, adaptive, into)");
   GRF_DEF(reflect, "(device, stream, threads, dtype, n, theta, g, backup)");
   GRF_DEF(restore, "(device, stream, threads, dtype, n, theta, backup)");
   GRF_DEF(update_none,

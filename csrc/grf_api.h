@@ -40,8 +40,9 @@ constexpr int kMaxGroups = 16;
   /* out = Σ g² (Σ (θ·g)² when theta != 0), deterministic; partials: CUDA scratch of doubles */       \
   void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials,        \
                ptr out);                                                                    \
+  /* into: θ' goes to backup and θ stays (the caller then swaps the two buffers)         */ \
   void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps, \
-               ptr fold, bool adaptive);                                                    \
+               ptr fold, bool adaptive, bool into);                                         \
   void reflect(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup);         \
   void restore(const Where& w, int dtype, int64_t n, ptr theta, ptr backup);                \
   void update_none(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup,      \

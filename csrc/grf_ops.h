@@ -81,7 +81,10 @@ GRF_UNROLL
 };
 
 // backup = θ;  θ = θ + eps·w·g;  g = fold·g, phase 2.
-template <class T, bool ADAPTIVE> struct PerturbOp {
+// INTO: θ + eps·w·g goes to `backup` instead and θ stays. The caller then swaps the two
+// buffers (their storages' memory), which leaves the same state with one store per element
+// less.
+template <class T, bool ADAPTIVE, bool INTO> struct PerturbOp {
   using value_type = T;
   using C = compute_t<T>;
   T* theta;
@@ -103,8 +106,12 @@ GRF_UNROLL
       nt.v[k] = from_c<T>(new_theta);
       ng.v[k] = from_c<T>(new_g);
     }
-    st<V>(backup, i, t);
-    st<V>(theta, i, nt);
+    if constexpr (INTO) {
+      st<V>(backup, i, nt);
+    } else {
+      st<V>(backup, i, t);
+      st<V>(theta, i, nt);
+    }
     st<V>(g, i, ng);
   }
 };
@@ -301,14 +308,16 @@ template <class F> void dispatch_momentum(uintptr_t buf, bool first, F&& f) {
 // what)` is the host build's OpenMP loop (host.cpp) or the CUDA launch (cuda.cu).
 template <class Run>
 void run_perturb(Run&& run, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps,
-                 ptr fold, bool adaptive) {
+                 ptr fold, bool adaptive, bool into) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
     dispatch_bool(adaptive, [&](auto a) {
-      run(PerturbOp<T, decltype(a)::value>{as<T>(theta), as<T>(g), as<T>(backup),
-                                          as<const C>(eps), as<const C>(fold)},
-          n, aligned16({theta, g, backup}), "perturb");
+      dispatch_bool(into, [&](auto i) {
+        run(PerturbOp<T, decltype(a)::value, decltype(i)::value>{
+                as<T>(theta), as<T>(g), as<T>(backup), as<const C>(eps), as<const C>(fold)},
+            n, aligned16({theta, g, backup}), "perturb");
+      });
     });
   });
 }

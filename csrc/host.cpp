@@ -196,8 +196,8 @@ void update_finalize(const Where&, int ctype, ptr partials, const std::vector<in
 }
 
 void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps,
-             ptr fold, bool adaptive) {
-  run_perturb(HostRun{w}, dtype, n, theta, g, backup, eps, fold, adaptive);
+             ptr fold, bool adaptive, bool into) {
+  run_perturb(HostRun{w}, dtype, n, theta, g, backup, eps, fold, adaptive, into);
 }
 
 void reflect(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup) {

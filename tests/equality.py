@@ -336,10 +336,12 @@ SGD_GROUPS = {
 def check_update(b, ref, skip, dtype, keys, old_state):
     """A kernel's update of flat bucket ``b`` against the torch backend's of ``ref``: θ and
     the ``keys`` of the state within KERNEL_ULPS (0-dim state exactly); when ``skip``, θ is
-    the backup and every state buffer in ``old_state`` kept its bits."""
+    the backup as it was before the update (``ref``'s; on a CPU the host build's backup
+    holds the dead θ' afterwards, see cext_backend) and every state buffer in ``old_state``
+    kept its bits."""
     ulp_close(b.params[0], ref.params[0], KERNEL_ULPS[dtype], "theta")
     if skip:
-        assert torch.equal(b.params[0], b.extra["backup"][0]), "theta must be the backup"
+        assert torch.equal(b.params[0], ref.extra["backup"][0]), "theta must be the backup"
     assert set(b.states[0]) == set(ref.states[0]) >= set(keys)
     for key in keys:
         got, want = b.states[0][key], ref.states[0][key]

@@ -27,9 +27,10 @@ import torch
 import gr_fused
 from gr_fused import _ext, backends
 from gr_fused.backends.base import Bucket
+from gr_fused.backends import cext_backend
 from gr_fused.backends.cext_backend import _CODES as CODES, CKernels, _where
 from gr_fused.backends.torch_backend import TorchBackend, compute_dtype
-from equality import (CASE_IDS, CASES, KERNEL_ULPS, SCALAR_HPARAM_IDS, SCALAR_HPARAMS,
+from equality import (CASE_IDS, CASES, KERNEL_ULPS, make_inputs, run_case, SCALAR_HPARAM_IDS, SCALAR_HPARAMS,
                       SGD_GROUPS, check_ascent_scalars, check_groups, check_nan_in_G_skips,
                       check_update, check_update_scalars, clone_bucket, closure_for,
                       compare_backends, flat_bucket, scalar_group, ulp_close)
@@ -77,6 +78,68 @@ def test_cuda_kernels_match_triton(case, lib):
     if why is not None:
         pytest.skip(f"the triton backend cannot run here: {why}")
     compare_backends(case, "cuda", reference="triton", device="cuda")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_host_build_swapping_memory_gives_the_in_place_bits(case, lib, monkeypatch):
+    """On a CPU perturb and update write into the backup and the two storages trade memory
+    (cext_backend._trades_memory); in place (as on CUDA) they write θ directly. Same bits."""
+    inputs = make_inputs(case)
+    swapped = run_case(case, "cpu", inputs)
+    monkeypatch.setattr(cext_backend, "swap_on_cpu", False)
+    in_place = run_case(case, "cpu", inputs)
+    for got, want in zip(swapped[0], in_place[0]):
+        assert torch.equal(got, want), f"{case.name}: params differ"
+    assert swapped[1].keys() == in_place[1].keys()
+    for key, want in in_place[1].items():
+        assert torch.equal(swapped[1][key], want), f"{case.name}: state {key} differs"
+
+
+def test_cpu_steps_trade_memory_and_every_view_follows(lib):
+    """The swap moves the flat param's memory, not the tensors: the parameters, a
+    user-held ``.detach()`` and the optimizer's own layout all see θ' after first_step and the
+    new θ after second_step; the backup holds θ exactly while perturbed."""
+    params = [torch.randn(s, requires_grad=True) for s in (300, 7, 4099)]
+    opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend="cpu")
+    opt.step(closure_for(opt, params))  # the first step moves the params into the flat buffer
+    held = [p.detach() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    theta = [p.detach().clone() for p in params]
+    addresses = [p.data_ptr() for p in params]
+    opt.first_step()
+    layout = next(iter(opt._bucket_extra.values()))["flat"]
+    assert all(p.data_ptr() != a for p, a in zip(params, addresses)), "no swap happened"
+    assert layout.matches(params), "the params no longer view the flat buffer"
+    backup_views = layout.views(layout.backup)
+    for p, h, t, b in zip(params, held, theta, backup_views):
+        assert h.data_ptr() == p.data_ptr() and torch.equal(b, t)
+        assert not torch.equal(p, t), "the params are not at the perturbed point"
+    for p in params:
+        p.grad.add_(torch.randn_like(p))
+    opt.second_step()
+    assert [p.data_ptr() for p in params] == addresses, "two swaps bring the memory back"
+    assert layout.matches(params) and all(h.data_ptr() == p.data_ptr()
+                                          for p, h in zip(params, held))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_perturb_into_writes_theta_prime_to_backup_and_keeps_theta(device, dtype, lib):
+    """_C.perturb with into=True: the backup gets what the in-place perturb leaves in θ, θ
+    keeps its bits, and g is folded the same way."""
+    for offset in (0, 1):
+        b = flat_bucket(70001, dtype, device, offset=offset)
+        ref = clone_bucket(b)
+        theta = b.params[0].clone()
+        eps, fold = scalar(0.037, device, dtype), scalar(-0.61, device, dtype)
+        for bucket, into in ((b, True), (ref, False)):
+            p, backup = bucket.params[0], bucket.extra["backup"][0]
+            CKernels._call("perturb", p, p.data_ptr(), bucket.grads[0].data_ptr(),
+                           backup.data_ptr(), eps.data_ptr(), fold.data_ptr(), False, into)
+        assert torch.equal(b.params[0], theta)
+        assert torch.equal(b.extra["backup"][0], ref.params[0])
+        assert torch.equal(b.grads[0], ref.grads[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -338,7 +401,7 @@ def test_restore_and_combine_matches_torch(device, dtype, skip, lib):
     gscale, found_inf = scalar(-1.37, device, dtype), scalar(float(skip), device, dtype)
     CKernels().update(b, gscale, found_inf)
     TorchBackend().update(ref, gscale, found_inf)
-    assert torch.equal(b.params[0], b.extra["backup"][0])
+    assert torch.equal(b.params[0], ref.extra["backup"][0])  # θ restored: the old backup
     ulp_close(b.grads[0], ref.grads[0], KERNEL_ULPS[dtype], "grad")
     if skip:
         assert torch.equal(b.grads[0], old_grad)

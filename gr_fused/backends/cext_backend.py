@@ -8,6 +8,16 @@ order. Each phase of a flat bucket is one call into ``gr_fused._C`` with raw dat
 (``tensor.data_ptr()``), element counts, a dtype code and, on CUDA, the current stream; the
 step scalars (eps, fold, gscale, found_inf, AdamW's step) stay in device memory and are
 read by the kernels, so no phase synchronizes with the host.
+
+On a CPU both element-wise phases are bound by memory traffic, and in place each spends one
+of its streams on a buffer it only writes (where every store first reads its cache line).
+So there perturb writes θ' into the backup's buffer (θ stays), update writes the new θ into
+the backup's buffer in place, and after each the flat param's and the backup's storages
+trade memory (``UntypedStorage._swap_data_ptr_``, O(1)): exactly the state of the in-place
+phases, one stream less each. Every view of the flat param (the parameters, ``.data``,
+``.detach()``, user references) shares its storage and follows; only a raw address kept
+from before a step goes stale. On CUDA the phases stay in place: captured CUDA graphs keep
+raw addresses.
 """
 from __future__ import annotations
 
@@ -154,9 +164,12 @@ class CKernels(Backend):
 
     def _perturb_at(self, b, eps_at: int, fold_at: int, adaptive: bool) -> None:
         """perturb, with eps and fold given as addresses of the compute dtype's scalars."""
-        p = b.params[0]
-        self._call("perturb", p, p.data_ptr(), b.grads[0].data_ptr(),
-                   b.extra["backup"][0].data_ptr(), eps_at, fold_at, adaptive)
+        p, backup = b.params[0], b.extra["backup"][0]
+        swap = _trades_memory(p, backup)
+        self._call("perturb", p, p.data_ptr(), b.grads[0].data_ptr(), backup.data_ptr(),
+                   eps_at, fold_at, adaptive, swap)
+        if swap:  # θ' is in the backup's memory, θ in the params': trade them
+            _swap_memory(p, backup)
 
     def reflect(self, b):
         p = b.params[0]
@@ -176,7 +189,8 @@ class CKernels(Backend):
         """update, with gscale and found_inf given as addresses of the compute dtype's
         scalars."""
         p, G, backup, st, group = b.params[0], b.grads[0], b.extra["backup"][0], b.states[0], b.group
-        head = (p.data_ptr(), G.data_ptr(), backup.data_ptr())
+        swap = _trades_memory(p, backup)  # then the new θ goes into the backup, in place
+        head = ((backup if swap else p).data_ptr(), G.data_ptr(), backup.data_ptr())
         if b.algo == "none":
             self._call("update_none", p, *head, gscale_at, found_inf_at)
         elif b.algo == "sgd":
@@ -198,6 +212,29 @@ class CKernels(Backend):
                        float(group["eps"]), float(group["weight_decay"]), step_advanced)
         else:
             raise ValueError(f"unknown base update {b.algo!r}")
+        if swap:  # the new θ (θ itself, if the step was skipped) into the params' storage
+            _swap_memory(p, backup)
+
+
+# torch's O(1) exchange of two storages' memory, which every view follows. It is private
+# (CUDA graph trees and FSDP2 use it), so its absence only turns the swap off.
+_SWAP_DATA_PTR = getattr(torch.UntypedStorage, "_swap_data_ptr_", None)
+swap_on_cpu = True  # tests turn it off to check the in-place phases on a CPU too
+
+
+def _trades_memory(p: torch.Tensor, backup: torch.Tensor) -> bool:
+    """Whether the flat param ``p`` and ``backup`` trade memory after perturb and update:
+    on a CPU, where torch can, when each is its storage's whole buffer (as FlatLayout
+    makes them). Checked before a phase writes anything, so a swap cannot fail after it."""
+    if not (swap_on_cpu and _SWAP_DATA_PTR is not None and p.device.type == "cpu"):
+        return False
+    nbytes = p.numel() * p.element_size()
+    return (p.storage_offset() == 0 and backup.storage_offset() == 0
+            and p.untyped_storage().nbytes() == nbytes == backup.untyped_storage().nbytes())
+
+
+def _swap_memory(p: torch.Tensor, backup: torch.Tensor) -> None:
+    _SWAP_DATA_PTR(p.untyped_storage(), backup.untyped_storage())
 
 
 class _CompiledBackend(FlatBackend):
