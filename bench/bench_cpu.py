@@ -15,8 +15,14 @@ Timed side by side in one run, interleaved round by round, medians of many round
   Python loop of adds, then torch.optim.SGD);
 * a plain torch.optim.SGD momentum step and a copy of all parameters, for scale;
 
-then each element-wise phase of the host build alone (norm, perturb, update) with its GB/s,
-and the cost of a whole step over 50 and 500 tiny tensors (the step's Python and dispatch).
+then each element-wise phase of the host build alone (norm, perturb, update) as the step
+runs it, with its GB/s, and the cost of a whole step over 50 and 500 tiny tensors (the
+step's Python and dispatch).
+
+On a CPU the host build's perturb writes θ' into the backup and its update writes the new θ
+into the backup in place, each followed by an O(1) exchange of the two storages' memory
+(cext_backend._trades_memory): 44 B per parameter in all (``HOST_BYTES``), 4 B less than
+the in-place phases' 48 B (bench_kernels.PHASE_BYTES), and no buffer only written.
 
     python bench/bench_cpu.py [--numel 10M] [--tensors 50] [--rounds 21] [--json PATH]
 """
@@ -39,10 +45,18 @@ import gr_fused  # noqa: E402
 from gr_fused import _ext  # noqa: E402
 from gr_fused.backends.base import Bucket, SkipRecord  # noqa: E402
 from gr_fused.backends.cext_backend import CKernels  # noqa: E402
-from bench_kernels import PHASE_BYTES, SAMPattern, _split, gbps, write_results  # noqa: E402
+from bench_kernels import SAMPattern, _split, write_results  # noqa: E402
 
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 METHODS = ["gr_fused cpu", "host phases", "gr_fused torch", "SAM pattern", "torch SGD", "copy"]
+# (elements read, elements written) per parameter by each host phase as the step runs it
+HOST_BYTES = {
+    "norm":       (1, 0),  # Σ g²: read g (norm(g1) and norm(G) each)
+    "perturb":    (2, 2),  # read θ, g; write θ' (into the backup's memory), fold·g
+    "update-sgd": (3, 2),  # read backup, G, buf; write the new θ (into the backup's), buf
+}
+STEP_BYTES = 4 * (2 * sum(HOST_BYTES["norm"]) + sum(HOST_BYTES["perturb"])
+                  + sum(HOST_BYTES["update-sgd"]))  # per fp32 parameter: 44 B
 
 
 class Setup:
@@ -120,21 +134,17 @@ class Setup:
 
 def phase_times(setup: Setup, rounds: int) -> Dict[str, float]:
     """Median ms of each element-wise phase of the host build alone, on the "host phases"
-    flat bucket: the _C calls the step driver makes, without the finalize calls between
-    them. The gradients are rewritten before each round, as in Setup.step."""
-    b, call = setup.flat, CKernels._call
-    theta, grad, backup = b.params[0], b.grads[0], b.extra["backup"][0]
-    buf = torch.zeros_like(theta)
+    flat bucket, as the step driver runs it (with the memory exchange after perturb and
+    update) but without the finalize calls between them. The gradients are rewritten before
+    each round, as in Setup.step."""
+    b, k = setup.flat, setup.kernels
+    grad = b.grads[0]
     partials = torch.empty(1, dtype=torch.float64)
     eps, fold, gscale, found_inf = (torch.tensor(v) for v in (1e-3, 1.0, 1.0, 0.0))
     phases = {
-        "norm": lambda: call("norm_partials", grad, grad.data_ptr(), 0, partials.data_ptr()),
-        "perturb": lambda: call("perturb", theta, theta.data_ptr(), grad.data_ptr(),
-                                backup.data_ptr(), eps.data_ptr(), fold.data_ptr(), False),
-        "update-sgd": lambda: call("update_sgd", theta, theta.data_ptr(), grad.data_ptr(),
-                                   backup.data_ptr(), buf.data_ptr(), False, gscale.data_ptr(),
-                                   found_inf.data_ptr(), SGD["lr"], SGD["momentum"], 0.0,
-                                   SGD["weight_decay"], False),
+        "norm": lambda: k._call("norm_partials", grad, grad.data_ptr(), 0, partials.data_ptr()),
+        "perturb": lambda: k._perturb_at(b, eps.data_ptr(), fold.data_ptr(), False),
+        "update-sgd": lambda: k._update_at(b, gscale.data_ptr(), found_inf.data_ptr(), False),
     }
     times: Dict[str, List[float]] = {name: [] for name in phases}
     for _ in range(rounds):
@@ -181,7 +191,6 @@ def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2) -> dict:
     phase_ms = phase_times(setups["host phases"], rounds)
     ms = {m: 1e3 * statistics.median(ts) for m, ts in times.items()}
     numel = sum(sizes)
-    step_bytes = sum(PHASE_BYTES["gr-step"]) * 4 * numel
     return {
         "numel": numel, "tensors": len(sizes), "rounds": rounds,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -190,10 +199,10 @@ def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2) -> dict:
         # the median over rounds of each round's ratio: both timed in the same round
         "ratio_cpu_vs_sam": paired_ratio(times["gr_fused cpu"], times["SAM pattern"]),
         "ratio_cpu_vs_torch_backend": paired_ratio(times["gr_fused cpu"], times["gr_fused torch"]),
-        "gr_step_gbps": step_bytes / (ms["gr_fused cpu"] * 1e-3) / 1e9,
+        "gr_step_gbps": STEP_BYTES * numel / (ms["gr_fused cpu"] * 1e-3) / 1e9,
         "copy_gbps": 8 * numel / (ms["copy"] * 1e-3) / 1e9,
         # each phase alone: GB/s over the bytes it reads and writes (PHASE_BYTES)
-        "phases": {name: {"ms": t, "gbps": gbps(name, numel, torch.float32, t)}
+        "phases": {name: {"ms": t, "gbps": 4 * sum(HOST_BYTES[name]) * numel / (t * 1e-3) / 1e9}
                    for name, t in phase_ms.items()},
         "driver_overhead_us": {n: driver_overhead_us(n) for n in (50, 500)},
     }
@@ -210,12 +219,12 @@ def table(res: dict) -> str:
     lines += ["", f"host build / SAM pattern: {res['ratio_cpu_vs_sam']:.2f}x   "
               f"host build / torch backend: {res['ratio_cpu_vs_torch_backend']:.2f}x   "
               "(medians of the per-round ratios)",
-              f"host build moves 48 B/param at {res['gr_step_gbps']:.1f} GB/s; "
+              f"host build moves {STEP_BYTES} B/param at {res['gr_step_gbps']:.1f} GB/s; "
               f"a copy runs at {res['copy_gbps']:.1f} GB/s",
               "", "| host phase alone | ms | GB/s over the bytes it reads and writes |",
               "|---|---|---|"]
     for name, p in res["phases"].items():
-        reads, writes = PHASE_BYTES[name]
+        reads, writes = HOST_BYTES[name]
         lines.append(f"| {name} ({4 * reads} B read, {4 * writes} B written) | {p['ms']:.2f} | "
                      f"{p['gbps']:.1f} |")
     lines += ["", "a whole step over tiny tensors (its Python and dispatch cost): " + ", ".join(
