@@ -121,6 +121,11 @@ def test_cpu_steps_trade_memory_and_every_view_follows(lib):
     assert [p.data_ptr() for p in params] == addresses, "two swaps bring the memory back"
     assert layout.matches(params) and all(h.data_ptr() == p.data_ptr()
                                           for p, h in zip(params, held))
+    theta = [p.detach().clone() for p in params]
+    opt.first_step()
+    opt.abort_step()  # as when the perturbed pass raises: θ back, in its own memory
+    assert [p.data_ptr() for p in params] == addresses
+    assert all(torch.equal(p, t) and torch.equal(h, t) for p, h, t in zip(params, held, theta))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -320,8 +325,10 @@ def test_reflect_and_restore_match_torch(device, dtype, lib):
     TorchBackend().reflect(ref)
     ulp_close(b.params[0], ref.params[0], KERNEL_ULPS[dtype], "theta")
     assert torch.equal(b.grads[0], ref.grads[0])
-    CKernels().restore(b)
-    assert torch.equal(b.params[0], b.extra["backup"][0])
+    for bucket in (b, flat_bucket(4099, dtype, device)):  # unaligned: a copy; aligned: a swap
+        theta = bucket.extra["backup"][0].clone()
+        CKernels().restore(bucket)
+        assert torch.equal(bucket.params[0], theta)
 
 
 @pytest.mark.parametrize("device", DEVICES)

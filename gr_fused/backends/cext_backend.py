@@ -14,10 +14,12 @@ of its streams on a buffer it only writes (where every store first reads its cac
 So there perturb writes θ' into the backup's buffer (θ stays), update writes the new θ into
 the backup's buffer in place, and after each the flat param's and the backup's storages
 trade memory (``UntypedStorage._swap_data_ptr_``, O(1)): exactly the state of the in-place
-phases, one stream less each. Every view of the flat param (the parameters, ``.data``,
-``.detach()``, user references) shares its storage and follows; only a raw address kept
-from before a step goes stale. On CUDA the phases stay in place: captured CUDA graphs keep
-raw addresses.
+phases, one stream less each. A restore (a perturbed pass raised) trades them back instead
+of copying. So a step, whole or aborted, swaps twice and the params end it in the memory
+they started in; only during a step (the perturbed forward and backward) do they live at
+the backup's address. Every view of the flat param (the parameters, ``.data``,
+``.detach()``, user references) shares its storage and follows. On CUDA the phases stay in
+place: CUDA graphs captured during a perturbed pass would keep the backup's address.
 """
 from __future__ import annotations
 
@@ -177,8 +179,11 @@ class CKernels(Backend):
                    b.extra["backup"][0].data_ptr())
 
     def restore(self, b):
-        p = b.params[0]
-        self._call("restore", p, p.data_ptr(), b.extra["backup"][0].data_ptr())
+        p, backup = b.params[0], b.extra["backup"][0]
+        if _trades_memory(p, backup):  # θ is in the backup's memory since perturb: take it back
+            _swap_memory(p, backup)
+        else:
+            self._call("restore", p, p.data_ptr(), backup.data_ptr())
 
     def update(self, b, gscale, found_inf, step_advanced=False):
         p = b.params[0]
