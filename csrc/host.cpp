@@ -71,11 +71,22 @@ template <int V, class Op> void for_each_v(const Op& op, int64_t n, int threads)
       for (; i + V <= end; i += V) local.template apply<V>(i);
       for (; i < end; ++i) local.template apply<1>(i);
     }
+#ifdef GRF_STREAM_STORES
+    if constexpr (streams_v<Op>) _mm_sfence();  // this thread's streamed stores, in order
+#endif
   }
 }
 
 template <class Op> void for_each(Op op, int64_t n, const Where& w, bool aligned) {
   op.prepare();
+#ifdef GRF_STREAM_STORES
+  // An op with a write-only buffer, in 32-byte packs (st_stream) where the buffers allow:
+  // fp32 and fp64 (GCC vectorizes their packs; fp16/bf16 packs convert lane by lane).
+  using T = typename Op::value_type;
+  if constexpr (streams_v<Op> && (std::is_same<T, float>::value || std::is_same<T, double>::value)) {
+    if (op.aligned_to(32)) return for_each_v<32 / int(sizeof(T))>(op, n, w.threads);
+  }
+#endif
   if (aligned && w.host_packs)
     for_each_v<vec_width<typename Op::value_type>()>(op, n, w.threads);
   else
