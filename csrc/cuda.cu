@@ -196,8 +196,8 @@ template <class T> int launch_partials(const Where& w, int64_t n, ptr g, ptr the
 struct CudaRun {
   const Where& w;
   template <class Op>
-  void operator()(const Op& op, int64_t n, bool aligned, const char* what) const {
-    launch_foreach(w, op, n, aligned, what);
+  void operator()(const Op& op, int64_t n, int align, const char* what) const {
+    launch_foreach(w, op, n, align >= 16, what);
   }
 };
 

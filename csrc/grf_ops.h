@@ -39,13 +39,14 @@ template <class T> constexpr int vec_width() { return 16 / int(sizeof(T)); }
 // A raw address from Python as a typed pointer.
 template <class T> T* as(ptr p) { return reinterpret_cast<T*>(p); }
 
-inline bool aligned_to(uintptr_t bytes, std::initializer_list<uintptr_t> ptrs) {
-  for (uintptr_t p : ptrs)
-    if (p % bytes != 0) return false;
-  return true;
+// The alignment every buffer of a call shares, as the drivers use it: 32 or 16 bytes, else 1.
+inline int alignment(std::initializer_list<uintptr_t> ptrs) {
+  uintptr_t bits = 0;
+  for (uintptr_t p : ptrs) bits |= p;
+  return bits % 32 == 0 ? 32 : bits % 16 == 0 ? 16 : 1;
 }
 
-inline bool aligned16(std::initializer_list<uintptr_t> ptrs) { return aligned_to(16, ptrs); }
+inline bool aligned16(std::initializer_list<uintptr_t> ptrs) { return alignment(ptrs) >= 16; }
 
 template <int V, class T> GRF_HD Pack<T, V> ld(const T* p, int64_t i) {
   if constexpr (V == 1) {
@@ -126,9 +127,6 @@ template <class T, bool ADAPTIVE, bool INTO> struct PerturbOp {
 
   GRF_HD void prepare() { eps = *eps_ptr; fold = *fold_ptr; }
   GRF_NEVER_SKIPPED
-  bool aligned_to(uintptr_t bytes) const {
-    return grf::aligned_to(bytes, {ptr(theta), ptr(g), ptr(backup)});
-  }
 
   template <int V> GRF_HD void apply(int64_t i) const {
     Pack<T, V> t = ld<V>(theta, i), gp = ld<V>(g, i), nt, ng;
@@ -337,8 +335,9 @@ template <class F> void dispatch_momentum(uintptr_t buf, bool first, F&& f) {
 }
 
 // ---------------------------------------------------------------- the element-wise phases
-// Each phase of grf_api.h as its op, built here once for both drivers: `run(op, n, aligned,
-// what)` is the host build's OpenMP loop (host.cpp) or the CUDA launch (cuda.cu).
+// Each phase of grf_api.h as its op, built here once for both drivers: `run(op, n, align,
+// what)` is the host build's OpenMP loop (host.cpp) or the CUDA launch (cuda.cu); `align` is
+// the buffers' common alignment (see alignment).
 template <class Run>
 void run_perturb(Run&& run, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps,
                  ptr fold, bool adaptive, bool into) {
@@ -349,7 +348,7 @@ void run_perturb(Run&& run, int dtype, int64_t n, ptr theta, ptr g, ptr backup, 
       dispatch_bool(into, [&](auto i) {
         run(PerturbOp<T, decltype(a)::value, decltype(i)::value>{
                 as<T>(theta), as<T>(g), as<T>(backup), as<const C>(eps), as<const C>(fold)},
-            n, aligned16({theta, g, backup}), "perturb");
+            n, alignment({theta, g, backup}), "perturb");
       });
     });
   });
@@ -360,7 +359,7 @@ void run_reflect(Run&& run, int dtype, int64_t n, ptr theta, ptr g, ptr backup) 
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     run(ReflectOp<T>{as<T>(theta), as<T>(g), as<const T>(backup)}, n,
-        aligned16({theta, g, backup}), "reflect");
+        alignment({theta, g, backup}), "reflect");
   });
 }
 
@@ -372,7 +371,7 @@ void run_update_none(Run&& run, int dtype, int64_t n, ptr theta, ptr G, ptr back
     using C = compute_t<T>;
     run(UpdateNoneOp<T>{as<T>(theta), as<T>(G), as<const T>(backup),
                         {as<const C>(gscale), as<const C>(found_inf)}},
-        n, aligned16({theta, G, backup}), "update_none");
+        n, alignment({theta, G, backup}), "update_none");
   });
 }
 
@@ -388,7 +387,7 @@ void run_update_sgd(Run&& run, int dtype, int64_t n, ptr theta, ptr G, ptr backu
               as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(buf),
               {as<const C>(gscale), as<const C>(found_inf)},
               make_sgd_hp<C>(lr, momentum, dampening, weight_decay, nesterov)},
-          n, aligned16({theta, G, backup, buf}), "update_sgd");
+          n, alignment({theta, G, backup, buf}), "update_sgd");
     });
   });
 }
@@ -406,7 +405,7 @@ void run_update_adamw(Run&& run, int dtype, int64_t n, ptr theta, ptr G, ptr bac
                          as<const float>(step), {as<const C>(gscale), as<const C>(found_inf)},
                          make_adam_hp<C>(lr, beta1, beta2, eps, weight_decay),
                          step_advanced ? 0.0f : 1.0f},
-        n, aligned16({theta, G, backup, m, v}), "update_adamw");
+        n, alignment({theta, G, backup, m, v}), "update_adamw");
   });
 }
 

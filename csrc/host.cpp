@@ -77,17 +77,17 @@ template <int V, class Op> void for_each_v(const Op& op, int64_t n, int threads)
   }
 }
 
-template <class Op> void for_each(Op op, int64_t n, const Where& w, bool aligned) {
+template <class Op> void for_each(Op op, int64_t n, const Where& w, int align) {
   op.prepare();
 #ifdef GRF_STREAM_STORES
   // An op with a write-only buffer, in 32-byte packs (st_stream) where the buffers allow:
   // fp32 and fp64 (GCC vectorizes their packs; fp16/bf16 packs convert lane by lane).
   using T = typename Op::value_type;
   if constexpr (streams_v<Op> && (std::is_same<T, float>::value || std::is_same<T, double>::value)) {
-    if (op.aligned_to(32)) return for_each_v<32 / int(sizeof(T))>(op, n, w.threads);
+    if (align >= 32) return for_each_v<32 / int(sizeof(T))>(op, n, w.threads);
   }
 #endif
-  if (aligned && w.host_packs)
+  if (align >= 16 && w.host_packs)
     for_each_v<vec_width<typename Op::value_type>()>(op, n, w.threads);
   else
     for_each_v<1>(op, n, w.threads);
@@ -151,8 +151,8 @@ template <class T> double sum_sq(const Where& w, int64_t n, ptr g, ptr theta) {
 // The host driver of grf_ops.h's run_* phases: the OpenMP loop.
 struct HostRun {
   const Where& w;
-  template <class Op> void operator()(const Op& op, int64_t n, bool aligned, const char*) const {
-    for_each(op, n, w, aligned);
+  template <class Op> void operator()(const Op& op, int64_t n, int align, const char*) const {
+    for_each(op, n, w, align);
   }
 };
 
