@@ -45,16 +45,16 @@ import gr_fused  # noqa: E402
 from gr_fused import _ext  # noqa: E402
 from gr_fused.backends.base import Bucket, SkipRecord  # noqa: E402
 from gr_fused.backends.cext_backend import CKernels  # noqa: E402
-from bench_kernels import SAMPattern, _split, write_results  # noqa: E402
+from bench_kernels import PHASE_BYTES, SAMPattern, _split, write_results  # noqa: E402
 
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 METHODS = ["gr_fused cpu", "host phases", "gr_fused torch", "SAM pattern", "torch SGD", "copy"]
-# (elements read, elements written) per parameter by each host phase as the step runs it
-HOST_BYTES = {
-    "norm":       (1, 0),  # Σ g²: read g (norm(g1) and norm(G) each)
-    "perturb":    (2, 2),  # read θ, g; write θ' (into the backup's memory), fold·g
-    "update-sgd": (3, 2),  # read backup, G, buf; write the new θ (into the backup's), buf
-}
+# (elements read, elements written) per parameter by each host phase as the step runs it:
+# bench_kernels.PHASE_BYTES, except that perturb writes θ' into the backup's memory and
+# leaves θ where it is (read θ, g; write θ', fold·g); the update writes the new θ into the
+# backup's memory instead of θ's, the same count.
+HOST_BYTES = {"norm": PHASE_BYTES["norm"], "perturb": (2, 2),
+              "update-sgd": PHASE_BYTES["update-sgd"]}
 STEP_BYTES = 4 * (2 * sum(HOST_BYTES["norm"]) + sum(HOST_BYTES["perturb"])
                   + sum(HOST_BYTES["update-sgd"]))  # per fp32 parameter: 44 B
 
@@ -201,7 +201,7 @@ def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2) -> dict:
         "ratio_cpu_vs_torch_backend": paired_ratio(times["gr_fused cpu"], times["gr_fused torch"]),
         "gr_step_gbps": STEP_BYTES * numel / (ms["gr_fused cpu"] * 1e-3) / 1e9,
         "copy_gbps": 8 * numel / (ms["copy"] * 1e-3) / 1e9,
-        # each phase alone: GB/s over the bytes it reads and writes (PHASE_BYTES)
+        # each phase alone: GB/s over the bytes it reads and writes (HOST_BYTES)
         "phases": {name: {"ms": t, "gbps": 4 * sum(HOST_BYTES[name]) * numel / (t * 1e-3) / 1e9}
                    for name, t in phase_ms.items()},
         "driver_overhead_us": {n: driver_overhead_us(n) for n in (50, 500)},
