@@ -1,7 +1,17 @@
-"""The step scalars of SPEC §1, computed once per step on the device (no host sync).
+"""The step scalars of a GR step (docs/design.md), computed once per step on the device (no
+host sync).
 
 These few lines are the single source of truth for ε_t, α and the coefficients that every
-backend receives; the backends only apply them element-wise.
+backend receives; the backends only apply them element-wise. The fused kernels compute the
+same operations where they finalize their norms (kernels/triton_scalars.py, csrc/grf_math.h)
+and are tested against these.
+
+Squared norms arrive as float64 sums (of float64 squares), so they neither overflow nor
+lose the size of a huge but finite gradient: an fp32 gradient of 1e20 per element has a
+squared norm of about 1e40·n, which float64 holds. Each norm is the float64 square root of
+its sum, rounded once to the compute dtype. A step is skipped (``found_inf``) exactly when
+a sum is not finite, i.e. when an element of G is inf or NaN (for float64 parameters also
+when the sum of squares passes 1.8e308).
 """
 from __future__ import annotations
 
@@ -14,9 +24,11 @@ CLIP_EPS = 1e-6    # as torch.nn.utils.clip_grad_norm_
 
 
 def ascent_scalars(sq_norm: torch.Tensor, inv_scale: Optional[torch.Tensor], *, rho: float,
-                   normalize: bool, gamma: float, alpha: Optional[float], difference: str
+                   normalize: bool, gamma: float, alpha: Optional[float], difference: str,
+                   dtype: torch.dtype = torch.float32
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From Σg1² (of the possibly AMP-scaled gradient) return ``(eps, fold, combine)``.
+    """From Σg1² (float64; of the possibly AMP-scaled gradient) return ``(eps, fold,
+    combine)`` in the compute ``dtype``.
 
     ``eps`` is ε_t divided by the AMP scale, so that θ + eps·(scaled g1) = θ + ε_t·g1.
     ``fold`` multiplies g1 in the grad buffer before the second backward accumulates onto it,
@@ -25,9 +37,9 @@ def ascent_scalars(sq_norm: torch.Tensor, inv_scale: Optional[torch.Tensor], *, 
       central:           G = −(fold·g1 + g2⁺) + g2⁻,        g = g1 + (α/2)·(g2⁺ − g2⁻)
     with α = γ/ε_t, or the fixed ``alpha``.
     """
-    norm = sq_norm.sqrt()
+    norm = sq_norm.double().sqrt().to(dtype)
     if inv_scale is not None:
-        norm = norm * inv_scale
+        norm = norm * inv_scale.to(dtype)
     if normalize:
         eps = rho / (norm + NORM_EPS)
     else:
@@ -38,20 +50,24 @@ def ascent_scalars(sq_norm: torch.Tensor, inv_scale: Optional[torch.Tensor], *, 
     else:
         fold, combine = (1.0 - a) / a, a
     if inv_scale is not None:
-        eps = eps * inv_scale
+        eps = eps * inv_scale.to(dtype)
     return eps, fold, combine
 
 
 def update_scalars(sq_norms_G: List[torch.Tensor], combines: List[torch.Tensor],
                    inv_scale: Optional[torch.Tensor], max_grad_norms: List[Optional[float]]
                    ) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """From ΣG² of each param group return ``(gscales, found_inf)``: g = gscale·G is each
-    group's combined, unscaled and clipped gradient; ``found_inf`` (0./1.) is set when G has
-    an inf or NaN anywhere. Clipping follows clip_grad_norm_ over the global norm of g."""
-    found_inf = (~torch.isfinite(torch.stack(sq_norms_G).sum())).to(sq_norms_G[0].dtype)
-    gscales = [c if inv_scale is None else c * inv_scale for c in combines]
+    """From ΣG² of each param group (float64) return ``(gscales, found_inf)`` in the dtype of
+    ``combines``: g = gscale·G is each group's combined, unscaled and clipped gradient;
+    ``found_inf`` (0./1.) is set when G has an inf or NaN anywhere. Clipping follows
+    clip_grad_norm_ over the global norm of g, ‖g‖² = Σ gscale²·‖G‖² summed in float64."""
+    dtype = combines[0].dtype
+    sq = torch.stack([s.double() for s in sq_norms_G])
+    found_inf = (~torch.isfinite(sq.sum())).to(dtype)
+    gscales = [c if inv_scale is None else c * inv_scale.to(dtype) for c in combines]
     if any(m is not None for m in max_grad_norms):
-        total = torch.stack([s * s * sq for s, sq in zip(gscales, sq_norms_G)]).sum().sqrt()
+        weights = torch.stack([s.double() for s in gscales])
+        total = (weights * weights * sq).sum().sqrt().to(dtype)
         gscales = [s if m is None else s * torch.clamp(m / (total + CLIP_EPS), max=1.0)
                    for s, m in zip(gscales, max_grad_norms)]
     return gscales, found_inf

@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .backends.base import group_runs
+
 __all__ = ["local_ascent_step", "local_shard", "all_reduce_sq_norm", "all_reduce_max"]
 
 
@@ -136,12 +138,14 @@ def local_ascent_step(optimizer, closure: Callable[[], Any], model=None, process
         pending = optimizer._pending
         optimizer._adopt_replaced_grads()
         grads = []
-        for gi, combine in pending.ascended.items():  # G_r ← α_r·G_r, then the update uses 1·G
-            for b in pending.buckets:
-                if b.extra["_group_index"] == gi:
-                    torch._foreach_mul_(b.grads, combine.to(b.device))
-                    grads.extend(b.grads)
-            pending.ascended[gi] = torch.ones_like(combine)
+        runs = group_runs(pending.buckets)
+        for i, (_, members) in enumerate(runs):  # G_r ← α_r·G_r, then the update uses 1·G
+            for b in members:
+                torch._foreach_mul_(b.grads, pending.rows[i, 2].to(b.device, b.grads[0].dtype
+                                                                   if b.dtype == torch.float64
+                                                                   else torch.float32))
+                grads.extend(b.grads)
+        pending.rows[:, 2] = 1.0
         _average(grads, process_group)
     except BaseException:
         optimizer.abort_step()

@@ -10,10 +10,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from gr_fused import backends  # noqa: E402
-
-# The flat-buffer layer run with the torch reference math: tests the layer on its own.
-backends.register("flat-torch", "gr_fused.backends.flat:FlatBackend")
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,9 @@ import torch
 
 import gr_fused
 from gr_fused import _scalars
-from gr_fused.backends.base import Bucket
+from gr_fused.backends.base import Bucket, SkipRecord, group_runs
+from gr_fused.backends.torch_backend import TorchBackend, compute_dtype
+from gr_fused.optim.base import create_missing_state
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -92,7 +94,7 @@ def run_case(case: Case, backend: str, inputs, steps: Optional[int] = None):
         return loss
 
     for _ in range(steps or case.steps):
-        opt.step(closure)
+        gr_step(opt, closure)
     state = {}
     for i, p in enumerate(params):
         for k, v in opt.state.get(p, {}).items() if not hasattr(opt, "base_optimizer") else \
@@ -100,6 +102,16 @@ def run_case(case: Case, backend: str, inputs, steps: Optional[int] = None):
             if isinstance(v, torch.Tensor):
                 state[(i, k)] = v.detach().clone()
     return [p.detach().clone() for p in params], state, opt
+
+
+def gr_step(opt, closure):
+    """``opt.step(closure)`` with a torch-style closure (zero grads, forward, backward). SAM
+    takes the gradients already computed as g1, as the SAM implementation it replaces, so for
+    SAM the closure runs once first."""
+    if isinstance(opt, gr_fused.SAM):
+        with torch.enable_grad():
+            closure()
+    return opt.step(closure)
 
 
 def compare_backends(case: Case, backend: str, reference: str = "torch", device="cpu"):
@@ -166,7 +178,9 @@ CASES: List[Case] = [
 CASE_IDS = [c.name for c in CASES]
 
 
-# ------------------------------------------------------------ kernel-level helpers (flat buckets)
+# ------------------------------------------------------------ backend-level helpers
+# The kernel suites (Triton, csrc) drive a backend through the Backend interface on buckets
+# of the user's own tensors and compare every phase with TorchBackend from identical inputs.
 def ulp_close(actual, expected, ulps, what):
     """Each element within ``ulps`` units of the dtype's precision (relative to the element,
     or to 1 below 1: the operands here are O(1)); NaN/inf count as a mismatch."""
@@ -174,41 +188,186 @@ def ulp_close(actual, expected, ulps, what):
     a, b = actual.double(), expected.double()
     assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{what}: non-finite"
     err = (a - b).abs() / b.abs().clamp_min(1.0)
-    worst = int(err.argmax())
+    worst = int(err.argmax()) if err.numel() else 0
     eps = torch.finfo(expected.dtype).eps
-    assert err[worst] <= ulps * eps, (f"{what}: {float(err[worst] / eps):.2f} ulps at {worst}: "
-                                      f"{float(a[worst])!r} vs {float(b[worst])!r}")
+    assert err.numel() == 0 or err.flatten()[worst] <= ulps * eps, (
+        f"{what}: {float(err.flatten()[worst] / eps):.2f} ulps at {worst}: "
+        f"{float(a.flatten()[worst])!r} vs {float(b.flatten()[worst])!r}")
 
 
-def flat_bucket(n, dtype, device, algo="sgd", group=None, state=None, offset=0):
-    """A flat bucket (see gr_fused/backends/flat.py) of n random elements; ``offset`` > 0
-    makes every buffer start off a 16-byte boundary."""
-    def buf():
-        return torch.randn(n + offset, device=device).to(dtype)[offset:]
-    return Bucket([buf()], [buf()], [state or {}], group or {}, algo, {"backup": [buf()]})
+KERNEL_ULPS = {torch.float32: 2, torch.float64: 2, torch.bfloat16: 1, torch.float16: 1}
+SGD_GROUPS = {
+    "momentum-wd": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False),
+    "nesterov": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True),
+    "dampening": dict(lr=0.05, momentum=0.5, dampening=0.3, weight_decay=0.0, nesterov=False),
+    "plain": dict(lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.01, nesterov=False),
+}
+ADAMW_GROUP = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+# sizes: one element, zero elements, not a multiple of any block, more than one chunk, many
+SIZES = [(1,), (0,), (7, 3), (1000,), (4099,), (70001,), (33, 65)]
 
 
-def clone_bucket(b):
-    state = {k: v.clone() for k, v in b.states[0].items()}
-    return Bucket([b.params[0].clone()], [b.grads[0].clone()], [state], dict(b.group), b.algo,
-                  {"backup": [b.extra["backup"][0].clone()]})
+def scalar_group(rho=0.05, gamma=0.02, alpha=None, normalize=True, central=False,
+                 adaptive=False, max_grad_norm=None, eps_sign=1.0, combine_sign=1.0):
+    """The GR hyperparameters of a bucket (``Bucket.gr``), as the driver resolves them."""
+    return dict(rho=rho, gamma=gamma, alpha=alpha, normalize=normalize,
+                difference="central" if central else "forward", adaptive=adaptive,
+                max_grad_norm=max_grad_norm, eps_sign=eps_sign, combine_sign=combine_sign)
 
 
-def closure_for(opt, params, after_backward=None):
-    """A GR closure over a smooth loss of ``params``; ``after_backward`` may poison grads."""
-    def closure():
-        opt.zero_grad()
-        loss = sum((p.sin() * p).sum() for p in params)
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        return loss
-    return closure
+def random_bucket(sizes, dtype, device, algo="sgd", group=None, gr=None, misalign=False,
+                  channels_last=False, with_state=False, index=0):
+    """A bucket of fresh random params and grads of ``sizes`` (``misalign``: every tensor
+    starts one element past its storage's start, so off a 16-byte boundary; with a 4-D size,
+    ``channels_last`` lays it out so). ``with_state``: the base update's state exists (random
+    momentum buffer / Adam moments, step 4), else the first update creates it."""
+    def rand(shape, like=None):
+        n = 1
+        for d in shape:
+            n *= d
+        if misalign:
+            t = torch.randn(n + 1, device=device).to(dtype)[1:].view(shape)
+        else:
+            t = torch.randn(shape, device=device).to(dtype)
+        if channels_last and len(shape) == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+    params = [rand(s) for s in sizes]
+    grads = [rand(s) for s in sizes]
+    states = [{} for _ in sizes]
+    if group is None:
+        group = dict(ADAMW_GROUP) if algo == "adamw" else dict(SGD_GROUPS["momentum-wd"])
+    if with_state:
+        for p, st in zip(params, states):
+            if algo == "sgd" and group["momentum"]:
+                st["momentum_buffer"] = rand(p.shape)
+            elif algo == "adamw":
+                st["exp_avg"] = rand(p.shape)
+                st["exp_avg_sq"] = rand(p.shape).abs()
+                st["step"] = torch.tensor(4.0, device=device)
+    b = Bucket(params, grads, states, group, algo, {}, gr=gr or scalar_group())
+    b.group_index = index
+    return b
+
+
+def clone_bucket(b: Bucket) -> Bucket:
+    """Same values, new tensors (strides kept), new ``extra``; for TorchBackend."""
+    c = Bucket([p.clone() for p in b.params], [g.clone() for g in b.grads],
+               [{k: v.clone() for k, v in st.items()} for st in b.states], dict(b.group),
+               b.algo, {}, gr=dict(b.gr))
+    c.flags = None if b.flags is None else list(b.flags)
+    c.group_index = b.group_index
+    c.backend = TORCH
+    return c
+
+
+TORCH = TorchBackend()
+
+
+def prepared(backend, b: Bucket) -> Bucket:
+    """``b`` as ``backend`` runs it (its table built); all its tensors must be walkable."""
+    b.backend = backend
+    parts = backend.prepare(b)
+    assert len(parts) == 1 and parts[0].backend is backend, "a tensor took the torch path"
+    return parts[0]
+
+
+def device_scalar(value, b: Bucket) -> torch.Tensor:
+    return torch.tensor(value, dtype=compute_dtype(b.dtype), device=b.device)
+
+
+def assert_same_tensors(got, want, dtype, what, exact=False):
+    for i, (a, w) in enumerate(zip(got, want)):
+        assert a.shape == w.shape and a.dtype == w.dtype, f"{what}[{i}]"
+        if exact:
+            assert torch.equal(a, w), f"{what}[{i}] differs"
+        else:
+            ulp_close(a, w, KERNEL_ULPS[dtype], f"{what}[{i}]")
+
+
+def state_of(b: Bucket, key: str):
+    return [st[key] for st in b.states]
+
+
+def check_phases(backend, b: Bucket, *, adaptive=False, skip=False, frozen=(),
+                 second_grad=True):
+    """Every phase of ``backend`` on ``b`` against TorchBackend on a clone: sq_norm of g1,
+    perturb (θ', fold·g1, and restore gives θ back bit for bit on a copy), a second gradient
+    accumulated onto the grads (``second_grad``), sq_norm of G, then the state a first update
+    creates and the update with ``skip`` (found_inf) and the ``frozen`` tensors. θ, the
+    grads and every state tensor must match within KERNEL_ULPS (0-dim state exactly); a
+    skipped or frozen tensor keeps θ = its old value and its state bit for bit."""
+    dtype = b.dtype
+    ref = clone_bucket(b)
+    theta0 = [p.clone() for p in b.params]
+    kb = prepared(backend, b)
+    sq, sq_ref = backend.sq_norm(kb, adaptive), TORCH.sq_norm(ref, adaptive)
+    assert sq.dtype == torch.float64 and sq.shape == ()
+    torch.testing.assert_close(sq, sq_ref, rtol=1e-12, atol=0)
+    eps, fold = device_scalar(0.0371, kb), device_scalar(-0.42, kb)
+    backend.perturb(kb, eps, fold, adaptive)
+    TORCH.perturb(ref, eps, fold, adaptive)
+    assert_same_tensors(kb.params, ref.params, dtype, "perturbed theta")
+    assert_same_tensors(kb.grads, ref.grads, dtype, "fold*g1")
+    if second_grad:
+        for g, r in zip(kb.grads, ref.grads):
+            g2 = torch.randn(g.shape, device=g.device).to(dtype)
+            g.add_(g2)
+            r.add_(g2)
+    sq, sq_ref = backend.sq_norm(kb, False), TORCH.sq_norm(ref, False)
+    torch.testing.assert_close(sq, sq_ref, rtol=1e-12, atol=0)
+    old_state = [{k: v.clone() for k, v in st.items()} for st in kb.states]
+    for bucket in (kb, ref):
+        create_missing_state(bucket)
+        for i in frozen:
+            bucket.flags = bucket.flags or [0] * len(bucket.params)
+            bucket.flags[i] |= 2  # FLAG_FROZEN
+    backend.refresh(kb)
+    gscale, found_inf = device_scalar(0.8125, kb), device_scalar(1.0 if skip else 0.0, kb)
+    backend.update(kb, gscale, found_inf)
+    TORCH.update(ref, gscale, found_inf)
+    assert_same_tensors(kb.params, ref.params, dtype, "updated theta")
+    assert_same_tensors(kb.grads, ref.grads, dtype, "grads after the update")
+    for i, (st, want) in enumerate(zip(kb.states, ref.states)):
+        assert set(st) == set(want), f"state keys of tensor {i}"
+        keep = skip or i in frozen
+        if keep:
+            assert torch.equal(kb.params[i], theta0[i]), f"theta[{i}] must be restored exactly"
+        for key, w in want.items():
+            got = st[key]
+            assert got.dtype == w.dtype and got.shape == w.shape, key
+            if keep and key in old_state[i]:
+                assert torch.equal(got, old_state[i][key]), f"{key}[{i}] changed"
+            elif w.dim() == 0:
+                assert torch.equal(got, w), f"{key}[{i}]: {got} vs {w}"
+            else:
+                ulp_close(got, w, KERNEL_ULPS[dtype], f"{key}[{i}]")
+    return kb, ref
+
+
+def check_restore(backend, b: Bucket):
+    """perturb then restore: θ is back bit for bit (the path of a closure that raised)."""
+    theta0 = [p.clone() for p in b.params]
+    kb = prepared(backend, b)
+    backend.perturb(kb, device_scalar(0.5, kb), device_scalar(0.25, kb), False)
+    backend.restore(kb)
+    assert_same_tensors(kb.params, theta0, b.dtype, "restored theta", exact=True)
+
+
+def check_reflect(backend, b: Bucket):
+    ref = clone_bucket(b)
+    kb = prepared(backend, b)
+    for bucket, be in ((kb, backend), (ref, TORCH)):
+        be.perturb(bucket, device_scalar(0.3, bucket), device_scalar(1.5, bucket), False)
+        be.reflect(bucket)
+    assert_same_tensors(kb.params, ref.params, b.dtype, "reflected theta")
+    assert_same_tensors(kb.grads, ref.grads, b.dtype, "negated grads", exact=True)
 
 
 # ------------------------------------------------------------------ fused step scalars
 # Backends that compute the step scalars where they finalize a norm (Triton's finalize
-# kernels, csrc's ascent_scalars/update_scalars) are held to gr_fused/_scalars.py here.
+# kernels, csrc's finalize) are held, through Backend.ascend / combine_update, to the
+# driver's general path with TorchBackend (gr_fused/_scalars.py).
 SCALAR_HPARAMS = [dict(normalize=True, alpha=None, central=False),
                   dict(normalize=False, alpha=None, central=True),
                   dict(normalize=True, alpha=0.7, central=False),
@@ -227,131 +386,112 @@ def scalars_close(actual, expected, what):
     assert bool((err <= ulps).all()), f"{what}: {actual.tolist()} vs {expected.tolist()}"
 
 
-def check_ascent_scalars(fused, device, dtype, hp, amp):
-    """``fused(grad, param_or_None, scale, rho=, gamma=, alpha=, normalize=, central=)``
-    returns [eps, fold, combine]; it must match _scalars.ascent_scalars of the same squared
-    norm, for gradients from 1e-6 to 1e5, plain and adaptive (ASAM)."""
-    scale = torch.tensor(2.0 ** 12, device=device) if amp else None
-    gamma = 0.0 if hp["alpha"] else 0.05
-    for magnitude in (1e-6, 1.0, 1e5):
-        for adaptive in (False, True):
-            b = flat_bucket(1000 + int(magnitude) % 7, dtype, device)
-            grad, param = b.grads[0].mul_(magnitude), b.params[0] if adaptive else None
-            got = fused(grad, param, scale, rho=0.1, gamma=gamma, alpha=hp["alpha"],
-                        normalize=hp["normalize"], central=hp["central"])
-            sq = exact_sq_norm(grad, param)
-            want = _scalars.ascent_scalars(
-                sq, None if scale is None else scale.reciprocal(), rho=0.1,
-                normalize=hp["normalize"], gamma=gamma, alpha=hp["alpha"],
-                difference="central" if hp["central"] else "forward")
-            scalars_close(got, torch.stack(want), f"eps/fold/combine at |g|~{magnitude}")
-
-
-def check_update_scalars(fused, device, dtype, max_grad_norm, amp, poison):
-    """``fused(G, combine, scale, max_grad_norm=, skipped_steps=, last_step_skipped=,
-    scaler_found_inf=, adam_step=)`` returns [gscale, found_inf] and updates the records: the
-    skip count, the last-step flag, the GradScaler's flag and AdamW's step (which advances
-    only on a taken step). It must match _scalars.update_scalars."""
-    scale = torch.tensor(2.0 ** 12, device=device) if amp else None
-    b = flat_bucket(4099, dtype, device)
-    grad = b.grads[0]
-    if poison is not None:
-        grad[1234] = poison
-    combine = torch.tensor(-0.37, device=device, dtype=grad.dtype if grad.dtype ==
-                           torch.float64 else torch.float32)
-    count = torch.tensor(5, dtype=torch.int64, device=device)
-    last = torch.empty((), dtype=torch.bool, device=device)
-    scaler_flag, adam_step = torch.zeros((), device=device), torch.tensor(9.0, device=device)
-    got = fused(grad, combine, scale, max_grad_norm=max_grad_norm, skipped_steps=count,
-                last_step_skipped=last, scaler_found_inf=scaler_flag, adam_step=adam_step)
-    sq = exact_sq_norm(grad, None)
-    (gscale,), found_inf = _scalars.update_scalars(
-        [sq], [combine], None if scale is None else scale.reciprocal(), [max_grad_norm])
-    skipped = poison is not None
-    assert float(found_inf) == float(got[1]) == float(skipped)
-    if not skipped:
-        scalars_close(got[:1], gscale.reshape(1), "gscale")
-    assert int(count) == 5 + skipped and bool(last) == skipped
-    assert float(scaler_flag) == float(skipped) and float(adam_step) == 9.0 + (not skipped)
-
-
-def exact_sq_norm(grad, param):
-    """Σ g² (Σ (θ·g)²) in float64, rounded once to the compute dtype: what fused norms give."""
+def exact_sq_norm(grad, param=None):
+    """Σ g² (Σ (θ·g)²) in float64: what every backend's norm gives."""
     x = grad.double() if param is None else grad.double() * param.double()
-    return x.square().sum().to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    return x.square().sum()
 
 
-def scalar_group(rho, gamma, alpha, normalize, central):
-    """The GR keys of a param group, as the fused ascent reads them."""
-    return dict(rho=rho, gamma=gamma, alpha=alpha, normalize=normalize,
-                difference="central" if central else "forward")
+def general_ascent(buckets, scale):
+    """The driver's general-path rows [eps, fold, combine] per group, from exact float64
+    norms (perturbing nothing)."""
+    inv = None if scale is None else scale.reciprocal()
+    sq = sum(exact_sq_norm(g, p if b.gr["adaptive"] else None)
+             for b in buckets for g, p in zip(b.grads, b.params))
+    dtype = torch.float64 if any(b.dtype == torch.float64 for b in buckets) else torch.float32
+    rows = []
+    for gr, _ in group_runs(buckets):
+        eps, fold, combine = _scalars.ascent_scalars(
+            torch.as_tensor(sq, dtype=torch.float64), inv, rho=gr["rho"],
+            normalize=gr["normalize"], gamma=gr["gamma"], alpha=gr["alpha"],
+            difference=gr["difference"], dtype=dtype)
+        rows.append(torch.stack([eps * gr["eps_sign"], fold, combine * gr["combine_sign"]]))
+    return torch.stack(rows)
 
 
-def check_groups(ascent_rows, update_out, device, max_grad_norm):
-    """Three param groups in five flat buffers of three dtypes, through a backend's fused
-    stages: ``ascent_rows(inputs, scale, groups)`` (inputs: (grad, param or None) per buffer)
-    gives each group's [eps, fold, combine] from the global norm with the group's own
-    hyperparameters; ``update_out(grads_by_group, rows, scale, max_grad_norm=,
-    skipped_steps=, last_step_skipped=)`` gives each group's gscale from its own norm of G,
-    one clip factor over all groups, and found_inf, as the driver's torch-op path does."""
-    sizes = [[1000, 7], [4099], [1, 333]]
-    dtypes = [[torch.float32, torch.bfloat16], [torch.float32], [torch.float16, torch.float32]]
-    grads = [[torch.randn(n, device=device).to(dt) for n, dt in zip(ns, dts)]
-             for ns, dts in zip(sizes, dtypes)]
-    params = [[torch.randn_like(g) for g in group] for group in grads]
-    groups = [scalar_group(0.05, 0.02, None, True, False), scalar_group(0.1, 0.0, 0.6, True, True),
-              scalar_group(0.2, 0.03, None, False, False)]
-    adaptive = [False, True, False]
-    inputs = [(g, p if a else None) for gs, ps, a in zip(grads, params, adaptive)
-              for g, p in zip(gs, ps)]
-    rows = ascent_rows(inputs, None, groups)
-    sq1 = sum(exact_sq_norm(g, p).double() for g, p in inputs).float()
-    for row, group in zip(rows, groups):
-        want = _scalars.ascent_scalars(sq1, None, rho=group["rho"], normalize=group["normalize"],
-                                       gamma=group["gamma"], alpha=group["alpha"],
-                                       difference=group["difference"])
-        scalars_close(row, torch.stack(want), f"ascent row of {group}")
-    count = torch.zeros((), dtype=torch.int64, device=device)
+def general_update(buckets, rows, scale):
+    """The driver's general-path [gscale per group..., found_inf] from exact norms."""
+    inv = None if scale is None else scale.reciprocal()
+    runs = group_runs(buckets)
+    sq = [sum(exact_sq_norm(g) for b in members for g in b.grads) for _, members in runs]
+    gscales, found_inf = _scalars.update_scalars(
+        [torch.as_tensor(s, dtype=torch.float64) for s in sq],
+        [rows[i, 2] for i in range(len(runs))], inv, [gr["max_grad_norm"] for gr, _ in runs])
+    return torch.stack(gscales + [found_inf])
+
+
+def check_fused_step(backend, buckets, scale=None, poison=None):
+    """``backend.ascend`` and ``backend.combine_update`` on ``buckets`` (one device; each
+    group's buckets in a row) against the general path: the rows [eps, fold, combine] of
+    every group and the update scalars within 4 ulps of _scalars.py on exact norms, θ, the
+    grads and the state against TorchBackend's phases with those same scalars, and the skip
+    records. ``poison`` (a value) goes into one element of the second gradient: the step is
+    skipped. Returns the kernel buckets."""
+    refs = [clone_bucket(b) for b in buckets]
+    theta0 = [[p.clone() for p in b.params] for b in buckets]
+    kbs = [prepared(backend, b) for b in buckets]
+    assert backend.can_fuse(kbs)
+    want_rows = general_ascent(kbs, scale)
+    rows = backend.ascend(kbs, scale)
+    scalars_close(rows, want_rows.to(rows.dtype), "ascent rows")
+    for (gr, members), row in zip(group_runs(refs), rows):
+        for r in members:
+            c = compute_dtype(r.dtype)
+            TORCH.perturb(r, row[0].to(r.device, c), row[1].to(r.device, c), gr["adaptive"])
+    for kb, r in zip(kbs, refs):
+        assert_same_tensors(kb.params, r.params, kb.dtype, "perturbed theta")
+        assert_same_tensors(kb.grads, r.grads, kb.dtype, "fold*g1")
+        for g, rg in zip(kb.grads, r.grads):
+            g2 = torch.randn(g.shape, device=g.device).to(g.dtype)
+            g.add_(g2)
+            rg.add_(g2)
+    if poison is not None:
+        target = next(kb for kb in kbs if kb.numel())
+        t = next(g for g in target.grads if g.numel())
+        t.view(-1)[t.numel() // 2] = poison
+        ref_t = refs[kbs.index(target)].grads[target.grads.index(t)]
+        ref_t.view(-1)[t.numel() // 2] = poison
+    for kb, r in zip(kbs, refs):
+        create_missing_state(kb)
+        create_missing_state(r)
+        backend.refresh(kb)
+    device = kbs[0].device
+    count = torch.tensor(3, dtype=torch.int64, device=device)
     last = torch.empty((), dtype=torch.bool, device=device)
-    out = update_out(grads, rows, None, max_grad_norm=max_grad_norm, skipped_steps=count,
-                     last_step_skipped=last)
-    sq_by_group = [sum(exact_sq_norm(g, None).double() for g in gs).float() for gs in grads]
-    gscales, found_inf = _scalars.update_scalars(sq_by_group, list(rows[:, 2]), None,
-                                                 [max_grad_norm] * 3)
-    scalars_close(out, torch.stack(gscales + [found_inf]), "gscales, found_inf")
-    assert int(count) == 0 and not bool(last)
+    flag = torch.zeros((), dtype=torch.float32, device=device)
+    want = general_update(kbs, rows, scale)
+    found_inf = backend.combine_update(kbs, rows, scale, SkipRecord(count, last, flag))
+    skipped = poison is not None
+    assert float(found_inf) == float(want[-1]) == float(skipped)
+    assert int(count) == 3 + skipped and bool(last) == skipped and float(flag) == float(skipped)
+    for i, (_, members) in enumerate(group_runs(refs)):
+        for r in members:
+            c = compute_dtype(r.dtype)
+            TORCH.update(r, want[i].to(r.device, c), want[-1].to(r.device, c))
+    for kb, r, t0 in zip(kbs, refs, theta0):
+        if skipped:
+            assert_same_tensors(kb.params, t0, kb.dtype, "restored theta", exact=True)
+        assert_same_tensors(kb.params, r.params, kb.dtype, "updated theta")
+        for i, (st, w) in enumerate(zip(kb.states, r.states)):
+            assert set(st) == set(w)
+            for key, v in w.items():
+                if v.dim() == 0:
+                    assert torch.equal(st[key], v), f"{key}[{i}]"
+                else:
+                    ulp_close(st[key], v, KERNEL_ULPS[kb.dtype], f"{key}[{i}]")
+    return kbs
 
 
-# ------------------------------------------------------------------ kernel phases vs torch
-# Per-phase checks shared by the Triton and csrc suites.
-KERNEL_ULPS = {torch.float32: 2, torch.float64: 2, torch.bfloat16: 1, torch.float16: 1}
-SGD_GROUPS = {
-    "momentum-wd": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False),
-    "nesterov": dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True),
-    "dampening": dict(lr=0.05, momentum=0.5, dampening=0.3, weight_decay=0.0, nesterov=False),
-    "plain": dict(lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.01, nesterov=False),
-}
-
-
-def check_update(b, ref, skip, dtype, keys, old_state):
-    """A kernel's update of flat bucket ``b`` against the torch backend's of ``ref``: θ and
-    the ``keys`` of the state within KERNEL_ULPS (0-dim state exactly); when ``skip``, θ is
-    the backup as it was before the update (``ref``'s; on a CPU the host build's backup
-    holds the dead θ' afterwards, see cext_backend) and every state buffer in ``old_state``
-    kept its bits."""
-    ulp_close(b.params[0], ref.params[0], KERNEL_ULPS[dtype], "theta")
-    if skip:
-        assert torch.equal(b.params[0], ref.extra["backup"][0]), "theta must be the backup"
-    assert set(b.states[0]) == set(ref.states[0]) >= set(keys)
-    for key in keys:
-        got, want = b.states[0][key], ref.states[0][key]
-        assert got.dtype == want.dtype and got.shape == want.shape, key
-        if key in old_state and skip:
-            assert torch.equal(got, old_state[key]), f"{key} changed in a skipped step"
-        elif want.dim() == 0:
-            assert torch.equal(got, want), key
-        else:
-            ulp_close(got, want, KERNEL_ULPS[dtype], key)
+def closure_for(opt, params, after_backward=None):
+    """A GR closure over a smooth loss of ``params``; ``after_backward`` may poison grads."""
+    def closure():
+        opt.zero_grad()
+        loss = sum((p.sin() * p).sum() for p in params)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        return loss
+    return closure
 
 
 def check_nan_in_G_skips(opt, params):
@@ -368,15 +508,15 @@ def check_nan_in_G_skips(opt, params):
 
     closure = closure_for(opt, params, poison_second_gradient)
     opt.step(closure)
-    state_of = getattr(opt, "base_optimizer", opt).state
+    state_of_opt = opt.state
     theta = [p.detach().clone() for p in params]
-    state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in state_of[p].items()
+    state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in state_of_opt[p].items()
              if isinstance(v, torch.Tensor)}
     opt.step(closure)
     assert len(calls) == 4 and bool(opt.last_step_skipped)
     for p, t in zip(params, theta):
         assert torch.equal(p, t), "theta must be restored bit for bit"
     for (i, k), v in state.items():
-        assert torch.equal(state_of[params[i]][k], v), (i, k)
+        assert torch.equal(state_of_opt[params[i]][k], v), (i, k)
     opt.step(closure)  # and the next step is taken
     assert not bool(opt.last_step_skipped) and not torch.equal(params[0], theta[0])

@@ -9,7 +9,7 @@ from gr_fused import backends
 
 # every backend that can run here (the kernels run through the Triton interpreter and the
 # host build of csrc/ on a CPU machine)
-BACKENDS = [n for n in ("torch", "flat-torch", "triton", "cpu")
+BACKENDS = [n for n in ("torch", "triton", "cpu")
             if backends.unavailable_reason(n, "cpu") is None]
 
 

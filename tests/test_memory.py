@@ -11,7 +11,7 @@ memory = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(memory)
 
 
-@pytest.mark.parametrize("backend", ["torch", "flat-torch"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("mode", list(memory.MODES))
 def test_extra_memory_is_at_most_one_copy_of_the_parameters(mode, backend):
     ours, base = memory.MODES[mode]

@@ -27,7 +27,7 @@ def forbid_host_reads():
             setattr(torch.Tensor, n, f)
 
 
-@pytest.mark.parametrize("backend", [n for n in ("torch", "flat-torch", "triton", "cpu")
+@pytest.mark.parametrize("backend", [n for n in ("torch", "triton", "cpu")
                                      if gr_fused.backends.unavailable_reason(n, "cpu") is None])
 @pytest.mark.parametrize("make", [
     lambda p, b: gr_fused.GRSGD(p, lr=0.1, momentum=0.9, gamma=0.05, max_grad_norm=1.0, backend=b),

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import gr_fused
 import reference as ref
+from equality import gr_step
 
 X = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 Y = torch.randn(16, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -37,7 +38,7 @@ def _train(opt, params, steps):
         loss.backward()
         return loss
     for _ in range(steps):
-        opt.step(closure)
+        gr_step(opt, closure)
 
 
 def run_ours(cls, init, split, group_hp, steps, **common):
@@ -160,27 +161,38 @@ def test_sam_preset_follows_the_sam_trajectory(adaptive):
         assert (got.detach() - exp).norm() / exp.norm() <= 1e-12
 
 
-def test_sam_step_with_a_closure_that_does_not_zero_grads():
-    """Code written for the popular SAM runs the first backward itself and passes a closure
-    that only does forward+backward; the normalized ascent makes that give the same step."""
+def test_sam_step_takes_the_existing_gradients_and_calls_the_closure_once():
+    """SAM.step(closure) is the popular implementation's: the gradients of the user's own
+    backward are g1, the closure runs once at the perturbed point, and the result equals the
+    hand-written first_step/second_step loop and the float64 SAM reference."""
     init = mlp_params()
     a = [t.clone().requires_grad_() for t in init]
     b = [t.clone().requires_grad_() for t in init]
     opt_a = gr_fused.SAM(a, torch.optim.SGD, rho=0.05, lr=0.1, backend="torch")
     opt_b = gr_fused.SAM(b, torch.optim.SGD, rho=0.05, lr=0.1, backend="torch")
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = mlp_loss([a])
+        loss.backward()
+        return loss
+
     for _ in range(3):
         mlp_loss([a]).backward()
-        opt_a.step(lambda: mlp_loss([a]).backward())
+        opt_a.step(closure)
         opt_a.zero_grad()
-
-        def closure():
-            opt_b.zero_grad()
-            loss = mlp_loss([b])
-            loss.backward()
-            return loss
-        opt_b.step(closure)
+        mlp_loss([b]).backward()
+        opt_b.first_step(zero_grad=True)
+        mlp_loss([b]).backward()
+        opt_b.second_step(zero_grad=True)
+    assert len(calls) == 3
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+        assert torch.equal(x, y)
+    with pytest.raises(RuntimeError, match="loss.backward"):
+        opt_a.step(closure)  # no gradient computed yet: a clear error, nothing moved
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
 
 
 def _combined_gradient(difference, rho, gamma=0.05):

@@ -48,7 +48,7 @@ GLOBAL_CASES = [
      False),
     ("global_sam_bucket_view", lambda ps, backend="torch": gr_fused.SAM(
         ps, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM, backend=backend), True),
-    ("global_sam_flat_bucket_view", lambda ps, backend="flat-torch": gr_fused.SAM(
+    ("global_sam_cpu_bucket_view", lambda ps, backend="cpu": gr_fused.SAM(
         ps, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM, backend=backend), True),
     ("global_gradamw", lambda ps, backend="auto": gr_fused.GRAdamW(
         ps, lr=0.01, gamma=GAMMA, rho=RHO, backend=backend), False),
@@ -88,7 +88,7 @@ def _scenarios(rank, init, bn_init, data, bn_data):
     mine = [(x[rank], y[rank]) for x, y in data]  # this rank's half of each global batch
 
     # 1. global ascent: both gradients all-reduced by DDP. gradient_as_bucket_view=True makes
-    #    DDP replace p.grad by its bucket views, which a flat-buffer backend must adopt.
+    #    DDP replace p.grad by its bucket views, which a kernel backend must follow.
     for name, make_opt, as_view in GLOBAL_CASES:
         model = make_mlp(init)
         ddp = _ddp(model, gradient_as_bucket_view=as_view)
@@ -155,7 +155,6 @@ def _scenarios(rank, init, bn_init, data, bn_data):
 
 
 def _worker(rank, init_file, out_dir, args):
-    gr_fused.backends.register("flat-torch", "gr_fused.backends.flat:FlatBackend")  # conftest's
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:

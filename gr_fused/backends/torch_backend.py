@@ -11,7 +11,8 @@ The per-element math of each phase, in the order every backend follows:
   adamw     step += 1;  θ = backup·(1 − lr·wd);  m = m + (1−β1)·(g − m);
             v = β2·v + (1−β2)·g²;  θ = θ − (lr/(1−β1^step))·m/(√v/√(1−β2^step) + eps)
   none      θ = backup;  G = g
-When found_inf is set, every phase-3 path leaves θ = backup and all state unchanged.
+When found_inf is set, every phase-3 path leaves θ = backup and all state unchanged; a
+tensor flagged FROZEN gets θ = backup only.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import Backend, Bucket
+from .base import FLAG_FROZEN, FLAG_NEW_STATE, Backend, Bucket, state_tensors
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -43,8 +44,9 @@ class TorchBackend(Backend):
     def _backups(self, b: Bucket) -> List[torch.Tensor]:
         backups = b.extra.get("backup")
         if backups is None or len(backups) != len(b.params) or any(
-                x.shape != p.shape for x, p in zip(backups, b.params)):
-            backups = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in b.params]
+                x.shape != p.shape or x.dtype != p.dtype or x.device != p.device
+                for x, p in zip(backups, b.params)):
+            backups = [torch.empty_like(p, memory_format=torch.preserve_format) for p in b.params]
             b.extra["backup"] = backups
         return backups
 
@@ -52,11 +54,10 @@ class TorchBackend(Backend):
         ts = _up(b.grads)
         if adaptive:
             ts = torch._foreach_mul(_up(b.params), ts)
-        # per-tensor norms in float64, so the global sum does not depend on how the
-        # parameters are split into tensors (flat kernels sum the same terms in fp64 too)
+        # per-tensor norms in float64 (the same terms the kernels sum in fp64), squared and
+        # summed in float64: no overflow for any finite fp32/bf16/fp16 gradient
         norms = torch._foreach_norm(ts, 2, dtype=torch.float64)
-        total = torch.stack(norms).square().sum()
-        return total if ts[0].dtype == torch.float64 else total.float()
+        return torch.stack(norms).square().sum()
 
     def perturb(self, b, eps, fold, adaptive):
         backups = self._backups(b)
@@ -82,74 +83,75 @@ class TorchBackend(Backend):
     def update(self, b, gscale, found_inf):
         backups = self._backups(b)
         skip = found_inf != 0
+        always = torch.ones_like(skip)
+        # per tensor: whether it keeps its old values (a skipped step, or a frozen tensor)
+        keep = [always if b.flag(i, FLAG_FROZEN) else skip for i in range(len(b.params))]
         g = torch._foreach_mul(_up(b.grads), gscale)
         theta = _up(backups)
         group = b.group
         if b.algo == "none":
-            new_grads = g
             torch._foreach_copy_(b.params, backups)
-            for grad, new in zip(b.grads, new_grads):
-                grad.copy_(torch.where(skip, grad, new.to(grad.dtype)))
+            for grad, new, k in zip(b.grads, g, keep):
+                grad.copy_(torch.where(k, grad, new.to(grad.dtype)))
             return
         if b.algo == "sgd":
-            new_theta, new_state = self._sgd(b, g, theta, group)
+            new_theta, new_state = self._sgd(b, g, theta, group, keep)
         elif b.algo == "adamw":
-            new_theta, new_state = self._adamw(b, g, theta, group, skip)
+            new_theta, new_state = self._adamw(b, g, theta, group, keep)
         else:
             raise ValueError(f"unknown base update {b.algo!r}")
-        for p, backup, new in zip(b.params, backups, new_theta):
-            p.copy_(torch.where(skip, backup, new.to(p.dtype)))
-        for st, key, new in new_state:
-            old = st.get(key)
-            if old is None:  # a buffer created by this step: zeros if the step is skipped
-                st[key] = torch.where(skip, torch.zeros_like(new), new).to(
-                    b.params[0].dtype).detach()
-            else:
-                old.copy_(torch.where(skip, old, new.to(old.dtype)))
+        for p, backup, new, k in zip(b.params, backups, new_theta, keep):
+            p.copy_(torch.where(k, backup, new.to(p.dtype)))
+        for old, new, k in new_state:
+            old.copy_(torch.where(k, old, new.to(old.dtype)))
 
     @staticmethod
-    def _sgd(b, g, theta, group):
+    def _sgd(b, g, theta, group, keep):
         lr, mu, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
         if wd != 0:
             g = torch._foreach_add(g, theta, alpha=wd)
         new_state = []
         if mu != 0:
-            bufs = [st.get("momentum_buffer") for st in b.states]
-            if any(x is None for x in bufs):
-                new_bufs = [x.clone() for x in g]
-            else:
-                new_bufs = torch._foreach_mul(_up(bufs), mu)
-                torch._foreach_add_(new_bufs, g, alpha=1 - damp)
-            new_state = [(st, "momentum_buffer", nb) for st, nb in zip(b.states, new_bufs)]
+            bufs = state_tensors(b, "momentum_buffer")
+            new_bufs = []
+            for i, (x, gi) in enumerate(zip(bufs, g)):
+                if b.flag(i, FLAG_NEW_STATE):  # created for this step: buf = g
+                    new_bufs.append(gi.clone())
+                else:
+                    nb = _up([x])[0].mul(mu)
+                    nb.add_(gi, alpha=1 - damp)
+                    new_bufs.append(nb)
+            new_state = list(zip(bufs, new_bufs, keep))
             d = torch._foreach_add(g, new_bufs, alpha=mu) if group["nesterov"] else new_bufs
         else:
             d = g
-        return torch._foreach_add(theta, d, alpha=-lr), new_state
+        return torch._foreach_add(theta, d, alpha=-_number(lr)), new_state
 
     @staticmethod
-    def _adamw(b, g, theta, group, skip):
+    def _adamw(b, g, theta, group, keep):
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        states = b.states
-        for st, p in zip(states, b.params):
-            if "step" not in st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        for st in states:  # the step count moves only when the step is taken
-            st["step"].add_((~skip).to(st["step"].dtype).to(st["step"].device))
-        m = _up([st["exp_avg"] for st in states])
-        v = _up([st["exp_avg_sq"] for st in states])
+        lr = _number(lr)
+        steps = state_tensors(b, "step")
+        for st, k in zip(steps, keep):  # the step count moves only when the step is taken
+            st.add_((~k).to(st.dtype).to(st.device))
+        m = _up(state_tensors(b, "exp_avg"))
+        v = _up(state_tensors(b, "exp_avg_sq"))
         theta = torch._foreach_mul(theta, 1 - lr * wd)
         new_m = torch._foreach_add(m, torch._foreach_sub(g, m), alpha=1 - beta1)
         new_v = torch._foreach_mul(v, beta2)
         torch._foreach_addcmul_(new_v, g, g, value=1 - beta2)
         out = []
-        for th, mm, vv, st in zip(theta, new_m, new_v, states):
-            step = st["step"].to(device=th.device, dtype=th.dtype)
+        for th, mm, vv, st in zip(theta, new_m, new_v, steps):
+            step = st.to(device=th.device, dtype=th.dtype)
             bc1 = 1 - torch.pow(beta1, step)
             bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
             denom = vv.sqrt() / bc2_sqrt + eps
             out.append(th - (lr / bc1) * mm / denom)
-        new_state = [(st, "exp_avg", x) for st, x in zip(states, new_m)]
-        new_state += [(st, "exp_avg_sq", x) for st, x in zip(states, new_v)]
+        new_state = list(zip(state_tensors(b, "exp_avg"), new_m, keep))
+        new_state += list(zip(state_tensors(b, "exp_avg_sq"), new_v, keep))
         return out, new_state
+
+
+def _number(x) -> float:
+    """A hyperparameter as a Python float (a tensor lr costs one read, as in torch.optim)."""
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)

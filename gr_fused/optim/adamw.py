@@ -6,48 +6,57 @@ from typing import Optional, Tuple
 import torch
 from torch.optim.adamw import adamw as _torch_adamw
 
-from .base import GR_DEFAULTS, GROptimizer, check_lr
+from .base import GROptimizer, check_base_hparams, resolve_gamma
+
+_BASE_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize")
 
 
 class GRAdamW(GROptimizer):
     r"""AdamW (torch.optim.AdamW's semantics, without amsgrad) on the gradient-regularized
     loss; see :class:`gr_fused.GRSGD` for the GR arguments. ``gamma=0`` is torch.optim.AdamW
     bit for bit. The state (``step``, ``exp_avg``, ``exp_avg_sq``) has AdamW's keys; ``step``
-    lives on the parameter's device so a skipped step never needs a host sync.
-    Extra memory over torch.optim.AdamW: one copy of the parameters.
+    is a float32 scalar on the parameter's device (an older checkpoint's number, or a step
+    saved on the CPU by torch.optim.AdamW, is moved there on load), so a skipped step never
+    needs a host sync. Extra memory over torch.optim.AdamW: one copy of the parameters.
     """
 
     _algo = "adamw"
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *,
-                 gamma: float = GR_DEFAULTS["gamma"], rho: float = GR_DEFAULTS["rho"],
-                 normalize: bool = True, difference: str = "forward",
-                 alpha: Optional[float] = None, adaptive: bool = False,
-                 max_grad_norm: Optional[float] = None, backend: str = "auto",
-                 freeze_bn_stats: bool = True, foreach: Optional[bool] = None):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        gamma=gamma, rho=rho, normalize=normalize, difference=difference,
-                        alpha=alpha, adaptive=adaptive, max_grad_norm=max_grad_norm,
-                        foreach=foreach, amsgrad=False, maximize=False, capturable=False,
-                        differentiable=False, fused=None)
-        self._check_group(defaults)
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 gamma: Optional[float] = None, rho: float = 0.05, normalize: bool = True,
+                 difference: str = "forward", alpha: Optional[float] = None,
+                 adaptive: bool = False, max_grad_norm: Optional[float] = None,
+                 maximize: bool = False, backend: str = "auto", freeze_bn_stats: bool = True,
+                 foreach: Optional[bool] = None):
+        if amsgrad:
+            raise ValueError("Invalid amsgrad: not supported by GRAdamW; use "
+                             "gr_fused.GR(params, torch.optim.AdamW, amsgrad=True)")
+        base = check_base_hparams(torch.optim.AdamW, lr=lr, betas=betas, eps=eps,
+                                  weight_decay=weight_decay, maximize=maximize, foreach=foreach)
+        base["betas"] = tuple(betas)
+        defaults = dict(base, gamma=resolve_gamma(gamma, alpha), rho=rho, normalize=normalize,
+                        difference=difference, alpha=alpha, adaptive=adaptive,
+                        max_grad_norm=max_grad_norm)
         super().__init__(params, defaults, backend=backend, freeze_bn_stats=freeze_bn_stats)
 
     def _check_group(self, group):
-        check_lr(group["lr"])
-        if not group["eps"] >= 0:
-            raise ValueError(f"Invalid epsilon value: {group['eps']}")
-        b1, b2 = group["betas"]
-        if not 0.0 <= b1 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {b1}")
-        if not 0.0 <= b2 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {b2}")
-        if not group["weight_decay"] >= 0:
-            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        check_base_hparams(torch.optim.AdamW, **{k: group[k] for k in _BASE_KEYS})
         if group.get("amsgrad"):
             raise ValueError("Invalid amsgrad: not supported by GRAdamW; use "
                              "gr_fused.GR(params, torch.optim.AdamW, amsgrad=True)")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # as torch.optim.AdamW converts an older 'step'
+            for p in group["params"]:
+                st = self.state.get(p)
+                step = None if st is None else st.get("step")
+                if step is None:
+                    continue
+                if not torch.is_tensor(step):
+                    step = torch.tensor(float(step), dtype=torch.float32)
+                st["step"] = step.to(device=p.device, dtype=torch.float32)
 
     def _plain_step(self) -> None:
         if not self._plain_prepare():
@@ -70,4 +79,4 @@ class GRAdamW(GROptimizer):
                          foreach=group["foreach"], capturable=steps[0].device.type != "cpu",
                          differentiable=False, fused=None, amsgrad=False, beta1=beta1,
                          beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                         eps=group["eps"], maximize=False)
+                         eps=group["eps"], maximize=group["maximize"])

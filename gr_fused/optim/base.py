@@ -1,14 +1,19 @@
 """The step driver shared by every optimizer in gr_fused.
 
-It turns a finite-difference GR step (SPEC §1) into the backend phases of
+It turns a finite-difference GR step (docs/design.md) into the backend phases of
 ``gr_fused.backends.base``: norm of g1 → perturb → (second backward) → norm of G → update.
 Subclasses only say which base update the backend applies (``_algo``) and how the plain
 base optimizer steps when GR is off (``_plain_step``).
+
+Each step collects the parameters that have a gradient, as torch.optim does: the tensors
+are the user's own (nothing is re-pointed), so freezing a layer, ``model.zero_grad()``,
+``p.data = ...`` and ``model.to(...)`` between steps behave as they do with torch.optim.
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from operator import attrgetter, is_
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -16,22 +21,34 @@ from torch.optim import Optimizer
 
 from .. import backends as _backends
 from .._bn import FreezeRunningStats
-from ..backends.flat import views_intact, zero_flat_grads
 from .._scalars import ascent_scalars, update_scalars
+from ..backends.base import FLAG_FROZEN, FLAG_NEW_STATE, group_runs, real
+from ..backends.tensor_table import STATE_ROWS
+from ..backends.torch_backend import compute_dtype
 from ..distributed import all_reduce_max, all_reduce_sq_norm, local_shard
 
+GR_KEYS = ("gamma", "rho", "normalize", "difference", "alpha", "adaptive", "max_grad_norm")
 GR_DEFAULTS = dict(gamma=0.05, rho=0.05, normalize=True, difference="forward", alpha=None,
                    adaptive=False, max_grad_norm=None)
 DIFFERENCES = ("forward", "central")
+_grad_of = attrgetter("grad")
+_version_of = attrgetter("_version")
 
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def check_gr_hparams(group: Dict[str, Any]) -> None:
+def resolve_gamma(gamma: Optional[float], alpha: Optional[float]) -> float:
+    """``gamma`` left unset means the default γ, or 0 when a fixed ``alpha`` is given."""
+    if gamma is not None:
+        return gamma
+    return 0.0 if alpha is not None else GR_DEFAULTS["gamma"]
+
+
+def check_gr_hparams(gr: Dict[str, Any]) -> None:
     """Raise ValueError naming the first invalid GR hyperparameter of a param group."""
-    gamma, rho, alpha = group["gamma"], group["rho"], group["alpha"]
+    gamma, rho, alpha = gr["gamma"], gr["rho"], gr["alpha"]
     if not _is_number(gamma) or gamma < 0:
         raise ValueError(f"Invalid gamma: {gamma!r} (a finite number >= 0; 0 turns GR off)")
     if not _is_number(rho):
@@ -45,46 +62,43 @@ def check_gr_hparams(group: Dict[str, Any]) -> None:
     if gamma != 0 and rho == 0:  # α = γ/ε needs ε ≠ 0; a fixed α with ρ = 0 is the base step
         raise ValueError("Invalid rho: 0 (GR needs a nonzero ascent step; rho > 0 is the "
                          "forward difference, rho < 0 the backward difference)")
-    if group["difference"] not in DIFFERENCES:
-        raise ValueError(f"Invalid difference: {group['difference']!r} (choose from "
+    if gr["difference"] not in DIFFERENCES:
+        raise ValueError(f"Invalid difference: {gr['difference']!r} (choose from "
                          f"{DIFFERENCES}; a negative rho gives the backward difference)")
     for flag in ("normalize", "adaptive"):
-        if not isinstance(group[flag], bool):
-            raise ValueError(f"Invalid {flag}: {group[flag]!r} (a bool)")
-    mgn = group["max_grad_norm"]
+        if not isinstance(gr[flag], bool):
+            raise ValueError(f"Invalid {flag}: {gr[flag]!r} (a bool)")
+    mgn = gr["max_grad_norm"]
     if mgn is not None and (not _is_number(mgn) or mgn <= 0):
         raise ValueError(f"Invalid max_grad_norm: {mgn!r} (a number > 0, or None)")
 
 
-def check_lr(lr) -> None:
-    """Raise ValueError unless ``lr`` is a number (or 1-element tensor) >= 0."""
-    value = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
-    if not (_is_number(value) and value >= 0):
-        raise ValueError(f"Invalid learning rate: {lr!r}")
+def check_base_hparams(optimizer_class, **hparams) -> Dict[str, Any]:
+    """Validate a torch optimizer's own hyperparameters with torch's checks and messages
+    (by building that optimizer over an empty tensor), and refuse a learning rate that is
+    not finite. Returns the defaults torch builds from them: its keys, for this version."""
+    defaults = dict(optimizer_class([torch.zeros(0)], **hparams).defaults)
+    lr = hparams.get("lr")
+    value = lr.item() if isinstance(lr, torch.Tensor) else lr
+    if lr is not None and not math.isfinite(value):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    return defaults
 
 
-def _record_grad_versions(b) -> None:
-    """Remember the grad buffers' version counters, to tell later whether a backward wrote
-    into them (flat views share their buffer's counter)."""
-    layout = b.extra.get("flat")
-    b.extra["_grad_versions"] = ([layout.grad._version] * len(b.grads) if layout is not None
-                                 else [g._version for g in b.grads])
-
-
-def gr_enabled(group: Dict[str, Any]) -> bool:
-    return group["gamma"] != 0 or group["alpha"] is not None
+def gr_enabled(gr: Dict[str, Any]) -> bool:
+    return gr["gamma"] != 0 or gr["alpha"] is not None
 
 
 class _Pending:
     """What lives between first_step() and second_step(): the buckets, the backend that runs
-    the step fused (or None), what the ascent left for the update (each group's combine
-    coefficient; the fused backend's own tensors), and whether the central difference has
-    been reflected."""
+    the step fused (or None), each group's ascent row [eps, fold, combine] (``rows``, which
+    ``distributed.local_ascent_step`` edits) and whether the central difference has been
+    reflected."""
 
-    def __init__(self, buckets, fused, ascended, main_device):
+    def __init__(self, buckets, fused, rows, main_device):
         self.buckets = buckets
         self.fused = fused
-        self.ascended = ascended
+        self.rows = rows
         self.main_device = main_device
         self.reflected = False
 
@@ -92,7 +106,7 @@ class _Pending:
 class GROptimizer(Optimizer):
     """Base class: a ``torch.optim.Optimizer`` whose step is a finite-difference GR step.
 
-    Two ways to drive it (SPEC §2):
+    Two ways to drive it:
 
     * ``step(closure)``: the closure zeroes grads, runs forward and backward and returns the
       loss; it is called once per gradient needed, and the loss at θ is returned.
@@ -101,46 +115,109 @@ class GROptimizer(Optimizer):
       difference).
 
     Between ``first_step`` and ``second_step`` the grads hold ``fold·g1``; the second backward
-    accumulates onto them. ``optimizer.zero_grad()`` knows this and keeps them; a
-    ``model.zero_grad()`` (set_to_none) is also handled; do not zero them in place by hand.
+    accumulates onto them. ``optimizer.zero_grad()`` knows this and keeps them, and a
+    ``model.zero_grad()`` (set_to_none) in between is handled too.
     """
 
     _algo = "none"
     _step_supports_amp_scaling = True
+    # GR hyperparameter -> its key in the param groups (the GR wrapper renames the ones its
+    # base optimizer also uses, e.g. RMSprop's alpha, to "gr_alpha")
+    _gr_names: Dict[str, str] = {k: k for k in GR_KEYS}
+    # attributes kept by copy.deepcopy / pickle / torch.save besides torch's three
+    _COPIED = ("_backend_name", "freeze_bn_stats", "skipped_steps", "last_step_skipped",
+               "_gr_names")
 
     def __init__(self, params, defaults: Dict[str, Any], backend: str = "auto",
                  freeze_bn_stats: bool = True):
         for k, v in GR_DEFAULTS.items():
-            defaults.setdefault(k, v)
-        check_gr_hparams(defaults)
+            defaults.setdefault(self._gr_names[k], v)
+        check_gr_hparams(self._gr(defaults))
         if backend != "auto" and backend not in _backends.names():
             raise ValueError(f"Invalid backend: {backend!r} (choose from {_backends.names()})")
         self._backend_name = backend
         self.freeze_bn_stats = freeze_bn_stats
-        self._pending: Optional[_Pending] = None
-        self._bucket_extra: Dict[Tuple[int, torch.device, torch.dtype], Dict[str, Any]] = defaultdict(dict)
-        self._bn = FreezeRunningStats()
-        self._cached_buckets: Optional[List[_backends.Bucket]] = None
-        self._fuse_scalars = True  # False: the general path, whose combines can be edited
         self.skipped_steps: Optional[torch.Tensor] = None
         self.last_step_skipped: Optional[torch.Tensor] = None
+        self._init_runtime()
         super().__init__(params, defaults)
 
+    def _init_runtime(self) -> None:
+        """What a step uses and a copy does not carry (rebuilt on first use)."""
+        d = self.__dict__
+        d["_pending"] = None
+        d["_bucket_extra"] = {}
+        d["_bn"] = FreezeRunningStats()
+        d["_fuse_scalars"] = True  # False: the general path, whose combines can be edited
+
     # ------------------------------------------------------------------ param groups
+    def _gr(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        """The GR hyperparameters of a param group, under their own names."""
+        names = self._gr_names
+        return {k: group[names[k]] for k in GR_KEYS}
+
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if getattr(self, "_pending", None) is not None:
+            raise RuntimeError("add_param_group() between first_step() and second_step()")
+        names = self._gr_names
+        gamma, alpha = names["gamma"], names["alpha"]
+        if alpha in param_group and gamma not in param_group and param_group[alpha] is not None:
+            param_group[gamma] = 0.0       # a group's own fixed alpha: no inherited gamma
+        elif gamma in param_group and alpha not in param_group and param_group[gamma]:
+            param_group[alpha] = None      # a group's own gamma: no inherited alpha
         super().add_param_group(param_group)
-        check_gr_hparams(self.param_groups[-1])
-        self._check_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        check_gr_hparams(self._gr(group))
+        self._check_group(group)
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         """Subclasses validate their base hyperparameters here (raise ValueError)."""
 
-    def __setstate__(self, state):
+    # ------------------------------------------------------------------ copies, checkpoints
+    def __getstate__(self) -> Dict[str, Any]:
+        if self.__dict__.get("_pending") is not None:
+            raise RuntimeError("cannot copy or pickle the optimizer between first_step() and "
+                               "second_step(): the weights are at the perturbed point")
+        state = super().__getstate__()
+        for name in self._COPIED:
+            if name in self.__dict__:
+                state[name] = self.__dict__[name]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_fuse_scalars", True)
-        for group in self.param_groups:
-            for k, v in GR_DEFAULTS.items():
+        if "_pending" not in self.__dict__:  # a copy (load_state_dict keeps what is there)
+            self._init_runtime()
+        d = self.__dict__
+        d.setdefault("_backend_name", "auto")
+        d.setdefault("freeze_bn_stats", True)
+        d.setdefault("skipped_steps", None)
+        d.setdefault("last_step_skipped", None)
+        for group in self.param_groups:  # keys older checkpoints lack, as torch backfills them
+            for k, v in self.defaults.items():
                 group.setdefault(k, v)
+
+    def state_dict(self):
+        if self._pending is not None:
+            raise RuntimeError("state_dict() between first_step() and second_step(): the "
+                               "weights are at the perturbed point; save between steps")
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        """torch's load_state_dict; a param group key the checkpoint lacks (a torch.optim
+        checkpoint has no GR keys, an older one may lack a flag) keeps this optimizer's value
+        for that group."""
+        if self._pending is not None:
+            raise RuntimeError("load_state_dict() between first_step() and second_step()")
+        before = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        saved = state_dict["param_groups"]
+        super().load_state_dict(state_dict)
+        for group, old, loaded in zip(self.param_groups, before, saved):
+            for k, v in old.items():
+                if k not in loaded:
+                    group[k] = v
+        for group in self.param_groups:
+            check_gr_hparams(self._gr(group))
 
     # ------------------------------------------------------------------ backends
     def backend_for(self, device) -> _backends.Backend:
@@ -153,73 +230,55 @@ class GROptimizer(Optimizer):
         devices = {p.device for g in self.param_groups for p in g["params"]}
         return {str(d): self.backend_for(d).name for d in sorted(devices, key=str)}
 
+    def _signs(self, group: Dict[str, Any]) -> Tuple[float, float]:
+        """(sign of the ascent step, sign of the combined gradient): ``maximize`` runs GR on
+        −L, whose gradients are the negated ones (the wrapper's base optimizer negates the
+        combined gradient itself)."""
+        d = -1.0 if group.get("maximize", False) else 1.0
+        return d, d
+
     def _buckets(self) -> List[_backends.Bucket]:
-        """Group the params that have a grad by (param group, device, dtype, shard groups).
-        FSDP2/DTensor params are stepped through their local shards with the per-tensor torch
-        backend; their bucket records the process groups its norms are summed over.
-
-        When every param lives in flat buffers and nothing was replaced since the last step
-        (the grads are still the flat views, the params still view their buffer, no param was
-        added, no state was loaded), last step's buckets are reused: the step then has no
-        per-tensor Python loop."""
-        cached = self._cached_buckets
-        if cached is not None and self._cache_holds(cached):
-            return cached
-        buckets = self._build_buckets()
-        n_params = sum(len(g["params"]) for g in self.param_groups)
-        all_flat = all("flat" in b.extra for b in buckets)
-        self._cached_buckets = (buckets if buckets and all_flat and
-                                sum(len(b.params) for b in buckets) == n_params else None)
-        return buckets
-
-    def _cache_holds(self, buckets) -> bool:
-        if sum(len(g["params"]) for g in self.param_groups) != sum(len(b.params) for b in buckets):
-            return False
-        for b in buckets:
-            layout = b.extra["flat"]
-            if (layout.params[0].data_ptr() != layout.param.data_ptr()
-                    or not views_intact(layout.params, b.grads)):
-                return False
-        return True
-
-    def load_state_dict(self, state_dict) -> None:
-        self._cached_buckets = None  # the loaded state is copied into the flat buffers
-        super().load_state_dict(state_dict)
-
-    def _build_buckets(self) -> List[_backends.Bucket]:
+        """The params that have a grad, by (param group, device, dtype, shard groups), as the
+        backends will run them. FSDP2/DTensor params are stepped through their local shards
+        with the torch backend; their bucket records the process groups its norms are summed
+        over. Complex params are stepped as their real views."""
         buckets = []
+        stateful = bool(STATE_ROWS[self._algo])
         for gi, group in enumerate(self.param_groups):
+            gr = self._gr(group)
+            gr["eps_sign"], gr["combine_sign"] = self._signs(group)
+            needs_state = stateful and not (self._algo == "sgd" and group["momentum"] == 0)
             split: Dict[tuple, Tuple[list, list, list, list]] = {}
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                        f"(param of shape {tuple(p.shape)} in group {gi})")
-                local_p, local_g, shard_groups = local_shard(p)  # DTensor (FSDP2): its shard
-                lists = split.setdefault((local_p.device, local_p.dtype, shard_groups),
-                                         ([], [], [], []))
+                local_p, local_g, shards = local_shard(p)  # DTensor (FSDP2): its shard
+                if local_p.is_complex():
+                    local_p, local_g = torch.view_as_real(local_p), torch.view_as_real(local_g)
+                lists = split.get((local_p.device, local_p.dtype, shards))
+                if lists is None:
+                    lists = split[(local_p.device, local_p.dtype, shards)] = ([], [], [], [])
                 lists[0].append(local_p)
                 lists[1].append(local_g)
-                lists[2].append(self.state[p])
+                lists[2].append(self.state[p] if needs_state else {})
                 lists[3].append(p)
-            for (device, dtype, shard_groups), (ps, gs, sts, originals) in split.items():
-                sharded = any(o is not q for o, q in zip(originals, ps))
-                backend = _backends.get_backend("torch", device) if sharded else self.backend_for(device)
-                extra = self._bucket_extra[(gi, device, dtype, shard_groups)]
-                b = backend.make_bucket(ps, gs, sts, group, self._algo, extra)
-                b.extra["_group_index"] = gi
-                b.extra["_backend"] = backend
-                if sharded:
-                    b.extra["shard_params"] = originals
-                if shard_groups:
-                    b.extra["shard_groups"] = shard_groups
-                buckets.append(b)
+            for (device, dtype, shards), (ps, gs, sts, sources) in split.items():
+                sharded = any(type(s) is not torch.Tensor and type(s) is not torch.nn.Parameter
+                              for s in sources)
+                backend = (_backends.get_backend("torch", device) if sharded
+                           else self.backend_for(device))
+                extra = self._bucket_extra.setdefault((gi, device, dtype, shards), {})
+                b = _backends.Bucket(ps, gs, sts, group, self._algo, extra, gr=gr,
+                                     sources=sources)
+                b.group_index, b.backend, b.shard_groups = gi, backend, shards
+                for part in backend.prepare(b):
+                    part.group_index, part.shard_groups = gi, shards
+                    buckets.append(part)
         return buckets
-
-    @staticmethod
-    def _backend(b: _backends.Bucket) -> _backends.Backend:
-        return b.extra["_backend"]
 
     # ------------------------------------------------------------------ AMP
     def _grad_scale(self, device) -> Optional[torch.Tensor]:
@@ -255,7 +314,7 @@ class GROptimizer(Optimizer):
     # ------------------------------------------------------------------ public API
     def gr_active(self) -> bool:
         """True when this step is a GR step (γ != 0 or α set); False runs the base optimizer."""
-        flags = {gr_enabled(g) for g in self.param_groups}
+        flags = {gr_enabled(self._gr(g)) for g in self.param_groups}
         if len(flags) > 1:
             raise ValueError("Invalid gamma: GR must be on (gamma > 0 or alpha set) in every "
                              "param group or off (gamma = 0, alpha None) in all of them")
@@ -278,10 +337,16 @@ class GROptimizer(Optimizer):
                                "the gradient twice); or use first_step()/second_step()")
         with torch.enable_grad():
             loss = closure()
+        self._perturbed_passes(closure)
+        return loss
+
+    def _perturbed_passes(self, closure: Callable[[], Any]) -> Any:
+        """first_step, the closure at the perturbed point(s), second_step; returns the
+        closure's loss at θ + ε·g1. The weights are restored if the closure raises."""
         self.first_step()
         try:
             with torch.enable_grad():
-                closure()
+                loss = closure()
             if self._pending is not None and self._needs_reflect():
                 self.reflect_step()
                 with torch.enable_grad():
@@ -304,74 +369,84 @@ class GROptimizer(Optimizer):
             raise RuntimeError("first_step() with GR off (gamma=0, alpha=None): call step()")
         buckets = self._buckets()
         if not buckets:
-            self._pending = _Pending([], None, {}, None)
+            self._pending = _Pending([], None, None, None)
             return
         main = buckets[0].device
         scale = self._grad_scale(main)
         fused = self._fusing_backend(buckets)
         if fused is not None:  # the scalars come out of the norms' kernels (6 launches)
-            ascended = fused.ascend(buckets, scale)
+            rows = fused.ascend(buckets, scale)
         else:
-            ascended = self._ascend_buckets(buckets, main, scale)
-        for b in buckets:  # to tell, later, whether backward wrote into these buffers
-            _record_grad_versions(b)
-        self._pending = _Pending(buckets, fused, ascended, main)
+            rows = self._ascend_general(buckets, main, scale)
+        for b in buckets:  # to tell, later, whether a backward wrote into these grads
+            b.held = list(map(_grad_of, b.sources))
+            b.extra["_versions"] = list(map(_version_of, b.grads))
+        self._pending = _Pending(buckets, fused, rows, main)
         if self.freeze_bn_stats:
             self._bn.start()
 
-    def _fusing_backend(self, buckets) -> Optional[_backends.Backend]:
+    def _fusing_backend(self, buckets, update: bool = False) -> Optional[_backends.Backend]:
         """The backend that can run this step with its scalars fused into the norms: one
         backend for every bucket, one device, no sharded (FSDP2/DTensor) bucket, the skip
-        counter on that device, and the backend's can_fuse. None: the general path."""
-        backend, device = self._backend(buckets[0]), buckets[0].device
+        counter on that device, no frozen tensor (``update``), and the backend's can_fuse.
+        None: the general path."""
+        backend, device = buckets[0].backend, buckets[0].device
         if not self._fuse_scalars or (self.skipped_steps is not None
                                       and self.skipped_steps.device != device):
             return None
         for b in buckets:
-            if (self._backend(b) is not backend or b.device != device
-                    or "shard_params" in b.extra or "shard_groups" in b.extra):
+            if (b.backend is not backend or b.device != device or b.shard_groups
+                    or b.sources is not b.params and any(
+                        type(s) is not torch.Tensor and type(s) is not torch.nn.Parameter
+                        for s in b.sources)):
+                return None
+            if update and b.flags is not None and any(f & FLAG_FROZEN for f in b.flags):
                 return None
         return backend if backend.can_fuse(buckets) else None
 
-    def _ascend_buckets(self, buckets, main, scale) -> Dict[int, torch.Tensor]:
+    @staticmethod
+    def _rows_dtype(buckets) -> torch.dtype:
+        return (torch.float64 if any(b.dtype == torch.float64 for b in buckets)
+                else torch.float32)
+
+    def _ascend_general(self, buckets, main, scale) -> torch.Tensor:
         """first_step on the general path (any buckets: param groups, devices, dtypes,
         shards): the global norm and each group's ascent scalars with torch ops, then
-        perturb. Returns each group's combine (``_pending.ascended``, which
-        ``distributed.local_ascent_step`` edits)."""
+        perturb. Returns each group's row [eps, fold, combine] (see Backend.ascend)."""
         inv = None if scale is None else scale.reciprocal()
-        adaptive = {b.extra["_group_index"]: b.group["adaptive"] for b in buckets}
         sq = _global_sq_norm(main, buckets, adaptive=True)
-        scalars = {}
-        for gi in sorted(adaptive):
-            g = self.param_groups[gi]
-            scalars[gi] = ascent_scalars(sq, inv, rho=g["rho"], normalize=g["normalize"],
-                                         gamma=g["gamma"], alpha=g["alpha"],
-                                         difference=g["difference"])
-        for b in buckets:
-            eps, fold, _ = scalars[b.extra["_group_index"]]
-            self._backend(b).perturb(b, eps.to(b.device), fold.to(b.device),
-                                     b.group["adaptive"])
-        return {gi: s[2] for gi, s in scalars.items()}
+        dtype = self._rows_dtype(buckets)
+        rows = []
+        for gr, members in group_runs(buckets):
+            eps, fold, combine = ascent_scalars(
+                sq, inv, rho=gr["rho"], normalize=gr["normalize"], gamma=gr["gamma"],
+                alpha=gr["alpha"], difference=gr["difference"], dtype=dtype)
+            eps, combine = eps * gr["eps_sign"], combine * gr["combine_sign"]
+            for b in members:
+                c = compute_dtype(b.dtype)
+                b_eps, b_fold = eps.to(b.device, c), fold.to(b.device, c)
+                b.backend.perturb(b, b_eps, b_fold, gr["adaptive"])
+            rows.append(torch.stack([eps, fold, combine]))
+        return torch.stack(rows)
 
-    def _update_buckets(self, buckets, combine, main, scale) -> torch.Tensor:
+    def _update_general(self, buckets, rows, main, scale) -> torch.Tensor:
         """second_step on the general path: per-group norms of G, the update scalars
         (global clipping, one found_inf for all) with torch ops, then each bucket's update."""
         inv = None if scale is None else scale.reciprocal()
-        groups = sorted(combine)
-        sq_by_group = [_global_sq_norm(main, [b for b in buckets
-                                              if b.extra["_group_index"] == gi], adaptive=False)
-                       for gi in groups]
+        runs = group_runs(buckets)
+        sq_by_group = [_global_sq_norm(main, members, adaptive=False) for _, members in runs]
         gscales, found_inf = update_scalars(
-            sq_by_group, [combine[gi] for gi in groups], inv,
-            [self.param_groups[gi]["max_grad_norm"] for gi in groups])
-        for gi, gscale in zip(groups, gscales):
-            for b in buckets:
-                if b.extra["_group_index"] == gi:
-                    self._backend(b).update(b, gscale.to(b.device), found_inf.to(b.device))
+            sq_by_group, [rows[i, 2] for i in range(len(runs))], inv,
+            [gr["max_grad_norm"] for gr, _ in runs])
+        for gscale, (_, members) in zip(gscales, runs):
+            for b in members:
+                c = compute_dtype(b.dtype)
+                b_gscale, b_found = gscale.to(b.device, c), found_inf.to(b.device, c)
+                b.backend.update(b, b_gscale, b_found)
         return found_inf
 
     def _needs_reflect(self) -> bool:
-        return any(b.group["difference"] == "central" for b in self._pending.buckets)
+        return any(b.gr["difference"] == "central" for b in self._pending.buckets)
 
     @torch.no_grad()
     def reflect_step(self) -> None:
@@ -382,8 +457,8 @@ class GROptimizer(Optimizer):
             raise RuntimeError("reflect_step() is for difference='central', once per step")
         self._adopt_replaced_grads()
         for b in self._pending.buckets:
-            self._backend(b).reflect(b)
-            _record_grad_versions(b)
+            b.backend.reflect(b)
+            b.extra["_versions"] = list(map(_version_of, b.grads))
         self._pending.reflected = True
 
     @torch.no_grad()
@@ -399,17 +474,21 @@ class GROptimizer(Optimizer):
                                "before second_step(); the weights were restored")
         last_skipped = self.last_step_skipped  # kept if this step raises before reporting
         try:
-            self._adopt_replaced_grads()
+            missing = self._adopt_replaced_grads()
             buckets = pending.buckets
             if buckets:
+                self._without_second_gradient(missing)
+                for b in buckets:
+                    create_missing_state(b)
+                    b.backend.refresh(b)
                 main = pending.main_device
                 scale = self._grad_scale(main)
                 skips = self._skip_record(main)
-                if pending.fused is not None:
-                    found_inf = pending.fused.combine_update(buckets, pending.ascended, scale,
-                                                             skips)
+                fused = pending.fused
+                if fused is not None and self._fusing_backend(buckets, update=True) is fused:
+                    found_inf = fused.combine_update(buckets, pending.rows, scale, skips)
                 else:
-                    found_inf = self._update_buckets(buckets, pending.ascended, main, scale)
+                    found_inf = self._update_general(buckets, pending.rows, main, scale)
                     skips.record(found_inf)
                 self._after_update(found_inf)
         except BaseException:
@@ -428,65 +507,100 @@ class GROptimizer(Optimizer):
         self._bn.stop()
         if pending is not None:
             for b in pending.buckets:
-                self._backend(b).restore(b)
-
-    def state_dict(self):
-        if self._pending is not None:
-            raise RuntimeError("state_dict() between first_step() and second_step(): the "
-                               "weights are at the perturbed point; save between steps")
-        return super().state_dict()
+                b.backend.restore(b)
+                if b.held is not None:  # put back the grads first_step saw
+                    for s, held in zip(b.sources, b.held):
+                        if s.grad is not held and held is not None:
+                            s.grad = held
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._pending is not None:
             return  # the grads carry the folded first gradient until second_step()
-        kept = zero_flat_grads(self._bucket_extra.values())  # flat grads: zeroed in place
-        if len(kept) == sum(len(g["params"]) for g in self.param_groups):
-            return
-        kept = set(map(id, kept))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or id(p) in kept:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.detach_().requires_grad_(False).zero_()
+        super().zero_grad(set_to_none)
 
-    # ------------------------------------------------------------------ hooks
-    def _adopt_replaced_grads(self) -> None:
-        """If a closure replaced p.grad (``model.zero_grad()`` sets it to None, then backward
-        allocates a fresh tensor), add the fresh gradient onto the buffer that holds the
-        folded first gradient and put that buffer back as p.grad. (For a DTensor shard the
-        fresh local grad takes the held one in, and the bucket follows it.)"""
-        for b in self._pending.buckets:
-            originals = b.extra.get("shard_params")
-            if originals is None and views_intact(b.params, b.grads):
+    # ------------------------------------------------------------------ second gradient
+    def _adopt_replaced_grads(self) -> Dict[int, List[int]]:
+        """Bring every grad back to the tensor that holds the folded first gradient, and
+        return, for each bucket (by index), the tensors no backward wrote into since the
+        last phase: they got no gradient at the perturbed point.
+
+        If a closure replaced p.grad (``model.zero_grad()`` sets it to None, then backward
+        allocates a fresh tensor), the fresh gradient is added onto the held one and that
+        one is put back as p.grad. (For a DTensor shard the fresh local grad takes the held
+        one in, and the bucket follows it.)"""
+        missing: Dict[int, List[int]] = {}
+        for k, b in enumerate(self._pending.buckets):
+            versions = b.extra["_versions"]
+            now = list(map(_grad_of, b.sources))
+            if all(map(is_, now, b.held)):
+                written = list(map(_version_of, b.grads))
+                if all(map(int.__ne__, written, versions)):
+                    continue  # the common case: every grad was accumulated into
+                missing[k] = [i for i, (w, v) in enumerate(zip(written, versions)) if w == v]
                 continue
-            for i, p in enumerate(b.params):
-                held = b.grads[i]
-                if originals is not None:
-                    grad = originals[i].grad
-                    local = None if grad is None else local_shard(originals[i])[1]
-                    if local is not None and local.data_ptr() != held.data_ptr():
-                        local.add_(held)
-                        b.grads[i] = local
+            lost = []
+            for i, (src, held, grad) in enumerate(zip(b.sources, b.held, now)):
+                target = b.grads[i]
+                if grad is held:
+                    if target._version == versions[i]:
+                        lost.append(i)
                     continue
-                if p.grad is held:
-                    continue
-                if p.grad is not None:
-                    if held._version != b.extra["_grad_versions"][i]:
+                if grad is None:
+                    lost.append(i)
+                else:
+                    fresh = local_shard(src)[1]
+                    fresh = real(fresh)
+                    if b.shard_groups or type(src) not in (torch.Tensor, torch.nn.Parameter):
+                        if fresh.data_ptr() != target.data_ptr():
+                            fresh.add_(target)
+                            b.grads[i] = fresh
+                            b.held[i] = grad
+                        continue
+                    if target._version != versions[i]:
                         # backward accumulated into the held buffer before p.grad was replaced
                         # (DDP with gradient_as_bucket_view copies it into its bucket, all-reduces
                         # and installs the bucket view): the new tensor already holds all of G
-                        held.copy_(p.grad)
+                        target.copy_(fresh)
                     else:  # a fresh gradient only (model.zero_grad() set p.grad to None)
-                        held.add_(p.grad)
-                p.grad = held
-            _record_grad_versions(b)
+                        target.add_(fresh)
+                src.grad = held
+            if lost:
+                missing[k] = lost
+            b.extra["_versions"] = list(map(_version_of, b.grads))
+        return missing
+
+    def _without_second_gradient(self, missing: Dict[int, List[int]]) -> None:
+        """Tensors with a gradient at θ and none at the perturbed point (stochastic depth,
+        routing, a branch skipped in the second pass): their curvature term is unknown, so
+        they get the base optimizer's step on g1 alone. With the forward or backward
+        difference their grad holds fold·g1 = ((1−α)/α)·g1, rescaled here by 1/(1−α) so that
+        the update's α·G is g1; the central difference gives g1 by itself. When α = 1 (SAM)
+        the grad holds 0·g1 and g1 is gone: such a tensor is restored and left as it is
+        (frozen), as the SAM implementations do when p.grad is None."""
+        if not missing:
+            return
+        buckets, rows = self._pending.buckets, self._pending.rows
+        run_of = {}
+        for i, (_, members) in enumerate(group_runs(buckets)):
+            for b in members:
+                run_of[id(b)] = i
+        for k, idx in missing.items():
+            b = buckets[k]
+            if b.gr["difference"] == "central":
+                continue
+            if b.gr["alpha"] == 1:
+                b.flags = list(b.flags) if b.flags is not None else [0] * len(b.params)
+                for i in idx:
+                    b.flags[i] |= FLAG_FROZEN
+                continue
+            alpha = rows[run_of[id(b)], 2] * b.gr["combine_sign"]
+            rescale = (1 - alpha).reciprocal().to(b.device, compute_dtype(b.dtype))
+            torch._foreach_mul_([b.grads[i] for i in idx], rescale)
 
     def _after_update(self, found_inf: torch.Tensor) -> None:
         """Called after the backend update (the GR wrapper steps its base optimizer here)."""
 
+    # ------------------------------------------------------------------ GR off
     def _plain_step(self) -> None:
         raise NotImplementedError
 
@@ -525,36 +639,65 @@ class GROptimizer(Optimizer):
         elif isinstance(getattr(self, "found_inf", None), torch.Tensor):
             found = self.found_inf  # scaler.unscale_(opt) already unscaled and checked them
             self._report_found_inf(found)
-        clip = [i for i, g in enumerate(self.param_groups) if g["max_grad_norm"] is not None]
+        clip = [i for i, g in enumerate(self.param_groups)
+                if self._gr(g)["max_grad_norm"] is not None]
         if clip and by_kind:  # clip_grad_norm_ semantics: the global norm of every group's grads
             main = next(iter(by_kind.values()))[0].device
             total = _sum_on(main, [all_reduce_sq_norm(torch.stack(torch._foreach_norm(
-                grads, 2)).float().square().sum(), shard)
+                grads, 2, dtype=torch.float64)).square().sum(), shard)
                 for (shard, _, _), grads in by_kind.items()]).sqrt()
             for i in clip:
-                coef = torch.clamp(self.param_groups[i]["max_grad_norm"] / (total + 1e-6), max=1.0)
+                limit = self._gr(self.param_groups[i])["max_grad_norm"]
+                coef = torch.clamp(limit / (total + 1e-6), max=1.0)
                 for device in {grad.device for grad, _ in per_group[i]}:
-                    torch._foreach_mul_([grad for grad, _ in per_group[i] if grad.device == device],
-                                        coef.to(device))
+                    grads = [grad for grad, _ in per_group[i] if grad.device == device]
+                    torch._foreach_mul_(grads, coef.to(device, grads[0].dtype
+                                                       if grads[0].dtype == torch.float64
+                                                       else torch.float32))
         return found is None or not bool(found.item())
 
 
+def create_missing_state(b: _backends.Bucket) -> None:
+    """Create the state a first update needs (torch.optim's keys, zeros; AdamW's step a
+    float32 scalar on the parameter's device) and flag it FLAG_NEW_STATE."""
+    if b.algo == "sgd":
+        if b.group["momentum"] == 0:
+            return
+        keys: Tuple[str, ...] = ("momentum_buffer",)
+    elif b.algo == "adamw":
+        keys = ("exp_avg", "exp_avg_sq")
+    else:
+        return
+    flags = b.flags
+    for i, st in enumerate(b.states):
+        if keys[0] in st:
+            continue
+        src = b.sources[i]
+        like = src if type(src) in (torch.Tensor, torch.nn.Parameter) else local_shard(src)[0]
+        for key in keys:
+            st[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
+        if b.algo == "adamw":
+            st["step"] = torch.zeros((), dtype=torch.float32, device=b.device)
+        if flags is None:
+            flags = b.flags = [0] * len(b.params)
+        flags[i] |= FLAG_NEW_STATE
+
+
 def _global_sq_norm(main, buckets: List[_backends.Bucket], adaptive: bool) -> torch.Tensor:
-    """Σ over ``buckets`` of their squared norms (with each group's ``adaptive`` weighting if
-    ``adaptive``), on ``main``. Buckets of sharded parameters (FSDP2 / DTensor local shards,
-    whose process groups ``_buckets`` puts in ``extra["shard_groups"]``) are summed over those
-    groups, so every rank gets the global norm and takes the same skip decision."""
+    """Σ over ``buckets`` of their squared norms (float64; with each group's ``adaptive``
+    weighting if ``adaptive``), on ``main``. Buckets of sharded parameters (FSDP2 / DTensor
+    local shards) are summed over their process groups, so every rank gets the global norm
+    and takes the same skip decision."""
     parts: Dict[Tuple[Any, ...], List[torch.Tensor]] = defaultdict(list)
     for b in buckets:
-        sq = b.extra["_backend"].sq_norm(b, adaptive and b.group["adaptive"])
-        parts[b.extra.get("shard_groups", ())].append(sq)
+        sq = b.backend.sq_norm(b, adaptive and b.gr["adaptive"])
+        parts[b.shard_groups].append(sq)
     return _sum_on(main, [all_reduce_sq_norm(_sum_on(main, sqs), groups) if groups
                           else _sum_on(main, sqs) for groups, sqs in parts.items()])
 
 
 def _sum_on(device, tensors: List[torch.Tensor]) -> torch.Tensor:
-    """Deterministic sum of 0-dim tensors from several devices, on ``device``."""
+    """Deterministic float64 sum of 0-dim tensors from several devices, on ``device``."""
     if len(tensors) == 1:
-        return tensors[0]
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.stack([t.to(device=device, dtype=dtype) for t in tensors]).sum()
+        return tensors[0].to(device=device, dtype=torch.float64)
+    return torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors]).sum()

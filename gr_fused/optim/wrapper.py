@@ -1,47 +1,90 @@
 """GR around any torch optimizer, and the SAM and GNP presets."""
 from __future__ import annotations
 
-from typing import Optional, Type
+import inspect
+from typing import Any, Dict, Optional, Type
 
 import torch
 from torch.optim import Optimizer
 
-from .base import GR_DEFAULTS, GROptimizer
+from .base import GR_KEYS, GROptimizer, resolve_gamma
+from ..backends.base import FLAG_FROZEN
+
+# the options of GR itself that SAM and GNP take besides their own; every other keyword
+# argument of SAM and GNP goes to the base optimizer
+_GR_OPTIONS = ("backend", "freeze_bn_stats", "max_grad_norm", "adaptive")
+
+
+def _base_argument_names(base_optimizer) -> set:
+    try:
+        return set(inspect.signature(base_optimizer).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 class GR(GROptimizer):
     """Finite-difference GR around any ``torch.optim`` optimizer class.
 
     The backend combines the two gradients into ``p.grad`` and restores θ; then
-    ``base_optimizer.step()`` runs unchanged. The param groups are shared with the base
-    optimizer (so LR schedulers may be attached to either) and ``state_dict`` is the base
-    optimizer's. A step that found inf/NaN is skipped: without a host sync when the base
-    optimizer takes a device-side ``found_inf`` (torch's ``fused=True`` optimizers), with one
-    ``.item()`` otherwise.
+    ``base_optimizer.step()`` runs unchanged. The param groups and the state are shared with
+    the base optimizer (so LR schedulers may be attached to either, and ``state_dict`` holds
+    the base optimizer's state). A step that found inf/NaN is skipped: without a host sync
+    when the base optimizer takes a device-side ``found_inf`` (torch's ``fused=True``
+    optimizers), with one ``.item()`` otherwise.
+
+    Keyword arguments other than GR's go to the base optimizer. Where the base optimizer has
+    an argument of the same name as one of GR's (RMSprop's and ASGD's ``alpha``, Adadelta's
+    ``rho``), pass the base optimizer's value in ``base_kwargs``: the param groups then hold
+    the base optimizer's value under its name and GR's under ``"gr_<name>"`` (e.g.
+    ``"gr_alpha"``), so neither overrides the other.
     """
 
+    _COPIED = GROptimizer._COPIED + ("base_optimizer",)
+
     def __init__(self, params, base_optimizer: Type[Optimizer] = torch.optim.SGD, *,
-                 gamma: float = GR_DEFAULTS["gamma"], rho: float = GR_DEFAULTS["rho"],
-                 normalize: bool = True, difference: str = "forward",
-                 alpha: Optional[float] = None, adaptive: bool = False,
-                 max_grad_norm: Optional[float] = None, backend: str = "auto",
-                 freeze_bn_stats: bool = True, **base_kwargs):
+                 gamma: Optional[float] = None, rho: float = 0.05, normalize: bool = True,
+                 difference: str = "forward", alpha: Optional[float] = None,
+                 adaptive: bool = False, max_grad_norm: Optional[float] = None,
+                 backend: str = "auto", freeze_bn_stats: bool = True,
+                 base_kwargs: Optional[Dict[str, Any]] = None, **kwargs):
         if isinstance(base_optimizer, Optimizer) or not callable(base_optimizer):
             raise ValueError("Invalid base_optimizer: pass the optimizer class (e.g. "
                              "torch.optim.SGD) and its arguments as keywords")
-        defaults = dict(gamma=gamma, rho=rho, normalize=normalize, difference=difference,
-                        alpha=alpha, adaptive=adaptive, max_grad_norm=max_grad_norm)
-        super().__init__(params, dict(defaults, **base_kwargs), backend=backend,
-                         freeze_bn_stats=freeze_bn_stats)
+        both = set(base_kwargs or {}) & set(kwargs)
+        if both:
+            raise ValueError(f"Invalid base_kwargs: {sorted(both)} given twice")
+        base_kwargs = dict(base_kwargs or {}, **kwargs)
+        taken = _base_argument_names(base_optimizer)
+        self._gr_names = {k: f"gr_{k}" if k in taken else k for k in GR_KEYS}
+        gr = dict(gamma=resolve_gamma(gamma, alpha), rho=rho, normalize=normalize,
+                  difference=difference, alpha=alpha, adaptive=adaptive,
+                  max_grad_norm=max_grad_norm)
+        defaults = {self._gr_names[k]: v for k, v in gr.items()}
+        defaults.update(base_kwargs)
+        super().__init__(params, defaults, backend=backend, freeze_bn_stats=freeze_bn_stats)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        clash = set(self.base_optimizer.defaults) & {n for n in self._gr_names.values()}
+        if clash:
+            raise ValueError(f"Invalid base_optimizer: its hyperparameters {sorted(clash)} have "
+                             "GR's names; pass them in base_kwargs")
         self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
+
+    def _signs(self, group):
+        # the base optimizer maximizes by itself: GR ascends along −g1 and hands it ∇(L − γ/2‖∇L‖²)
+        return (-1.0 if group.get("maximize", False) else 1.0), 1.0
 
     def _plain_step(self) -> None:
         if self._plain_prepare():
             self.base_optimizer.step()
 
     def _after_update(self, found_inf: torch.Tensor) -> None:
+        for b in self._pending.buckets:  # frozen tensors: the base optimizer must skip them
+            if b.flags is not None:
+                for src, flag in zip(b.sources, b.flags):
+                    if flag & FLAG_FROZEN:
+                        src.grad = None
         base = self.base_optimizer
         if getattr(base, "_step_supports_amp_scaling", False) and any(
                 g.get("fused") for g in base.param_groups):
@@ -53,26 +96,10 @@ class GR(GROptimizer):
         elif not bool(found_inf.item()):
             base.step()
 
-    def state_dict(self):
-        super().state_dict()  # refuses to save in the middle of a GR step
-        return self.base_optimizer.state_dict()
-
     def load_state_dict(self, state_dict) -> None:
-        self._cached_buckets = None
-        self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups
-        for group in self.param_groups:
-            for k, v in GR_DEFAULTS.items():
-                group.setdefault(k, v)
-
-    def add_param_group(self, param_group) -> None:
-        base = getattr(self, "base_optimizer", None)
-        if base is None:  # called from Optimizer.__init__
-            return super().add_param_group(param_group)
-        for k, v in self.defaults.items():
-            param_group.setdefault(k, v)
-        base.add_param_group(param_group)
-        self.param_groups = base.param_groups
+        super().load_state_dict(state_dict)
+        base = self.base_optimizer  # share the loaded state, converted as the base converts it
+        type(base).__setstate__(base, {"state": self.state, "param_groups": self.param_groups})
 
 
 class SAM(GR):
@@ -81,24 +108,45 @@ class SAM(GR):
     **kw)`` with ``first_step(zero_grad)``, ``second_step(zero_grad)`` and ``step(closure)``.
 
     It is GR with α = 1 and a normalized ascent: g = ∇L(θ + ρ·g1/‖g1‖) (ASAM's
-    ρ·θ²⊙g1/‖θ⊙g1‖ when ``adaptive``). ``step(closure)`` calls the closure for both
-    gradients (torch's convention). Code written for the per-parameter implementation, which
-    runs the first backward itself and passes a closure that does not zero grads, gets the
-    same update, because the normalized ascent does not depend on the size of g1.
+    ρ·θ²⊙g1/‖θ⊙g1‖ when ``adaptive``). As in that implementation, ``step(closure)`` takes
+    the gradients your own ``loss.backward()`` already computed as g1 and calls the closure
+    once, at the perturbed point; it returns the closure's loss there. Keyword arguments
+    other than ``backend``, ``freeze_bn_stats``, ``max_grad_norm`` and ``base_kwargs`` go
+    to the base optimizer (RMSprop's ``alpha`` included; Adadelta's ``rho`` goes in
+    ``base_kwargs``).
     """
 
     def __init__(self, params, base_optimizer: Type[Optimizer] = torch.optim.SGD,
-                 rho: float = 0.05, adaptive: bool = False, **kwargs):
+                 rho: float = 0.05, adaptive: bool = False, *, backend: str = "auto",
+                 freeze_bn_stats: bool = True, max_grad_norm: Optional[float] = None,
+                 base_kwargs: Optional[Dict[str, Any]] = None, **kwargs):
         if not rho >= 0.0:
             raise ValueError(f"Invalid rho, should be non-negative: {rho}")
-        kwargs.setdefault("backend", "auto")
         super().__init__(params, base_optimizer, gamma=0.0, rho=rho, normalize=True,
-                         alpha=1.0, adaptive=adaptive, **kwargs)
+                         alpha=1.0, adaptive=adaptive, max_grad_norm=max_grad_norm,
+                         backend=backend, freeze_bn_stats=freeze_bn_stats,
+                         base_kwargs=dict(base_kwargs or {}, **kwargs))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """The SAM step of the popular implementation: first_step on the gradients already
+        computed, ``closure()`` once at the perturbed point (it runs forward and backward;
+        zeroing the grads there is fine), second_step. Returns the closure's loss."""
+        if closure is None:
+            raise RuntimeError("SAM.step() needs a closure that runs forward and backward at "
+                               "the perturbed point; or use first_step()/second_step()")
+        if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
+            raise RuntimeError("SAM.step(closure) takes the gradients already computed as the "
+                               "first gradient, as the SAM implementation it replaces: run "
+                               "loss.backward() before calling it (no parameter has a grad)")
+        return self._perturbed_passes(closure)
 
 
 class GNP(GR):
     """The gradient-norm penalty L + λ‖∇L‖ of Zhao et al. (2022):
-    g = (1 − α)·∇L(θ) + α·∇L(θ + ρ·g1/‖g1‖) with α = λ/ρ."""
+    g = (1 − α)·∇L(θ) + α·∇L(θ + ρ·g1/‖g1‖) with α = λ/ρ. ``step(closure)`` follows torch's
+    convention (the closure is called for both gradients). Keyword arguments other than
+    GR's options go to the base optimizer, as with :class:`SAM`."""
 
     def __init__(self, params, base_optimizer: Type[Optimizer] = torch.optim.SGD,
                  rho: float = 0.05, lam: float = 0.04, **kwargs):
@@ -106,5 +154,7 @@ class GNP(GR):
             raise ValueError(f"Invalid lam: {lam!r} (the penalty weight, a number > 0)")
         if not (isinstance(rho, (int, float)) and rho > 0):
             raise ValueError(f"Invalid rho: {rho!r} (the ascent radius r, a number > 0)")
+        options = {k: kwargs.pop(k) for k in _GR_OPTIONS + ("base_kwargs",) if k in kwargs}
+        base_kwargs = dict(options.pop("base_kwargs", None) or {}, **kwargs)
         super().__init__(params, base_optimizer, gamma=0.0, rho=rho, normalize=True,
-                         alpha=lam / rho, **kwargs)
+                         alpha=lam / rho, base_kwargs=base_kwargs, **options)
