@@ -105,6 +105,8 @@ def train(method: str, cfg: Dict, seed: int, rho: float = 0.0) -> Dict[str, floa
                     loss.backward()
                 return loss
 
+            if isinstance(opt, gr_fused.SAM):
+                closure()  # SAM.step takes the gradients already computed, as the popular SAM
             opt.step(closure)
     with torch.no_grad():
         out_tr, out_te = model(data["x_tr"]), model(data["x_te"])

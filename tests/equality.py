@@ -104,14 +104,14 @@ def run_case(case: Case, backend: str, inputs, steps: Optional[int] = None):
     return [p.detach().clone() for p in params], state, opt
 
 
-def gr_step(opt, closure):
-    """``opt.step(closure)`` with a torch-style closure (zero grads, forward, backward). SAM
-    takes the gradients already computed as g1, as the SAM implementation it replaces, so for
-    SAM the closure runs once first."""
+def gr_step(opt, closure, scaler=None):
+    """``opt.step(closure)`` (``scaler.step(opt, closure)`` with a scaler) with a torch-style
+    closure (zero grads, forward, backward). SAM takes the gradients already computed as g1,
+    as the SAM implementation it replaces, so for SAM the closure runs once first."""
     if isinstance(opt, gr_fused.SAM):
         with torch.enable_grad():
             closure()
-    return opt.step(closure)
+    return opt.step(closure) if scaler is None else scaler.step(opt, closure)
 
 
 def compare_backends(case: Case, backend: str, reference: str = "torch", device="cpu"):

@@ -9,6 +9,7 @@ import torch
 
 import gr_fused
 from gr_fused.functional import fd_penalty_grad, flooded, gradient
+from equality import gr_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -127,7 +128,7 @@ def test_sam_is_gr_with_alpha_one():
                 loss = loss_of(m)
                 loss.backward()
                 return loss
-            opt.step(closure)
+            gr_step(opt, closure)
         # hand-written SAM + SGD momentum (torch's convention: buf = μ·buf + g)
         g1 = gradient(lambda: loss_of(models[2]), ref_params)
         norm = torch.sqrt(sum(g.pow(2).sum() for g in g1))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import gr_fused
-from equality import assert_close
+from equality import assert_close, gr_step
 from gr_fused.amp import GradScaler
 
 OPTIMIZERS = {
@@ -43,10 +43,8 @@ def train(model, opt, data, scaler=None, autocast=None):
                 loss = F.mse_loss(model(x), y)
             (scaler.scale(loss) if scaler is not None else loss).backward()
             return loss
-        if scaler is None:
-            losses.append(opt.step(closure))
-        else:
-            losses.append(scaler.step(opt, closure))
+        losses.append(gr_step(opt, closure, scaler))
+        if scaler is not None:
             scaler.update()
     return losses
 
@@ -102,7 +100,7 @@ def test_inf_in_either_gradient_skips_restores_and_backs_off(name, bad_pass):
         scaler.scale(loss).backward()
         return loss
 
-    scaler.step(opt, closure)
+    gr_step(opt, closure, scaler)
     hook.remove()
     assert len(calls) >= 2
     for a, b in zip(model.parameters(), before):
@@ -245,7 +243,7 @@ def test_checkpoint_with_scaler_resumes_bit_for_bit(name):
                 loss = F.mse_loss(model(x), y)
                 scaler.scale(loss * scale_loss).backward()
                 return loss
-            scaler.step(opt, closure)
+            gr_step(opt, closure, scaler)
             scaler.update()
 
     run(model, opt, scaler, data[:3])

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import gr_fused
-from equality import assert_close
+from equality import assert_close, gr_step
 from gr_fused.distributed import local_ascent_step
 
 WORLD = 2
@@ -67,14 +67,15 @@ FSDP_CASES = [
 
 # ---------------------------------------------------------------------------- the ranks
 def _train(model, opt, batches, step=None):
-    """STEPS GR steps on this rank's batches; ``step(opt, closure)`` defaults to opt.step."""
+    """STEPS GR steps on this rank's batches; ``step(opt, closure)`` defaults to opt.step
+    (for SAM after a first backward, as its step takes the gradients already computed)."""
     for x, y in batches:
         def closure():
             opt.zero_grad()
             loss = loss_fn(model, x, y)
             loss.backward()
             return loss
-        (step or (lambda o, c: o.step(c)))(opt, closure)
+        (step or gr_step)(opt, closure)
 
 
 def _ddp(module, **kw):
