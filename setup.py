@@ -64,8 +64,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton; platform_system == 'Linux'",
-                 "lightning", "accelerate"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest", "safetensors",
+                 "triton; platform_system == 'Linux'", "lightning", "accelerate"],
         "bench": ["matplotlib", "tqdm", "scikit-learn"],
     },
     ext_modules=ext_modules,

@@ -1,0 +1,419 @@
+"""What torch.optim's own optimizer tests check, for gr_fused's classes: torch's error
+messages for torch's arguments, GR off is torch bit for bit on torch's own input sets,
+copies, older checkpoints, state_dict hooks, ``maximize``, empty state, the GR wrapper next
+to base optimizers whose arguments share GR's names, and a parameter that gets no gradient
+at the perturbed point. The inputs come from ``torch.testing._internal.common_optimizers``,
+which ships with the wheel (the tests that use them live in PyTorch's repository)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gr_fused
+from gr_fused import backends
+from equality import assert_close, gr_step
+
+common_optimizers = pytest.importorskip("torch.testing._internal.common_optimizers")
+
+BACKENDS = ["torch", "cpu", "triton"]
+OURS = {torch.optim.SGD: gr_fused.GRSGD, torch.optim.AdamW: gr_fused.GRAdamW}
+INPUTS = {torch.optim.SGD: (common_optimizers.optim_inputs_func_sgd,
+                            common_optimizers.optim_error_inputs_func_sgd),
+          torch.optim.AdamW: (common_optimizers.optim_inputs_func_adamw,
+                              common_optimizers.optim_error_inputs_func_adamw)}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    why = backends.unavailable_reason(request.param, "cpu")
+    if why is not None:
+        pytest.skip(f"backend {request.param!r} cannot run here: {why}")
+    return request.param
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+
+
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(10, 4, generator=g), torch.randn(10, 2, generator=g)
+
+
+def loss_closure(model, opt, x, y, sign=1.0):
+    def closure():
+        opt.zero_grad()
+        loss = sign * F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+# ---------------------------------------------------------------------------- validation
+def _error_cases():
+    for torch_cls, (_, errors) in INPUTS.items():
+        for i, e in enumerate(errors(device="cpu", dtype=torch.float32)):
+            yield pytest.param(torch_cls, e, id=f"{torch_cls.__name__}-{i}")
+
+
+@pytest.mark.parametrize("torch_cls,error", list(_error_cases()))
+def test_torch_error_inputs_raise_torch_errors(torch_cls, error):
+    """Each of torch's error inputs for SGD/AdamW raises (or warns) the same for
+    GRSGD/GRAdamW, with torch's message."""
+    inp = error.optimizer_error_input
+    params = inp.params
+    if params is None:
+        params = [torch.randn(3, requires_grad=True)]
+    make = OURS[torch_cls]
+    if error.error_on != common_optimizers.OptimizerErrorEnum.CONSTRUCTION_ERROR:
+        pytest.skip("step-time error inputs of torch's suite are about torch's own kernels")
+    if issubclass(error.error_type, Warning):
+        with pytest.warns(error.error_type, match=error.error_regex):
+            make(params, **inp.kwargs)
+    else:
+        with pytest.raises(error.error_type, match=error.error_regex):
+            make(params, **inp.kwargs)
+
+
+def test_our_own_checks_name_the_argument():
+    p = [torch.randn(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="learning rate"):
+        gr_fused.GRSGD(p, lr=float("nan"))
+    with pytest.raises(ValueError, match="amsgrad"):
+        gr_fused.GRAdamW(p, amsgrad=True)
+
+
+# ---------------------------------------------------------------------------- GR off
+def _valid_cases():
+    for torch_cls, (inputs, _) in INPUTS.items():
+        for i, inp in enumerate(inputs(device="cpu")):
+            if inp.kwargs.get("amsgrad"):
+                continue  # GRAdamW does not take amsgrad (documented)
+            yield pytest.param(torch_cls, inp.kwargs, id=f"{torch_cls.__name__}-{inp.desc or i}")
+
+
+@pytest.mark.parametrize("torch_cls,kwargs", list(_valid_cases()))
+def test_gr_off_is_torch_bit_for_bit_on_torch_inputs(torch_cls, kwargs):
+    model, twin = make_model(), make_model()
+    ours = OURS[torch_cls](model.parameters(), gamma=0.0, **kwargs)
+    ref = torch_cls(twin.parameters(), **kwargs)
+    x, y = batch()
+    for _ in range(4):
+        for m, o in ((model, ours), (twin, ref)):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert ours.state_dict()["state"].keys() == ref.state_dict()["state"].keys()
+    for k, st in ref.state_dict()["state"].items():
+        assert st.keys() == ours.state_dict()["state"][k].keys()
+
+
+@pytest.mark.parametrize("torch_cls,kwargs", list(_valid_cases()))
+def test_gr_on_with_torch_inputs_matches_the_torch_backend(torch_cls, kwargs, backend):
+    def run(name):
+        model = make_model()
+        opt = OURS[torch_cls](model.parameters(), gamma=0.05, rho=0.05, backend=name, **kwargs)
+        x, y = batch()
+        for _ in range(3):
+            opt.step(loss_closure(model, opt, x, y))
+        return [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(run(backend), run("torch")):
+        assert_close(a, b, 1e-6, f"{torch_cls.__name__}{kwargs}")
+
+
+# ---------------------------------------------------------------------------- maximize
+@pytest.mark.parametrize("make", [
+    lambda ps, b, **kw: gr_fused.GRSGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-2,
+                                       backend=b, **kw),
+    lambda ps, b, **kw: gr_fused.GRAdamW(ps, lr=1e-2, backend=b, **kw),
+    lambda ps, b, **kw: gr_fused.GR(ps, torch.optim.SGD, lr=0.05, momentum=0.9, backend=b,
+                                    **kw),
+], ids=["GRSGD", "GRAdamW", "GR(SGD)"])
+@pytest.mark.parametrize("difference", ["forward", "central"])
+def test_maximize_is_gr_on_the_negated_loss(make, difference, backend):
+    """maximize=True on L takes exactly the steps of maximize=False on −L: GR regularizes
+    the objective that is minimized, −L (whose gradients are the negated ones)."""
+    results = []
+    for maximize, sign in ((True, 1.0), (False, -1.0)):
+        model = make_model()
+        opt = make(model.parameters(), backend, gamma=0.05, rho=0.05, difference=difference,
+                   maximize=maximize)
+        x, y = batch()
+        for _ in range(3):
+            opt.step(loss_closure(model, opt, x, y, sign))
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_maximize_ascends_the_loss():
+    model = make_model()
+    opt = gr_fused.GRSGD(model.parameters(), lr=0.05, gamma=0.05, maximize=True)
+    x, y = batch()
+    first = F.mse_loss(model(x), y).item()
+    for _ in range(5):
+        opt.step(loss_closure(model, opt, x, y))
+    assert F.mse_loss(model(x), y).item() > first
+
+
+# ---------------------------------------------------------------------------- copies
+@pytest.mark.parametrize("make", [
+    lambda ps: gr_fused.GRSGD(ps, lr=0.1, momentum=0.9, gamma=0.05),
+    lambda ps: gr_fused.GRAdamW(ps, lr=1e-2, gamma=0.05),
+    lambda ps: gr_fused.GR(ps, torch.optim.Adam, lr=1e-2, gamma=0.05),
+    lambda ps: gr_fused.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),
+], ids=["GRSGD", "GRAdamW", "GR(Adam)", "SAM"])
+def test_deepcopy_keeps_every_public_attribute_and_steps_alike(make):
+    model = make_model()
+    opt = make(model.parameters())
+    x, y = batch()
+    gr_step(opt, loss_closure(model, opt, x, y))
+    model2, opt2 = copy.deepcopy((model, opt))
+    attrs = {k for k in vars(opt) if not k.startswith("_")}
+    assert attrs == {k for k in vars(opt2) if not k.startswith("_")}
+    for k in attrs - {"state", "param_groups", "base_optimizer", "defaults"}:
+        a, b = getattr(opt, k), getattr(opt2, k)
+        assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), k
+    if hasattr(opt2, "base_optimizer"):
+        assert opt2.state is opt2.base_optimizer.state
+        assert opt2.param_groups is opt2.base_optimizer.param_groups
+    for _ in range(2):
+        gr_step(opt, loss_closure(model, opt, x, y))
+        gr_step(opt2, loss_closure(model2, opt2, x, y))
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_a_checkpoint_without_torchs_backfilled_flags_loads_and_steps():
+    model = make_model()
+    opt = gr_fused.GRSGD(model.parameters(), lr=0.1, momentum=0.9, gamma=0.05)
+    x, y = batch()
+    opt.step(loss_closure(model, opt, x, y))
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        for key in ("foreach", "maximize", "differentiable", "fused"):
+            group.pop(key, None)
+    fresh = gr_fused.GRSGD(model.parameters(), lr=0.1, momentum=0.9, gamma=0.05)
+    fresh.load_state_dict(sd)
+    fresh.step(loss_closure(model, fresh, x, y))
+    assert fresh.param_groups[0]["foreach"] is None and fresh.param_groups[0]["maximize"] is False
+
+
+def test_gradamw_loads_a_step_saved_as_a_number_or_on_the_cpu(backend):
+    """An older checkpoint's step is a plain number; torch.optim.AdamW saves it as a CPU
+    tensor. Both load (the step moves to the parameter's device as float32) and the run
+    continues like torch.optim.AdamW."""
+    model, twin = make_model(), make_model()
+    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    x, y = batch()
+    for _ in range(2):
+        ref.zero_grad()
+        F.mse_loss(twin(x), y).backward()
+        ref.step()
+    model.load_state_dict(twin.state_dict())
+    for as_number in (False, True):
+        sd = copy.deepcopy(ref.state_dict())
+        if as_number:
+            for st in sd["state"].values():
+                st["step"] = float(st["step"])
+        opt = gr_fused.GRAdamW(model.parameters(), lr=1e-2, gamma=0.0, backend=backend)
+        opt.load_state_dict(sd)
+        for st in opt.state.values():
+            assert torch.is_tensor(st["step"]) and st["step"].dtype == torch.float32
+            assert float(st["step"]) == 2.0
+    ref.zero_grad()
+    F.mse_loss(twin(x), y).backward()
+    ref.step()
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    for group in opt.param_groups:
+        group["gamma"] = 0.05
+    opt.step(loss_closure(model, opt, x, y))  # and a GR step from the loaded state
+    assert all(float(st["step"]) == 4.0 for st in opt.state.values())
+
+
+def test_loading_a_torch_sgd_checkpoint_keeps_gr_as_the_optimizer_was_built():
+    model, twin = make_model(), make_model()
+    ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    opt = gr_fused.GRSGD(model.parameters(), lr=0.1, momentum=0.9, gamma=0.0)
+    x, y = batch()
+    ref.zero_grad()
+    F.mse_loss(twin(x), y).backward()
+    ref.step()
+    model.load_state_dict(twin.state_dict())
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))  # (a state_dict holds references)
+    assert opt.param_groups[0]["gamma"] == 0.0 and not opt.gr_active()
+    for m, o in ((model, opt), (twin, ref)):
+        o.zero_grad()
+        F.mse_loss(m(x), y).backward()
+        o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    on = gr_fused.GRSGD(model.parameters(), lr=0.1, momentum=0.9, gamma=0.02, rho=0.1)
+    on.load_state_dict(copy.deepcopy(ref.state_dict()))
+    assert on.param_groups[0]["gamma"] == 0.02 and on.param_groups[0]["rho"] == 0.1
+
+
+# ---------------------------------------------------------------------------- hooks
+@pytest.mark.parametrize("make", [
+    lambda ps: gr_fused.GRSGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: gr_fused.GR(ps, torch.optim.Adam, lr=1e-2),
+    lambda ps: gr_fused.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9),
+], ids=["GRSGD", "GR(Adam)", "SAM"])
+def test_state_dict_hooks_registered_on_the_optimizer_run(make):
+    model = make_model()
+    opt = make(model.parameters())
+    x, y = batch()
+    gr_step(opt, loss_closure(model, opt, x, y))
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: (calls.append("post"), sd)[1])
+    opt.register_load_state_dict_pre_hook(lambda o, sd: (calls.append("load-pre"), sd)[1])
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)
+    assert calls == ["pre", "post", "load-pre", "load-post"]
+    assert sd["state"], "the saved state holds the real (base optimizer's) state"
+
+
+# ---------------------------------------------------------------------------- state
+def test_state_is_empty_without_momentum_as_torchs():
+    model, twin = make_model(), make_model()
+    opt = gr_fused.GRSGD(model.parameters(), lr=0.1, gamma=0.05)
+    ref = torch.optim.SGD(twin.parameters(), lr=0.1)
+    x, y = batch()
+    opt.step(loss_closure(model, opt, x, y))
+    ref.zero_grad()
+    F.mse_loss(twin(x), y).backward()
+    ref.step()
+    assert opt.state_dict()["state"] == ref.state_dict()["state"] == {}
+
+
+def test_sam_state_is_the_state_a_user_sees_and_saves():
+    model = make_model()
+    opt = gr_fused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    x, y = batch()
+    gr_step(opt, loss_closure(model, opt, x, y))
+    p = next(model.parameters())
+    assert "momentum_buffer" in opt.state[p]
+    assert opt.state is opt.base_optimizer.state
+    assert set(opt.state_dict()["state"][0]) == {"momentum_buffer"}
+
+
+# ---------------------------------------------------------------------------- no gradient at θ'
+def _branch_run(make, backend, alpha_one=False):
+    """Params a (always used) and b (used at θ only, not at the perturbed point)."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5))
+    b = torch.nn.Parameter(torch.full((3,), 0.89))
+    opt = make([a, b], backend)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = a.sin().sum()
+        if len(calls) == 1:  # the gradient at θ only
+            loss = loss + (b * b * a[0]).sum()
+        loss.backward()
+        return loss
+    gr_step(opt, closure)
+    return a, b
+
+
+@pytest.mark.parametrize("difference", ["forward", "central"])
+def test_a_param_without_a_second_gradient_gets_the_base_step_on_g1(backend, difference):
+    """b has a gradient at θ but none at the perturbed point: its curvature term is
+    unknown, so it gets SGD's step (momentum, weight decay) on g1 alone."""
+    lr, wd = 0.1, 0.05
+    a, b = _branch_run(lambda ps, be: gr_fused.GRSGD(
+        ps, lr=lr, momentum=0.9, weight_decay=wd, gamma=0.05, rho=0.05,
+        difference=difference, backend=be), backend)
+    torch.manual_seed(0)
+    a0 = torch.randn(5)
+    b0 = torch.full((3,), 0.89)
+    g1 = 2 * b0 * a0[0]
+    want = b0 - lr * (g1 + wd * b0)
+    assert_close(b.detach(), want, 1e-6, "b")
+    assert torch.isfinite(a).all()
+
+
+def test_sam_leaves_a_param_without_a_second_gradient_unchanged(backend):
+    """SAM keeps no copy of g1 (its grad holds 0·g1 during the step), so such a param is
+    restored and not stepped, as the SAM implementations leave a param whose grad is None."""
+    a, b = _branch_run(lambda ps, be: gr_fused.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1,
+                                                    momentum=0.9, weight_decay=0.05,
+                                                    backend=be), backend)
+    assert torch.equal(b.detach(), torch.full((3,), 0.89))
+
+
+# ---------------------------------------------------------------------------- the GR wrapper
+def test_sam_around_rmsprop_keeps_rmsprops_alpha():
+    """SAM(RMSprop): RMSprop's own alpha stays RMSprop's (GR's α = 1 lives under
+    "gr_alpha"); the step equals SAM written out by hand with torch.optim.RMSprop."""
+    model, twin = make_model(), make_model()
+    opt = gr_fused.SAM(model.parameters(), torch.optim.RMSprop, rho=0.05, lr=1e-2, alpha=0.9)
+    ref = torch.optim.RMSprop(twin.parameters(), lr=1e-2, alpha=0.9)
+    assert opt.param_groups[0]["alpha"] == 0.9 and opt.param_groups[0]["gr_alpha"] == 1.0
+    x, y = batch()
+    for _ in range(4):
+        gr_step(opt, loss_closure(model, opt, x, y))
+        ref.zero_grad()
+        F.mse_loss(twin(x), y).backward()
+        with torch.no_grad():
+            params = list(twin.parameters())
+            norm = torch.stack([p.grad.norm() for p in params]).norm()
+            saved = [p.clone() for p in params]
+            for p in params:
+                p.add_(p.grad * (0.05 / (norm + 1e-12)))
+        ref.zero_grad()
+        F.mse_loss(twin(x), y).backward()
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        ref.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert_close(a, b, 1e-5, "SAM(RMSprop)")
+        assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("base,kwargs,name", [
+    (torch.optim.Adadelta, {"rho": 0.8}, "rho"),
+    (torch.optim.ASGD, {"alpha": 0.5}, "alpha"),
+    (torch.optim.RMSprop, {"alpha": 0.7}, "alpha"),
+])
+def test_gr_wrapper_keeps_the_base_optimizers_own_arguments(base, kwargs, name):
+    model = make_model()
+    opt = gr_fused.GR(model.parameters(), base, gamma=0.05, rho=0.05, alpha=None,
+                      base_kwargs=kwargs)
+    group = opt.param_groups[0]
+    assert group[name] == kwargs[name] and group[f"gr_{name}"] != kwargs[name]
+    assert opt.base_optimizer.defaults[name] == kwargs[name]
+    x, y = batch()
+    for _ in range(2):
+        opt.step(loss_closure(model, opt, x, y))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="given twice"):
+        gr_fused.GR(model.parameters(), base, base_kwargs={"lr": 0.1}, lr=0.2)
+
+
+def test_a_fixed_alpha_needs_no_gamma():
+    p = [torch.randn(3, requires_grad=True)]
+    opt = gr_fused.GRSGD(p, lr=0.1, alpha=0.7, rho=0.05)
+    assert opt.param_groups[0]["gamma"] == 0.0 and opt.param_groups[0]["alpha"] == 0.7
+    q = torch.randn(2, requires_grad=True)
+    opt.add_param_group({"params": [q], "alpha": 0.5})
+    r = torch.randn(2, requires_grad=True)
+    gr = gr_fused.GRSGD(p, lr=0.1, gamma=0.05)
+    gr.add_param_group({"params": [q, r], "alpha": 0.3})
+    assert gr.param_groups[1]["gamma"] == 0.0
+    with pytest.raises(ValueError, match="gamma"):
+        gr_fused.GRSGD(p, lr=0.1, gamma=0.05, alpha=0.5)
