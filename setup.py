@@ -67,6 +67,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest", "safetensors",
                  "triton; platform_system == 'Linux'", "lightning", "accelerate"],
         "bench": ["matplotlib", "tqdm", "scikit-learn"],
+        "hf": ["transformers>=4.46", "accelerate"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

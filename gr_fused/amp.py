@@ -51,6 +51,15 @@ class GradScaler(torch.amp.GradScaler):
         inner = _gr_optimizer(optimizer)
         if not (self._enabled and inner is not None and inner.gr_active()):
             return super().step(optimizer, *args, **kwargs)  # torch's protocol fits a plain step
+        if getattr(inner, DRIVER_FLAG, False) and inner._pending is not None:
+            # scaler.first_step(opt) began this step; optimizer.step() completes it
+            try:
+                retval = optimizer.step(*args, **kwargs)
+            except BaseException:
+                self._detach(inner)
+                raise
+            self._end(optimizer, inner)
+            return retval
         self._begin(optimizer, inner, "step")
         try:
             retval = optimizer.step(*args, **kwargs)  # a framework's wrapper steps as usual

@@ -323,7 +323,18 @@ class GROptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """One optimizer step. With GR on, ``closure`` is required and is called 2 times
-        (forward/backward difference) or 3 times (central); returns the loss at θ."""
+        (forward/backward difference) or 3 times (central); returns the loss at θ.
+
+        Called without a closure after ``first_step()`` and the backward at the perturbed
+        point, it completes that step (as ``second_step(zero_grad=False)``): training loops
+        that end each iteration with ``optimizer.step()`` (accelerate's, Hugging Face's
+        Trainer through ``gr_fused.integrations.transformers``) can drive a GR step."""
+        if self._pending is not None:
+            if closure is not None:
+                raise RuntimeError("step(closure) while a GR step is in progress: after "
+                                   "first_step(), finish it with step() or second_step()")
+            self.second_step(zero_grad=False)
+            return None
         if not self.gr_active():
             loss = None
             if closure is not None:

@@ -132,6 +132,8 @@ class SAM(GR):
         """The SAM step of the popular implementation: first_step on the gradients already
         computed, ``closure()`` once at the perturbed point (it runs forward and backward;
         zeroing the grads there is fine), second_step. Returns the closure's loss."""
+        if self._pending is not None:  # after first_step and the perturbed backward
+            return super().step(closure)
         if closure is None:
             raise RuntimeError("SAM.step() needs a closure that runs forward and backward at "
                                "the perturbed point; or use first_step()/second_step()")
