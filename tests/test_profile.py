@@ -209,6 +209,25 @@ def test_cli_end_to_end_writes_json_csv_png(tmp_path):
         assert f"\n{method} " in out.stdout
 
 
+def test_plot_shows_the_spread_of_the_timed_steps(tmp_path):
+    """Each step-time bar carries an error bar from the fastest to the slowest timed step."""
+    pytest.importorskip("matplotlib")
+    from gr_fused.profile.report import plot_figure
+    results = [dict(method=m, backend="torch", step_time_ms=10.0 * (i + 1),
+                    step_time_ms_min=10.0 * (i + 1) - 1 - i, step_time_ms_max=10.0 * (i + 1) + 2 * i,
+                    ratio_to_sgd=1.0 + i, peak_memory_bytes=1 << 20)
+               for i, m in enumerate(("sgd", "fd-gr"))]
+    report = dict(results=results, model="mlp", batch_size=8, dtype="float32", device="cpu",
+                  device_name="cpu")
+    fig = plot_figure(report)
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if hasattr(c, "errorbar") and c.errorbar is not None]
+    assert len(bars) == 1
+    segments = bars[0].errorbar.lines[2][0].get_segments()
+    for (low, high), r in zip(([s[0][1], s[1][1]] for s in segments), results):
+        assert low == pytest.approx(r["step_time_ms_min"]) and high == pytest.approx(r["step_time_ms_max"])
+
+
 def test_cli_user_factory_with_size_option(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(REPO)  # as `python -m` run from the repository root has it
     assert main(["--model", "tests.profile_user_model:factory", "--width", "5",

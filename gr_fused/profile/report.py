@@ -121,8 +121,18 @@ def write_csv(report: Report, path: str) -> None:
 
 
 def write_plot(report: Report, path: str) -> None:
-    """A PNG with two bar charts: median step time (labelled with the ratio to sgd) and
-    peak memory, one bar per (method, backend)."""
+    """A PNG with two bar charts: median step time, with the spread of the timed steps
+    (min to max) as error bars, labelled with the ratio to sgd; and peak memory, one bar per
+    (method, backend)."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(report)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_figure(report: Report):
+    """The figure of :func:`write_plot` (matplotlib, Agg backend)."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -134,10 +144,14 @@ def write_plot(report: Report, path: str) -> None:
     labels = [r["method"] if r["method"] not in ("fd-gr", "bd-gr", "central-gr")
               else f"{r['method']}\n({r['backend']})" for r in results]
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(results)), 4.5))
-    bars = ax_time.bar(labels, [r["step_time_ms"] for r in results], color="tab:blue")
+    medians = [r["step_time_ms"] for r in results]
+    spread = [[m - r["step_time_ms_min"] for m, r in zip(medians, results)],
+              [r["step_time_ms_max"] - m for m, r in zip(medians, results)]]
+    bars = ax_time.bar(labels, medians, color="tab:blue", yerr=spread, capsize=3,
+                       error_kw=dict(ecolor="0.3", elinewidth=1))
     ax_time.bar_label(bars, [f"{_ratio(r['ratio_to_sgd'])}x" if r["ratio_to_sgd"] else ""
-                             for r in results], fontsize=8)
-    ax_time.set_ylabel("median step time (ms)")
+                             for r in results], fontsize=8, padding=2)
+    ax_time.set_ylabel("step time (ms): median, bars min to max")
     ax_time.set_title("step time (label: x sgd)")
     ax_mem.bar(labels, [r["peak_memory_bytes"] / MIB for r in results], color="tab:orange")
     ax_mem.set_ylabel("peak memory (MiB)")
@@ -147,5 +161,4 @@ def write_plot(report: Report, path: str) -> None:
     fig.suptitle(f"{report['model']}, batch {report['batch_size']}, {report['dtype']}, "
                  f"{report['device']} ({report['device_name']})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
