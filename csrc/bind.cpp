@@ -1,6 +1,7 @@
 // gr_fused._C: the pybind11 module. Each phase takes (device, stream, threads) first and
 // runs on the host build when device < 0 (its AVX2 compilation where the CPU has it), else
-// on that CUDA device (see grf_api.h).
+// on that CUDA device (see grf_api.h); then a Table (built once per tensor table by the
+// Python side) and the phase's own arguments.
 // C++ exceptions become Python exceptions (std::runtime_error -> RuntimeError, carrying the
 // CUDA error string; std::invalid_argument -> ValueError). The GIL is released meanwhile.
 #include <pybind11/pybind11.h>
@@ -61,6 +62,20 @@ auto route(R (*host_fn)(const grf::Where&, A...), R (*avx2_fn)(const grf::Where&
   };
 }
 
+grf::Table make_table(uintptr_t layout, uintptr_t ptrs, int64_t num_chunks, int64_t num_tensors,
+                      int64_t chunk, uintptr_t backup, bool aligned, int dtype) {
+  if (dtype < grf::kF32 || dtype > grf::kF64)
+    throw std::invalid_argument("gr_fused._C: unknown dtype code " + std::to_string(dtype));
+  if (num_chunks < 0 || num_tensors < 0 || chunk <= 0 || chunk % 16 != 0)
+    throw std::invalid_argument("gr_fused._C.Table: counts must be >= 0 and chunk a positive "
+                                "multiple of 16");
+  if ((num_chunks > 0 || num_tensors > 0) && (layout == 0 || ptrs == 0))
+    throw std::invalid_argument("gr_fused._C.Table: null layout or ptrs");
+  if (num_chunks > 0 && (backup == 0 || backup % 64 != 0))
+    throw std::invalid_argument("gr_fused._C.Table: the backup must be 64-byte aligned");
+  return grf::Table{layout, ptrs, num_chunks, num_tensors, chunk, backup, aligned, dtype};
+}
+
 }  // namespace
 
 #define GRF_NONE(name) decltype(&grf::host::name)(nullptr)
@@ -80,30 +95,41 @@ auto route(R (*host_fn)(const grf::Where&, A...), R (*avx2_fn)(const grf::Where&
   m.def(#name, GRF_ROUTE(name), doc, py::call_guard<py::gil_scoped_release>())
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "gr_fused's compiled kernels (csrc/): the phases of a GR step over flat buffers";
-  GRF_DEF(sq_norm, "(device, stream, threads, dtype, n, g, theta_or_0, partials, out)");
-  GRF_DEF(perturb,
-          "(device, stream, threads, dtype, n, theta, g, backup, eps, fold, adaptive, into)");
-  GRF_DEF(reflect, "(device, stream, threads, dtype, n, theta, g, backup)");
-  GRF_DEF(restore, "(device, stream, threads, dtype, n, theta, backup)");
-  GRF_DEF(update_none,
-          "(device, stream, threads, dtype, n, theta, G, backup, gscale, found_inf)");
-  GRF_DEF(update_sgd,
-          "(device, stream, threads, dtype, n, theta, G, backup, buf_or_0, first, gscale, "
-          "found_inf, lr, momentum, dampening, weight_decay, nesterov)");
-  GRF_DEF(update_adamw,
-          "(device, stream, threads, dtype, n, theta, G, backup, m, v, step, gscale, "
-          "found_inf, lr, beta1, beta2, eps, weight_decay, step_advanced)");
+  m.doc() = "gr_fused's compiled kernels (csrc/): the phases of a GR step over tensor tables";
+  py::class_<grf::Table>(m, "Table",
+                         "A tensor table's addresses: (layout, ptrs, num_chunks, num_tensors, "
+                         "chunk, backup, aligned, dtype); see gr_fused/backends/tensor_table.py")
+      .def(py::init(&make_table))
+      .def_readonly("layout", &grf::Table::layout)
+      .def_readonly("ptrs", &grf::Table::ptrs)
+      .def_readonly("num_chunks", &grf::Table::num_chunks)
+      .def_readonly("num_tensors", &grf::Table::num_tensors)
+      .def_readonly("chunk", &grf::Table::chunk)
+      .def_readonly("backup", &grf::Table::backup)
+      .def_readonly("aligned", &grf::Table::aligned)
+      .def_readonly("dtype", &grf::Table::dtype);
   GRF_DEF(norm_partials,
-          "(device, stream, threads, dtype, n, g, theta_or_0, partials) -> how many partial "
-          "sums of the norm were written to partials");
+          "(device, stream, threads, table, adaptive, partials): one double per chunk");
+  GRF_DEF(sq_norm, "(device, stream, threads, table, adaptive, partials_scratch, out): "
+                   "out (a double) = Σ g² (Σ (θ·g)² if adaptive)");
+  GRF_DEF(perturb, "(device, stream, threads, table, eps, fold, adaptive)");
+  GRF_DEF(reflect, "(device, stream, threads, table)");
+  GRF_DEF(restore, "(device, stream, threads, table)");
+  GRF_DEF(update_none, "(device, stream, threads, table, gscale, found_inf)");
+  GRF_DEF(update_sgd,
+          "(device, stream, threads, table, gscale, found_inf, lr, lr_at, lr_dtype, momentum, "
+          "dampening, weight_decay, nesterov)");
+  GRF_DEF(update_adamw,
+          "(device, stream, threads, table, gscale, found_inf, lr, lr_at, lr_dtype, beta1, "
+          "beta2, eps, weight_decay, steps_advanced)");
   GRF_DEF(ascent_finalize,
           "(device, stream, threads, compute_dtype, partials, count, scale_or_0, out, rho, "
-          "gamma, alpha, normalize, fixed_alpha, central): out = {eps, fold, combine}");
+          "gamma, alpha, normalize, fixed_alpha, central, eps_sign, combine_sign): "
+          "out = {eps, fold, combine}");
   GRF_DEF(update_finalize,
           "(device, stream, threads, compute_dtype, partials, bounds, ascent, scale_or_0, out, "
-          "count, last, scaler_flag_or_0, adam_step_or_0, clip, max_norm): out = {gscale per "
-          "group..., found_inf} and the skip records");
+          "count, last, scaler_flag_or_0, adam_ptrs_or_0, adam_tensors, clip, max_norm): "
+          "out = {gscale per group..., found_inf}, the skip records and AdamW's step counts");
   m.def("host_isa", &host_isa, py::arg("name") = "",
         "The host code in use ('avx2' or 'baseline'); pass a name to switch (for tests).");
   m.def("set_host_packs", [](bool on) { host_packs = on; },
@@ -114,7 +140,6 @@ PYBIND11_MODULE(_C, m) {
   codes["bfloat16"] = int(grf::kBF16);
   codes["float64"] = int(grf::kF64);
   m.attr("dtype_codes") = codes;
-  m.attr("max_norm_blocks") = grf::kMaxNormBlocks;
   m.attr("max_groups") = grf::kMaxGroups;
   m.attr("source_hash") = GRF_SOURCE_HASH;
 #ifdef GRF_WITH_CUDA

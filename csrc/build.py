@@ -121,7 +121,8 @@ def commands(output: Path, build_dir: Path, cuda: bool, nvcc: Optional[str] = No
                            "-Xcompiler=-fvisibility=hidden", *gencode, f"-I{CSRC}",
                            "-c", str(CSRC / src), "-o", obj]))
             objects.append(obj)
-        link = [nvcc, *ccbin, "-shared", "--cudart=static", "-Xcompiler=-fopenmp"]
+        # -ldl: cuda.cu looks libcuda's primary-context state up with dlsym
+        link = [nvcc, *ccbin, "-shared", "--cudart=static", "-Xcompiler=-fopenmp", "-ldl"]
     else:
         link = [cxx, "-shared", "-fopenmp"]
     linked = str(build_dir / extension_filename())

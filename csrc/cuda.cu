@@ -1,14 +1,22 @@
-// The CUDA build: the phases of grf_api.h as grid-stride kernels over the ops of grf_ops.h.
+// The CUDA build: the phases of grf_api.h as kernels over the chunks of a tensor table,
+// running the ops of grf_ops.h.
 //
-// * 16-byte vector loads/stores (4 floats, 8 halves, 2 doubles) when every buffer of the
-//   call is 16-byte aligned, with a scalar tail; scalar accesses otherwise.
-// * Step scalars are read by the kernels from device memory: no host sync anywhere.
-// * The norm is deterministic: each thread sums in double, each block writes a partial sum
-//   (a fixed tree of warp shuffles), a one-block kernel adds the partials in a fixed order.
-//   No atomics. The number of blocks depends only on n and the alignment.
+// * A grid-stride loop of blocks over chunks: block b takes chunks b, b + grid, ...; the
+//   grid is what fits on the device at once (cudaOccupancyMaxActiveBlocksPerMultiprocessor
+//   of that kernel × SMs), or the number of chunks if smaller.
+// * 16-byte vector loads/stores (4 floats, 8 halves, 2 doubles) with a scalar tail: on
+//   every chunk when the table says all its addresses are 16-byte aligned, else on each
+//   chunk whose own pointers are (checked per chunk).
+// * Step scalars and a tensor learning rate are read by the kernels from device memory: no
+//   host sync anywhere.
+// * The norm is deterministic: each block sums a chunk in double (a fixed tree of warp
+//   shuffles) into one partial per chunk, and one-block finalize kernels add the partials
+//   in a fixed order and compute the step scalars there. No atomics; the partials depend on
+//   the table only, not on the grid.
 // * Every CUDA call and launch is checked; a failure throws std::runtime_error with the CUDA
 //   error string, which pybind11 turns into a Python RuntimeError.
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <atomic>
@@ -21,8 +29,9 @@ namespace grf {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 8;
+constexpr int kThreads = 256;          // element-wise and norm kernels
+constexpr int kFinalizeThreads = 512;  // the one-block finalize kernels
+constexpr int kMaxDevices = 64;
 
 void check(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return;
@@ -31,26 +40,62 @@ void check(cudaError_t err, const char* what) {
                            cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 
-// Launch on the buffers' device, whatever the caller's current device is.
+// Whether `device` has an active primary context, from the driver (libcuda, which the CUDA
+// runtime has loaded by then); true when that cannot be told.
+bool has_primary_context(int device) {
+  using GetDevice = int (*)(int*, int);                   // cuDeviceGet
+  using GetState = int (*)(int, unsigned int*, int*);     // cuDevicePrimaryCtxGetState
+  static GetDevice get_device = nullptr;
+  static GetState get_state = nullptr;
+  static std::atomic<bool> looked{false};
+  if (!looked.load()) {
+    if (void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD)) {
+      get_device = reinterpret_cast<GetDevice>(dlsym(lib, "cuDeviceGet"));
+      get_state = reinterpret_cast<GetState>(dlsym(lib, "cuDevicePrimaryCtxGetState"));
+    }
+    looked.store(true);
+  }
+  if (get_device == nullptr || get_state == nullptr) return true;
+  int handle = 0, active = 0;
+  unsigned int flags = 0;
+  if (get_device(&handle, device) != 0 || get_state(handle, &flags, &active) != 0) return true;
+  return active != 0;
+}
+
+// Launch on the tables' device, whatever the caller's current device is. The caller's device
+// is set back only when this changed it, and only when that device has a context already
+// (setting it would create one: memory on a GPU this process may never use), as torch's own
+// device guard does.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
     check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-    current_ = device;
+    if (previous_ != device) {
+      check(cudaSetDevice(device), "cudaSetDevice");
+      restore_ = has_primary_context(previous_);
+    }
   }
   ~DeviceGuard() {
-    if (previous_ != current_) cudaSetDevice(previous_);
+    if (restore_) cudaSetDevice(previous_);
   }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
-  int previous_ = 0, current_ = 0;
+  int previous_ = 0;
+  bool restore_ = false;
 };
 
+int device_slot(int device) {
+  if (device < 0 || device >= kMaxDevices)
+    throw std::invalid_argument("gr_fused._C: CUDA device index " + std::to_string(device) +
+                                " out of range");
+  return device;
+}
+
 int sm_count(int device) {
-  static std::atomic<int> cache[64];
-  if (device >= 64) device = 63;  // only a launch-size hint
-  int n = cache[device].load();
+  static std::atomic<int> cache[kMaxDevices];
+  int n = cache[device_slot(device)].load();
   if (n == 0) {
     check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device),
           "cudaDeviceGetAttribute");
@@ -59,89 +104,119 @@ int sm_count(int device) {
   return n;
 }
 
-cudaStream_t stream_of(const Where& w) { return reinterpret_cast<cudaStream_t>(w.stream); }
-
-template <int V> struct Width { static constexpr int value = V; };
-
-// ---------------------------------------------------------------- element-wise phases
-// f(i, Width<V>{}) for the packs of V elements, then f(i, Width<1>{}) for the tail.
-template <int V, class F> __device__ void grid_stride(int64_t n, F f) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nvec = n / V;
-  for (int64_t j = tid; j < nvec; j += stride) f(j * V, Width<V>{});
-  for (int64_t i = nvec * V + tid; i < n; i += stride) f(i, Width<1>{});
+// How many blocks of KERNEL (with `threads` threads) fit on `device` at once, per SM.
+template <auto KERNEL> int blocks_per_sm(int device, int threads) {
+  static std::atomic<int> cache[kMaxDevices];
+  int n = cache[device_slot(device)].load();
+  if (n == 0) {
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, KERNEL, threads, 0),
+          "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    n = std::max(n, 1);
+    cache[device].store(n);
+  }
+  return n;
 }
 
-template <class Op, int V> __global__ void __launch_bounds__(kThreads)
-foreach_kernel(Op op, int64_t n) {
+// The grid of a grid-stride loop over `chunks` chunks: one full wave of KERNEL, at most.
+template <auto KERNEL> unsigned grid_for(int device, int64_t chunks) {
+  const int64_t wave = int64_t(blocks_per_sm<KERNEL>(device, kThreads)) * sm_count(device);
+  return unsigned(std::max<int64_t>(1, std::min<int64_t>(chunks, wave)));
+}
+
+cudaStream_t stream_of(const Where& w) { return reinterpret_cast<cudaStream_t>(w.stream); }
+
+// ---------------------------------------------------------------- element-wise phases
+// One chunk by the whole block: packs of V (when CHECK is off, or the chunk's pointers are
+// 16-byte aligned), then single elements.
+template <int V, bool CHECK, class Ch> __device__ void block_chunk(const Ch& ch, int64_t len) {
+  int64_t i0 = 0;
+  if (V > 1 && (!CHECK || ch.aligned16())) {
+    const int64_t packs = len / V;
+    for (int64_t j = threadIdx.x; j < packs; j += blockDim.x) ch.template apply<V>(j * V);
+    i0 = packs * V;
+  }
+  for (int64_t i = i0 + threadIdx.x; i < len; i += blockDim.x) ch.template apply<1>(i);
+}
+
+template <class Op, int V, bool CHECK> __global__ void __launch_bounds__(kThreads)
+foreach_kernel(Op op, TableView tb) {
   op.prepare();
-  if (op.skipped()) {
-    grid_stride<V>(n, [&](int64_t i, auto w) { op.template apply_skipped<decltype(w)::value>(i); });
-  } else {
-    grid_stride<V>(n, [&](int64_t i, auto w) { op.template apply<decltype(w)::value>(i); });
+  for (int64_t c = blockIdx.x; c < tb.num_chunks; c += gridDim.x) {
+    const Span s = tb.span(c);
+    op.visit(tb, s, [&](const auto& ch) { block_chunk<V, CHECK>(ch, s.len); });
   }
 }
 
-template <class Op>
-void launch_foreach(const Where& w, const Op& op, int64_t n, bool aligned, const char* what) {
-  if (n <= 0) return;
-  using T = typename Op::value_type;
-  constexpr int V = vec_width<T>();
-  DeviceGuard guard(w.device);
-  const int64_t per_block = int64_t(kThreads) * (aligned ? V : 1);
-  const int64_t blocks = std::min<int64_t>((n + per_block - 1) / per_block,
-                                           int64_t(sm_count(w.device)) * kBlocksPerSm);
-  if (aligned)
-    foreach_kernel<Op, V><<<unsigned(blocks), kThreads, 0, stream_of(w)>>>(op, n);
-  else
-    foreach_kernel<Op, 1><<<unsigned(blocks), kThreads, 0, stream_of(w)>>>(op, n);
-  check(cudaGetLastError(), what);
-}
-
 // ---------------------------------------------------------------- the norm
-// Sum over the block in a fixed order; the result is valid in thread 0.
-template <class A> __device__ A block_sum(A x) {
-  __shared__ A warp_sums[kThreads / 32];
+// Sum over the block in a fixed order; the result is valid in thread 0. Ends with the block
+// synchronized, so it can be called again at once.
+template <int THREADS> __device__ double block_sum(double x) {
+  __shared__ double warp_sums[THREADS / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 GRF_UNROLL
   for (int offset = 16; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
   if (lane == 0) warp_sums[warp] = x;
   __syncthreads();
   if (warp == 0) {
-    x = lane < kThreads / 32 ? warp_sums[lane] : A(0);
+    x = lane < THREADS / 32 ? warp_sums[lane] : 0.0;
 GRF_UNROLL
     for (int offset = 16; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
   }
+  __syncthreads();
   return x;
 }
 
-template <class Op, int V> __global__ void __launch_bounds__(kThreads)
-sq_norm_partial(Op op, int64_t n, double* partials) {
-  double acc[V] = {};
-  grid_stride<V>(n, [&](int64_t i, auto w) { op.template accumulate<decltype(w)::value>(i, acc); });
+template <int V, bool CHECK, class Ch> __device__ double block_chunk_sum(const Ch& ch,
+                                                                         int64_t len) {
+  double lanes[V] = {};
+  int64_t i0 = 0;
+  if (V > 1 && (!CHECK || ch.aligned16())) {
+    const int64_t packs = len / V;
+    for (int64_t j = threadIdx.x; j < packs; j += blockDim.x)
+      ch.template accumulate<V>(j * V, lanes);
+    i0 = packs * V;
+  }
+  for (int64_t i = i0 + threadIdx.x; i < len; i += blockDim.x) ch.template accumulate<1>(i, lanes);
   double x = 0;
 GRF_UNROLL
-  for (int k = 0; k < V; ++k) x += acc[k];
-  x = block_sum(x);
-  if (threadIdx.x == 0) partials[blockIdx.x] = x;
+  for (int k = 0; k < V; ++k) x += lanes[k];
+  return block_sum<kThreads>(x);
 }
 
-// The partial sums added in a fixed order by one block; valid in thread 0.
+template <class Op, int V, bool CHECK> __global__ void __launch_bounds__(kThreads)
+norm_kernel(Op op, TableView tb, double* partials) {
+  for (int64_t c = blockIdx.x; c < tb.num_chunks; c += gridDim.x) {
+    const Span s = tb.span(c);
+    op.visit(tb, s, [&](const auto& ch) {
+      const double x = block_chunk_sum<V, CHECK>(ch, s.len);
+      if (threadIdx.x == 0) partials[c] = x;
+    });
+  }
+}
+
+// partials[0:count] added in a fixed order by one block; valid in thread 0.
 __device__ double sum_partials(const double* partials, int64_t count) {
-  double x = 0;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) x += partials[i];
-  return block_sum(x);
+  const int64_t step = blockDim.x;
+  double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+  int64_t i = threadIdx.x;
+  for (; i + 3 * step < count; i += 4 * step) {
+    a0 += partials[i];
+    a1 += partials[i + step];
+    a2 += partials[i + 2 * step];
+    a3 += partials[i + 3 * step];
+  }
+  for (; i < count; i += step) a0 += partials[i];
+  return block_sum<kFinalizeThreads>((a0 + a1) + (a2 + a3));
 }
 
-template <class C> __global__ void __launch_bounds__(kThreads)
-sq_norm_finalize(const double* partials, int count, C* out) {
+__global__ void __launch_bounds__(kFinalizeThreads)
+sum_kernel(const double* partials, int64_t count, double* out) {
   const double x = sum_partials(partials, count);
-  if (threadIdx.x == 0) *out = C(x);
+  if (threadIdx.x == 0) *out = x;
 }
 
-// One group's ascent scalars (grf_math.h) from the sum of all partials.
-template <class C> __global__ void __launch_bounds__(kThreads)
+// One group's ascent row (grf_math.h) from the sum of all partials.
+template <class C> __global__ void __launch_bounds__(kFinalizeThreads)
 ascent_finalize_kernel(const double* partials, int64_t count, const float* scale, C* out,
                        AscentHp h) {
   const double x = sum_partials(partials, count);
@@ -154,154 +229,163 @@ struct GroupBounds {
   int groups;
 };
 
-// Every group's ‖G‖² from its range of partials, then gscale, found_inf and the skip records.
-template <class C> __global__ void __launch_bounds__(kThreads)
+// Every group's ‖G‖² from its range of partials, then gscale, found_inf, the skip records
+// and the step counts of one AdamW table (adam_ptrs, or null).
+template <class C> __global__ void __launch_bounds__(kFinalizeThreads)
 update_finalize_kernel(const double* partials, GroupBounds b, const C* ascent,
                        const float* scale, C* out, int64_t* skip_count, bool* last,
-                       float* scaler_flag, float* adam_step, bool clip, double max_norm) {
-  __shared__ C sq[kMaxGroups];
+                       float* scaler_flag, const int64_t* adam_ptrs, int64_t adam_tensors,
+                       bool clip, double max_norm) {
+  __shared__ double sq[kMaxGroups];
+  __shared__ bool skipped;
   for (int g = 0; g < b.groups; ++g) {
     const double x = sum_partials(partials + b.at[g], b.at[g + 1] - b.at[g]);
-    if (threadIdx.x == 0) sq[g] = C(x);
-    __syncthreads();  // block_sum's scratch is reused by the next group
+    if (threadIdx.x == 0) sq[g] = x;
   }
   if (threadIdx.x == 0) {
     update_scalars_of(sq, ascent, b.groups, scale, clip, max_norm, out);
-    record_skip(out[b.groups], skip_count, last, scaler_flag, adam_step);
+    record_skip(out[b.groups], skip_count, last, scaler_flag);
+    skipped = out[b.groups] != C(0);
   }
+  __syncthreads();
+  for (int64_t t = threadIdx.x; t < adam_tensors; t += blockDim.x)
+    advance_step(adam_ptrs, adam_tensors, t, skipped);
 }
 
-// The first stage of the norm: one partial sum per block into `partials`; returns the
-// number of blocks.
-template <class T> int launch_partials(const Where& w, int64_t n, ptr g, ptr theta,
-                                       ptr partials) {
-  constexpr int V = vec_width<T>();
-  const bool aligned = aligned16({g, theta});
-  const int64_t per_block = int64_t(kThreads) * (aligned ? V : 1);
-  const int blocks = int(std::max<int64_t>(
-      1, std::min<int64_t>((n + per_block - 1) / per_block, kMaxNormBlocks)));
-  dispatch_bool(theta != 0, [&](auto adaptive) {
-    using Op = SqNormOp<T, decltype(adaptive)::value>;
-    Op op{as<const T>(g), as<const T>(theta)};
-    if (aligned)
-      sq_norm_partial<Op, V><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<double>(partials));
-    else
-      sq_norm_partial<Op, 1><<<blocks, kThreads, 0, stream_of(w)>>>(op, n, as<double>(partials));
-  });
-  check(cudaGetLastError(), "sq_norm (partial sums)");
-  return blocks;
+// AdamW's step count of every tensor of a table, before its update pass.
+template <class C> __global__ void __launch_bounds__(kThreads)
+advance_steps_kernel(const int64_t* ptrs, int64_t tensors, const C* found_inf) {
+  const bool skipped = *found_inf != C(0);
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < tensors;
+       t += int64_t(gridDim.x) * blockDim.x)
+    advance_step(ptrs, tensors, t, skipped);
 }
 
-// The CUDA driver of grf_ops.h's run_* phases: one grid-stride launch.
+// ---------------------------------------------------------------- launches
+// The CUDA driver of grf_ops.h's run_* phases: one grid-stride launch over the table.
 struct CudaRun {
   const Where& w;
-  template <class Op>
-  void operator()(const Op& op, int64_t n, int align, const char* what) const {
-    launch_foreach(w, op, n, align >= 16, what);
+  const Table& table;
+
+  template <class Op> void foreach(const Op& op, const char* what) const {
+    if (table.num_chunks <= 0) return;
+    constexpr int V = vec_width<typename Op::value_type>();
+    DeviceGuard guard(w.device);
+    const TableView tb = view_of(table);
+    if (table.aligned) {
+      constexpr auto kernel = foreach_kernel<Op, V, false>;
+      kernel<<<grid_for<kernel>(w.device, tb.num_chunks), kThreads, 0, stream_of(w)>>>(op, tb);
+    } else {
+      constexpr auto kernel = foreach_kernel<Op, V, true>;
+      kernel<<<grid_for<kernel>(w.device, tb.num_chunks), kThreads, 0, stream_of(w)>>>(op, tb);
+    }
+    check(cudaGetLastError(), what);
+  }
+
+  template <class Op> void norm(const Op& op, double* partials) const {
+    if (table.num_chunks <= 0) return;
+    constexpr int V = vec_width<typename Op::value_type>();
+    DeviceGuard guard(w.device);
+    const TableView tb = view_of(table);
+    if (table.aligned) {
+      constexpr auto kernel = norm_kernel<Op, V, false>;
+      kernel<<<grid_for<kernel>(w.device, tb.num_chunks), kThreads, 0, stream_of(w)>>>(
+          op, tb, partials);
+    } else {
+      constexpr auto kernel = norm_kernel<Op, V, true>;
+      kernel<<<grid_for<kernel>(w.device, tb.num_chunks), kThreads, 0, stream_of(w)>>>(
+          op, tb, partials);
+    }
+    check(cudaGetLastError(), "norm (partial sums)");
   }
 };
 
-// AdamW's step count moves only when the step is taken.
-template <class C> __global__ void advance_step(float* step, const C* found_inf) {
-  if (*found_inf == C(0)) *step += 1.0f;
+template <class C> void launch_advance_steps(const Where& w, const Table& t, ptr found_inf) {
+  if (t.num_tensors <= 0) return;
+  DeviceGuard guard(w.device);
+  const unsigned blocks = unsigned(std::min<int64_t>((t.num_tensors + kThreads - 1) / kThreads,
+                                                     sm_count(w.device)));
+  advance_steps_kernel<C><<<blocks, kThreads, 0, stream_of(w)>>>(
+      reinterpret_cast<const int64_t*>(t.ptrs), t.num_tensors,
+      reinterpret_cast<const C*>(found_inf));
+  check(cudaGetLastError(), "update_adamw (step counts)");
 }
 
 }  // namespace
 
-void sq_norm(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials, ptr out) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
-    DeviceGuard guard(w.device);
-    const int blocks = launch_partials<T>(w, n, g, theta, partials);
-    sq_norm_finalize<C><<<1, kThreads, 0, stream_of(w)>>>(as<const double>(partials), blocks,
-                                                          as<C>(out));
-    check(cudaGetLastError(), "sq_norm (finalize)");
-  });
+void norm_partials(const Where& w, const Table& t, bool adaptive, ptr partials) {
+  run_norm(CudaRun{w, t}, t.dtype, adaptive, partials);
 }
 
-int64_t norm_partials(const Where& w, int dtype, int64_t n, ptr g, ptr theta, ptr partials) {
-  int64_t blocks = 0;
-  dispatch_dtype(dtype, [&](auto tag) {
-    DeviceGuard guard(w.device);
-    blocks = launch_partials<decltype(tag)>(w, n, g, theta, partials);
+void sq_norm(const Where& w, const Table& t, bool adaptive, ptr partials, ptr out) {
+  run_norm(CudaRun{w, t}, t.dtype, adaptive, partials);
+  DeviceGuard guard(w.device);
+  sum_kernel<<<1, kFinalizeThreads, 0, stream_of(w)>>>(
+      reinterpret_cast<const double*>(partials), t.num_chunks, reinterpret_cast<double*>(out));
+  check(cudaGetLastError(), "sq_norm (finalize)");
+}
+
+void perturb(const Where& w, const Table& t, ptr eps, ptr fold, bool adaptive) {
+  run_perturb(CudaRun{w, t}, t.dtype, eps, fold, adaptive);
+}
+
+void reflect(const Where& w, const Table& t) { run_reflect(CudaRun{w, t}, t.dtype); }
+
+void restore(const Where& w, const Table& t) { run_restore(CudaRun{w, t}, t.dtype); }
+
+void update_none(const Where& w, const Table& t, ptr gscale, ptr found_inf) {
+  run_update_none(CudaRun{w, t}, t.dtype, gscale, found_inf);
+}
+
+void update_sgd(const Where& w, const Table& t, ptr gscale, ptr found_inf, double lr,
+                ptr lr_at, int lr_dtype, double momentum, double dampening,
+                double weight_decay, bool nesterov) {
+  run_update_sgd(CudaRun{w, t}, t.dtype, gscale, found_inf, make_lr(lr, lr_at, lr_dtype),
+                 momentum, dampening, weight_decay, nesterov);
+}
+
+void update_adamw(const Where& w, const Table& t, ptr gscale, ptr found_inf, double lr,
+                  ptr lr_at, int lr_dtype, double beta1, double beta2, double eps,
+                  double weight_decay, bool steps_advanced) {
+  const Lr rate = make_lr(lr, lr_at, lr_dtype);
+  dispatch_dtype(t.dtype, [&](auto tag) {
+    using C = compute_t<decltype(tag)>;
+    if (!steps_advanced) launch_advance_steps<C>(w, t, found_inf);  // the pass reads the new one
   });
-  return blocks;
+  run_update_adamw(CudaRun{w, t}, t.dtype, gscale, found_inf, rate, beta1, beta2, eps,
+                   weight_decay);
 }
 
 void ascent_finalize(const Where& w, int ctype, ptr partials, int64_t count, ptr scale, ptr out,
                      double rho, double gamma, double alpha, bool normalize, bool fixed_alpha,
-                     bool central) {
+                     bool central, double eps_sign, double combine_sign) {
+  const AscentHp hp{rho, gamma, alpha, eps_sign, combine_sign, normalize, fixed_alpha, central};
   dispatch_compute(ctype, [&](auto tag) {
     using C = decltype(tag);
     DeviceGuard guard(w.device);
-    ascent_finalize_kernel<C><<<1, kThreads, 0, stream_of(w)>>>(
-        as<const double>(partials), count, as<const float>(scale), as<C>(out),
-        AscentHp{rho, gamma, alpha, normalize, fixed_alpha, central});
+    ascent_finalize_kernel<C><<<1, kFinalizeThreads, 0, stream_of(w)>>>(
+        reinterpret_cast<const double*>(partials), count, reinterpret_cast<const float*>(scale),
+        reinterpret_cast<C*>(out), hp);
     check(cudaGetLastError(), "ascent_finalize");
   });
 }
 
 void update_finalize(const Where& w, int ctype, ptr partials, const std::vector<int64_t>& bounds,
                      ptr ascent, ptr scale, ptr out, ptr count, ptr last, ptr scaler_flag,
-                     ptr adam_step, bool clip, double max_norm) {
+                     ptr adam_ptrs, int64_t adam_tensors, bool clip, double max_norm) {
   GroupBounds b{};
   b.groups = check_groups(bounds);
   for (int g = 0; g <= b.groups; ++g) b.at[g] = bounds[g];
   dispatch_compute(ctype, [&](auto tag) {
     using C = decltype(tag);
     DeviceGuard guard(w.device);
-    update_finalize_kernel<C><<<1, kThreads, 0, stream_of(w)>>>(
-        as<const double>(partials), b, as<const C>(ascent), as<const float>(scale), as<C>(out),
-        as<int64_t>(count), as<bool>(last), as<float>(scaler_flag), as<float>(adam_step), clip,
-        max_norm);
+    update_finalize_kernel<C><<<1, kFinalizeThreads, 0, stream_of(w)>>>(
+        reinterpret_cast<const double*>(partials), b, reinterpret_cast<const C*>(ascent),
+        reinterpret_cast<const float*>(scale), reinterpret_cast<C*>(out),
+        reinterpret_cast<int64_t*>(count), reinterpret_cast<bool*>(last),
+        reinterpret_cast<float*>(scaler_flag), reinterpret_cast<const int64_t*>(adam_ptrs),
+        adam_ptrs != 0 ? adam_tensors : 0, clip, max_norm);
     check(cudaGetLastError(), "update_finalize");
-  });
-}
-
-void perturb(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps,
-             ptr fold, bool adaptive, bool into) {
-  run_perturb(CudaRun{w}, dtype, n, theta, g, backup, eps, fold, adaptive, into);
-}
-
-void reflect(const Where& w, int dtype, int64_t n, ptr theta, ptr g, ptr backup) {
-  run_reflect(CudaRun{w}, dtype, n, theta, g, backup);
-}
-
-void restore(const Where& w, int dtype, int64_t n, ptr theta, ptr backup) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if (n <= 0) return;
-    DeviceGuard guard(w.device);
-    check(cudaMemcpyAsync(as<T>(theta), as<const T>(backup), sizeof(T) * n,
-                          cudaMemcpyDeviceToDevice, stream_of(w)),
-          "restore (cudaMemcpyAsync)");
-  });
-}
-
-void update_none(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup,
-                 ptr gscale, ptr found_inf) {
-  run_update_none(CudaRun{w}, dtype, n, theta, G, backup, gscale, found_inf);
-}
-
-void update_sgd(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr buf,
-                bool first, ptr gscale, ptr found_inf, double lr, double momentum,
-                double dampening, double weight_decay, bool nesterov) {
-  run_update_sgd(CudaRun{w}, dtype, n, theta, G, backup, buf, first, gscale, found_inf, lr,
-                 momentum, dampening, weight_decay, nesterov);
-}
-
-void update_adamw(const Where& w, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr m,
-                  ptr v, ptr step, ptr gscale, ptr found_inf, double lr, double beta1,
-                  double beta2, double eps, double weight_decay, bool step_advanced) {
-  run_update_adamw(CudaRun{w}, dtype, n, theta, G, backup, m, v, step, gscale, found_inf, lr,
-                   beta1, beta2, eps, weight_decay, step_advanced);
-  if (step_advanced) return;
-  dispatch_dtype(dtype, [&](auto tag) {
-    using C = compute_t<decltype(tag)>;
-    DeviceGuard guard(w.device);
-    advance_step<C><<<1, 1, 0, stream_of(w)>>>(as<float>(step), as<const C>(found_inf));
-    check(cudaGetLastError(), "update_adamw (step count)");
   });
 }
 

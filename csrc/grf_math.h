@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "grf_api.h"
+
 #ifdef __CUDACC__
 #define GRF_HD __host__ __device__ __forceinline__
 #define GRF_UNROLL _Pragma("unroll")
@@ -129,10 +131,12 @@ GRF_HD float grf_pow(float a, float b) { return float(pow(double(a), double(b)))
 GRF_HD double grf_pow(double a, double b) { return pow(a, b); }
 
 // ---------------------------------------------------------------- phase 1: the norm
-// Σ g² (Σ (θ·g)² when adaptive): the term of one element. A non-finite G makes the sum
-// non-finite, which is how the step driver finds inf/NaN (found_inf) without another pass.
-template <class C> GRF_HD C sq_term(C theta, C g, bool adaptive) {
-  C x = adaptive ? theta * g : g;
+// Σ g² (Σ (θ·g)² when adaptive): the term of one element. θ·g is a product in the compute
+// type (as torch's _foreach_mul), its square and the sum are in double, so no finite fp32
+// gradient overflows; an inf or NaN element makes the sum non-finite, which is how the step
+// finds found_inf without another pass.
+template <class C> GRF_HD double sq_term(C theta, C g, bool adaptive) {
+  const double x = adaptive ? double(theta * g) : double(g);
   return x * x;
 }
 
@@ -152,21 +156,29 @@ template <class C> GRF_HD C reflect_theta(C theta, C backup) { return backup * C
 // folded into gscale by gr_fused/_scalars.py; inf/NaN was found by the norm of G).
 template <class C> GRF_HD C combined_grad(C G, C gscale) { return G * gscale; }
 
+// A learning rate as torch.optim reads it: a Python float, or the value of a 0-dim tensor
+// (read here, in the kernel: no host sync), as a double.
+GRF_HD double lr_value(const Lr& lr) {
+  if (lr.at == 0) return lr.value;
+  if (lr.dtype == kF64) return *reinterpret_cast<const double*>(lr.at);
+  return double(*reinterpret_cast<const float*>(lr.at));
+}
+
 // Hyperparameters arrive as Python floats (double); torch rounds each scalar operand to
 // the tensor's compute dtype before it multiplies, and so do these.
-enum MomentumMode { kNoMomentum = 0, kFirstMomentum = 1, kMomentum = 2 };
+enum MomentumMode { kNoMomentum = 0, kFirstMomentum = 1, kWithMomentum = 2 };
 
 template <class C> struct SgdHp {
   C neg_lr, momentum, one_minus_dampening, weight_decay;
   bool nesterov;
 };
 
-template <class C> SgdHp<C> make_sgd_hp(double lr, double momentum, double dampening,
-                                        double weight_decay, bool nesterov) {
+template <class C> GRF_HD SgdHp<C> make_sgd_hp(double lr, double momentum, double dampening,
+                                               double weight_decay, bool nesterov) {
   return SgdHp<C>{C(-lr), C(momentum), C(1.0 - dampening), C(weight_decay), nesterov};
 }
 
-// Returns the new θ. MODE (a MomentumMode): buf is read only with kMomentum and written
+// Returns the new θ. MODE (a MomentumMode): buf is read only with kWithMomentum and written
 // unless kNoMomentum (kFirstMomentum: the step that creates the buffer, buf = g).
 template <int MODE, class C>
 GRF_HD C sgd_elem(C G, C gscale, C backup, C& buf, const SgdHp<C>& h) {
@@ -185,8 +197,8 @@ template <class C> struct AdamHp {
   C lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay;  // decay = 1 − lr·wd
 };
 
-template <class C> AdamHp<C> make_adam_hp(double lr, double beta1, double beta2, double eps,
-                                          double weight_decay) {
+template <class C> GRF_HD AdamHp<C> make_adam_hp(double lr, double beta1, double beta2,
+                                                 double eps, double weight_decay) {
   return AdamHp<C>{C(lr), C(beta1), C(beta2), C(1.0 - beta1), C(1.0 - beta2), C(eps),
                    C(1.0 - lr * weight_decay)};
 }
@@ -220,48 +232,50 @@ template <class C> GRF_HD C adamw_elem(C G, C gscale, C backup, C& m, C& v, cons
 constexpr double kNormEps = 1e-12;  // _scalars.NORM_EPS
 constexpr double kClipEps = 1e-6;   // _scalars.CLIP_EPS
 
-struct AscentHp {
-  double rho, gamma, alpha;
-  bool normalize, fixed_alpha, central;
-};
-
 // 1/S as torch computes it (a float32 reciprocal), in the compute type; 1 without AMP.
 template <class C> GRF_HD C inverse_scale(const float* scale) {
   return scale != nullptr ? C(1.0f / *scale) : C(1);
 }
 
 // false for inf and NaN (no fast-math anywhere, so x − x is not folded to 0)
-template <class C> GRF_HD bool is_finite(C x) { return x - x == C(0); }
+GRF_HD bool is_finite(double x) { return x - x == 0.0; }
 
-// _scalars.ascent_scalars: out = {eps, fold, combine}; `scale` is the AMP scale S or null.
+// _scalars.ascent_scalars and the driver's signs: out = {eps·eps_sign, fold,
+// combine·combine_sign} from Σg1² (`sq`, a double); `scale` is the AMP scale S or null. The
+// norm is the double square root rounded once to C.
 template <class C> GRF_HD void ascent_scalars_of(double sq, const float* scale,
                                                  const AscentHp& h, C* out) {
   const C inv = inverse_scale<C>(scale);
-  C norm = grf_sqrt(C(sq));
+  C norm = C(sqrt(sq));
   if (scale != nullptr) norm = norm * inv;
   const C eps = h.normalize ? (C(1) / (norm + C(kNormEps))) * C(h.rho) : C(h.rho);
   const C a = h.fixed_alpha ? C(h.alpha) : (C(1) / eps) * C(h.gamma);
-  out[0] = scale != nullptr ? eps * inv : eps;
+  const C scaled_eps = scale != nullptr ? eps * inv : eps;
+  out[0] = scaled_eps * C(h.eps_sign);
   out[1] = h.central ? (C(1) / a) * C(2) : (C(1) - a) / a;
-  out[2] = h.central ? a * C(-0.5) : a;
+  out[2] = (h.central ? a * C(-0.5) : a) * C(h.combine_sign);
 }
 
-// _scalars.update_scalars over `groups` param groups: sq[g] is group g's ‖G‖², ascent holds
-// each group's ascent row {eps, fold, combine}. out[g] = gscale of group g, out[groups] =
-// found_inf; clipping (clip_grad_norm_ over all groups) scales every gscale by one factor.
-template <class C> GRF_HD void update_scalars_of(const C* sq, const C* ascent, int groups,
+// _scalars.update_scalars over `groups` param groups: sq[g] is group g's ‖G‖² (double),
+// ascent holds each group's row {eps, fold, combine}. out[g] = gscale of group g,
+// out[groups] = found_inf (the double Σ_g ‖G_g‖² is not finite); clipping
+// (clip_grad_norm_ over all groups) scales every gscale by one factor from
+// ‖g‖² = Σ_g double(gscale_g)²·‖G_g‖², summed in double and its root rounded once to C.
+template <class C> GRF_HD void update_scalars_of(const double* sq, const C* ascent, int groups,
                                                  const float* scale, bool clip,
                                                  double max_norm, C* out) {
   const C inv = inverse_scale<C>(scale);
-  C total = C(0), clip_total = C(0);  // Σ ‖G_g‖² (for found_inf), Σ gscale²·‖G_g‖² = ‖g‖²
+  double total = 0, clip_total = 0;
   for (int g = 0; g < groups; ++g) {
     const C gscale = scale != nullptr ? ascent[3 * g + 2] * inv : ascent[3 * g + 2];
-    total = total + sq[g];
-    clip_total = clip_total + gscale * gscale * sq[g];
+    const double w = double(gscale);
+    total += sq[g];
+    clip_total += w * w * sq[g];
     out[g] = gscale;
   }
   if (clip) {  // min(max_norm / (‖g‖ + 1e-6), 1); NaN stays NaN
-    C coef = (C(1) / (grf_sqrt(clip_total) + C(kClipEps))) * C(max_norm);
+    const C norm = C(sqrt(clip_total));
+    C coef = (C(1) / (norm + C(kClipEps))) * C(max_norm);
     coef = coef > C(1) ? C(1) : coef;
     for (int g = 0; g < groups; ++g) out[g] = out[g] * coef;
   }
@@ -269,15 +283,21 @@ template <class C> GRF_HD void update_scalars_of(const C* sq, const C* ascent, i
 }
 
 // The optimizer's skip records (SkipRecord in gr_fused/backends/base.py): the count grows by
-// found_inf, `last` is set to it, the GradScaler's flag (or null) is raised to it, and
-// AdamW's step count (or null) advances unless the step is skipped.
+// found_inf, `last` is set to it and the GradScaler's flag (or null) is raised to it.
 template <class C> GRF_HD void record_skip(C found_inf, int64_t* count, bool* last,
-                                           float* scaler_flag, float* adam_step) {
+                                           float* scaler_flag) {
   const bool skipped = found_inf != C(0);
   *count += skipped ? 1 : 0;
   *last = skipped;
-  if (scaler_flag != nullptr && skipped) *scaler_flag = 1.0f;
-  if (adam_step != nullptr && !skipped) *adam_step += 1.0f;
+  if (scaler_flag != nullptr && skipped && *scaler_flag < 1.0f) *scaler_flag = 1.0f;  // max
+}
+
+// AdamW's per-tensor step counts: each advances by one unless the step is skipped or the
+// tensor is frozen (`ptrs`: a table's address rows, `tensors` of them).
+GRF_HD void advance_step(const int64_t* ptrs, int64_t tensors, int64_t t, bool skipped) {
+  if (skipped || (ptrs[kFlags * tensors + t] & kFrozen)) return;
+  float* step = reinterpret_cast<float*>(ptrs[kStep * tensors + t]);
+  *step += 1.0f;
 }
 
 }  // namespace grf

@@ -1,20 +1,29 @@
-// What each phase reads and writes per element, for the CUDA kernels (cuda.cu) and the
-// host loops (host.cpp). An op is a small struct of pointers:
+// What each phase reads and writes, chunk by chunk of a tensor table, for the CUDA kernels
+// (cuda.cu) and the host loops (host.cpp).
 //
-//   prepare()          reads the step scalars (eps, fold, gscale, found_inf, step) from
-//                      memory; a CUDA thread calls it once, the host once per call
-//   skipped()          after prepare(): true when found_inf is set (phase 3 only)
-//   apply<V>(i)        processes elements i .. i+V-1 (V > 1 only on 16-byte aligned data)
-//   apply_skipped<V>(i)  the same when skipped(): θ = backup, state untouched
-//   accumulate<V>(i,a) the norm: adds the terms of elements i .. i+V-1 into lanes a[0..V)
+// A phase is an *op*: a small struct of the step scalars and hyperparameters of one call.
 //
-// The arithmetic itself is in grf_math.h; the drivers (grid-stride kernels, OpenMP loops)
-// decide which i each thread visits. Flags that decide which memory is touched (adaptive,
-// the momentum mode) are template parameters and skipped() is tested once per loop, so the
-// inner loops have no branches and the host compiler vectorizes them.
+//   prepare()              reads the step scalars (eps, fold, gscale, found_inf, lr) from
+//                          memory; a CUDA thread calls it once per launch, the host once per
+//                          call
+//   visit(table, span, f)  calls f(chunk) with the *chunk view* of one chunk: its typed
+//                          pointers (offset to the chunk's first element) and what that
+//                          chunk does (a skipped step or a frozen tensor: restore θ only; a
+//                          momentum buffer created by this step: written, never read)
+//
+// and a chunk view has
+//
+//   apply<V>(i)            processes elements i .. i+V-1 of the chunk (V > 1: 16-byte packs
+//                          on a 16-byte aligned chunk, or the host's 32-byte streamed packs)
+//   accumulate<V>(i, a)    the norm: adds the terms of elements i .. i+V-1 into lanes a[0..V)
+//   aligned16()            whether every pointer of the view is 16-byte aligned
+//
+// The arithmetic itself is in grf_math.h; the drivers (host.cpp's OpenMP loop over chunks,
+// cuda.cu's grid-stride loop of blocks over chunks) decide which i each thread visits. What
+// decides which memory a chunk touches is a template parameter of its view, chosen once per
+// chunk, so the inner loops have no branches and the host compiler vectorizes them.
 #pragma once
 
-#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -22,7 +31,7 @@
 #include "grf_api.h"
 #include "grf_math.h"
 
-#if defined(__AVX2__) && !defined(__CUDA_ARCH__)
+#if defined(__AVX2__) && !defined(__CUDACC__)
 #include <immintrin.h>
 #define GRF_STREAM_STORES 1  // the host build's AVX2 compilation
 #endif
@@ -32,43 +41,43 @@ namespace grf {
 // V consecutive elements, loaded or stored with one 16-byte access when V·sizeof(T) == 16.
 template <class T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
 
-// Elements per 16-byte pack (4 floats, 8 halves, 2 doubles), used when every buffer of a
-// call is 16-byte aligned; the drivers run V = 1 otherwise.
+// Elements per 16-byte pack (4 floats, 8 halves, 2 doubles).
 template <class T> constexpr int vec_width() { return 16 / int(sizeof(T)); }
 
-// A raw address from Python as a typed pointer.
-template <class T> T* as(ptr p) { return reinterpret_cast<T*>(p); }
+template <class T> GRF_HD uintptr_t addr(const T* p) { return reinterpret_cast<uintptr_t>(p); }
 
-// The alignment every buffer of a call shares, as the drivers use it: 32 or 16 bytes, else 1.
-inline int alignment(std::initializer_list<uintptr_t> ptrs) {
-  uintptr_t bits = 0;
-  for (uintptr_t p : ptrs) bits |= p;
-  return bits % 32 == 0 ? 32 : bits % 16 == 0 ? 16 : 1;
-}
-
-inline bool aligned16(std::initializer_list<uintptr_t> ptrs) { return alignment(ptrs) >= 16; }
-
+// V elements at p + i. On a GPU a pack is one 16-byte access (the chunk is 16-byte aligned:
+// the drivers check); on the host a memcpy, which compiles to one unaligned vector access.
 template <int V, class T> GRF_HD Pack<T, V> ld(const T* p, int64_t i) {
+  Pack<T, V> x;
   if constexpr (V == 1) {
-    return Pack<T, 1>{{p[i]}};
+    x.v[0] = p[i];
   } else {
-    return *reinterpret_cast<const Pack<T, V>*>(p + i);
+#ifdef __CUDA_ARCH__
+    x = *reinterpret_cast<const Pack<T, V>*>(p + i);
+#else
+    memcpy(&x, p + i, sizeof(x));
+#endif
   }
+  return x;
 }
 
 template <int V, class T> GRF_HD void st(T* p, int64_t i, const Pack<T, V>& x) {
   if constexpr (V == 1) {
     p[i] = x.v[0];
   } else {
+#ifdef __CUDA_ARCH__
     *reinterpret_cast<Pack<T, V>*>(p + i) = x;
+#else
+    memcpy(p + i, &x, sizeof(x));
+#endif
   }
 }
 
-// A store to a buffer the phase does not read: on an AVX2 host a 32-byte pack goes out as a
-// non-temporal store, which does not first read the line into the cache (the host build's
-// perturb into the backup: that phase takes about 0.85× the time). Anywhere else, st. The
-// host driver runs such ops in 32-byte packs on 32-byte aligned buffers and fences the
-// stores at the end of each chunk (streams_v, host.cpp).
+// A store to a buffer the phase only writes (perturb's backup): on an AVX2 host a 32-byte
+// pack goes out as a non-temporal store, which does not first read the line into the cache.
+// p + i must be 32-byte aligned (the backup's segments are 64-byte aligned and a chunk starts
+// a multiple of 32 bytes in; the host driver checks). Anywhere else, st.
 template <int V, class T> GRF_HD void st_stream(T* p, int64_t i, const Pack<T, V>& x) {
 #ifdef GRF_STREAM_STORES
   if constexpr (sizeof(T) * V == 32) {
@@ -80,56 +89,98 @@ template <int V, class T> GRF_HD void st_stream(T* p, int64_t i, const Pack<T, V
   st<V>(p, i, x);
 }
 
-// Whether an op writes a buffer with st_stream (its `static constexpr bool kStreams`).
-template <class Op, class = void> struct streams : std::false_type {};
-template <class Op>
-struct streams<Op, std::void_t<decltype(Op::kStreams)>> : std::bool_constant<Op::kStreams> {};
-template <class Op> constexpr bool streams_v = streams<Op>::value;
+// Whether a chunk view writes a buffer with st_stream (its `static constexpr bool kStreams`;
+// it then has apply_streamed<V> and stream_aligned()).
+template <class Ch, class = void> struct streams : std::false_type {};
+template <class Ch>
+struct streams<Ch, std::void_t<decltype(Ch::kStreams)>> : std::bool_constant<Ch::kStreams> {};
+template <class Ch> constexpr bool streams_v = streams<Ch>::value;
 
-// Phases 1 and 2 are never skipped.
-#define GRF_NEVER_SKIPPED                                       \
-  GRF_HD bool skipped() const { return false; }                 \
-  template <int V> GRF_HD void apply_skipped(int64_t) const {}
+// ---------------------------------------------------------------- the table
+// An address read from a table is global memory: said so to nvcc, which otherwise makes
+// generic loads and stores (LD/ST) of it instead of global ones (LDG/STG).
+template <class X> GRF_HD X* global(X* p) {
+#ifdef __CUDA_ARCH__
+  __builtin_assume(__isGlobal(p));
+#endif
+  return p;
+}
 
-// Σ g² (adaptive: Σ (θ·g)²), phase 1, summed in double: it stays within 1e-6 of the exact
-// sum for any size, and the compiler still vectorizes it (memory is the bottleneck).
-template <class T, bool ADAPTIVE> struct SqNormOp {
+// Where chunk c is: tensor t, elements [start, start + len) of it, and t's backup offset.
+struct Span {
+  int64_t t, start, len, backup_offset;
+};
+
+// A Table (grf_api.h) as the kernels read it.
+struct TableView {
+  const int64_t* layout;
+  const int64_t* ptrs;
+  int64_t num_chunks, num_tensors, chunk;
+  uintptr_t backup;
+
+  GRF_HD Span span(int64_t c) const {
+    const int64_t C = num_chunks, T = num_tensors;
+    const int64_t t = layout[c];
+    const int64_t start = (c - layout[C + t]) * chunk;
+    const int64_t rest = layout[C + T + t] - start;
+    return Span{t, start, rest < chunk ? rest : chunk, layout[C + 2 * T + t]};
+  }
+  // row r of the chunk's tensor, at the chunk's first element
+  template <class X> GRF_HD X* row(int r, const Span& s) const {
+    return global(reinterpret_cast<X*>(ptrs[r * num_tensors + s.t]) + s.start);
+  }
+  GRF_HD int64_t flags(const Span& s) const { return ptrs[kFlags * num_tensors + s.t]; }
+  template <class X> GRF_HD X* backup_at(const Span& s) const {
+    return reinterpret_cast<X*>(backup) + s.backup_offset + s.start;
+  }
+  // Σ numel over the tensors (the host decides its team size from it)
+  int64_t numel() const {
+    int64_t n = 0;
+    for (int64_t t = 0; t < num_tensors; ++t) n += layout[num_chunks + num_tensors + t];
+    return n;
+  }
+};
+
+inline TableView view_of(const Table& t) {
+  return TableView{reinterpret_cast<const int64_t*>(t.layout),
+                   reinterpret_cast<const int64_t*>(t.ptrs), t.num_chunks, t.num_tensors,
+                   t.chunk, t.backup};
+}
+
+// ---------------------------------------------------------------- chunk views
+// Σ g² (adaptive: Σ (θ·g)²), phase 1, in double lanes.
+template <class T, bool ADAPTIVE> struct NormChunk {
   using value_type = T;
   const T* g;
   const T* theta;  // read only when ADAPTIVE
 
-  GRF_HD void prepare() {}
+  GRF_HD bool aligned16() const { return (addr(g) | (ADAPTIVE ? addr(theta) : 0)) % 16 == 0; }
 
   template <int V> GRF_HD void accumulate(int64_t i, double* acc) const {
-    Pack<T, V> gp = ld<V>(g, i);
+    const Pack<T, V> gp = ld<V>(g, i);
     Pack<T, V> tp = gp;
     if constexpr (ADAPTIVE) tp = ld<V>(theta, i);
 GRF_UNROLL
-    for (int k = 0; k < V; ++k)
-      acc[k] += sq_term(double(to_c(tp.v[k])), double(to_c(gp.v[k])), ADAPTIVE);
+    for (int k = 0; k < V; ++k) acc[k] += sq_term(to_c(tp.v[k]), to_c(gp.v[k]), ADAPTIVE);
   }
 };
 
 // backup = θ;  θ = θ + eps·w·g;  g = fold·g, phase 2.
-// INTO: θ + eps·w·g goes to `backup` instead and θ stays. The caller then swaps the two
-// buffers (their storages' memory), which leaves the same state with one store per element
-// less.
-template <class T, bool ADAPTIVE, bool INTO> struct PerturbOp {
+template <class T, bool ADAPTIVE> struct PerturbChunk {
   using value_type = T;
   using C = compute_t<T>;
-  static constexpr bool kStreams = INTO;  // θ' into the backup, which it does not read
+  static constexpr bool kStreams = true;  // the backup is only written
   T* theta;
   T* g;
   T* backup;
-  const C* eps_ptr;
-  const C* fold_ptr;
   C eps, fold;
 
-  GRF_HD void prepare() { eps = *eps_ptr; fold = *fold_ptr; }
-  GRF_NEVER_SKIPPED
+  GRF_HD bool aligned16() const { return (addr(theta) | addr(g) | addr(backup)) % 16 == 0; }
+  GRF_HD bool stream_aligned() const { return addr(backup) % 32 == 0; }
 
-  template <int V> GRF_HD void apply(int64_t i) const {
-    Pack<T, V> t = ld<V>(theta, i), gp = ld<V>(g, i), nt, ng;
+  template <int V, bool STREAM> GRF_HD void run(int64_t i) const {
+    const Pack<T, V> t = ld<V>(theta, i), gp = ld<V>(g, i);
+    Pack<T, V> nt, ng;
 GRF_UNROLL
     for (int k = 0; k < V; ++k) {
       C new_theta, new_g;
@@ -137,29 +188,27 @@ GRF_UNROLL
       nt.v[k] = from_c<T>(new_theta);
       ng.v[k] = from_c<T>(new_g);
     }
-    if constexpr (INTO) {
-      st_stream<V>(backup, i, nt);
-    } else {
-      st<V>(backup, i, t);
-      st<V>(theta, i, nt);
-    }
+    if constexpr (STREAM) st_stream<V>(backup, i, t); else st<V>(backup, i, t);
+    st<V>(theta, i, nt);
     st<V>(g, i, ng);
   }
+  template <int V> GRF_HD void apply(int64_t i) const { run<V, false>(i); }
+  template <int V> GRF_HD void apply_streamed(int64_t i) const { run<V, true>(i); }
 };
 
 // θ = 2·backup − θ;  g = −g (central difference).
-template <class T> struct ReflectOp {
+template <class T> struct ReflectChunk {
   using value_type = T;
   using C = compute_t<T>;
   T* theta;
   T* g;
   const T* backup;
 
-  GRF_HD void prepare() {}
-  GRF_NEVER_SKIPPED
+  GRF_HD bool aligned16() const { return (addr(theta) | addr(g) | addr(backup)) % 16 == 0; }
 
   template <int V> GRF_HD void apply(int64_t i) const {
-    Pack<T, V> t = ld<V>(theta, i), gp = ld<V>(g, i), b = ld<V>(backup, i);
+    Pack<T, V> t = ld<V>(theta, i), gp = ld<V>(g, i);
+    const Pack<T, V> b = ld<V>(backup, i);
 GRF_UNROLL
     for (int k = 0; k < V; ++k) {
       t.v[k] = from_c<T>(reflect_theta(to_c(t.v[k]), to_c(b.v[k])));
@@ -170,75 +219,59 @@ GRF_UNROLL
   }
 };
 
-// Phase 3 reads gscale and found_inf; when found_inf is set, θ = backup and nothing else
-// is written (a momentum buffer created by this step is written as zeros).
-template <class T> struct UpdateScalars {
-  using C = compute_t<T>;
-  const C* gscale_ptr;
-  const C* found_inf_ptr;
-  C gscale;
-  bool skip;
+// θ = backup: restore, and phase 3 of a skipped step or a frozen tensor.
+template <class T> struct RestoreChunk {
+  using value_type = T;
+  T* theta;
+  const T* backup;
 
-  GRF_HD void read() { gscale = *gscale_ptr; skip = *found_inf_ptr != C(0); }
+  GRF_HD bool aligned16() const { return (addr(theta) | addr(backup)) % 16 == 0; }
+  template <int V> GRF_HD void apply(int64_t i) const { st<V>(theta, i, ld<V>(backup, i)); }
 };
 
-#define GRF_SKIPPED_WHEN_FOUND_INF \
-  GRF_HD bool skipped() const { return s.skip; }
-
 // θ = backup;  G = gscale·G (the GR wrapper's base optimizer steps afterwards).
-template <class T> struct UpdateNoneOp {
+template <class T> struct NoneChunk {
   using value_type = T;
   using C = compute_t<T>;
   T* theta;
   T* G;
   const T* backup;
-  UpdateScalars<T> s;
+  C gscale;
 
-  GRF_HD void prepare() { s.read(); }
-  GRF_SKIPPED_WHEN_FOUND_INF
-
-  template <int V> GRF_HD void apply_skipped(int64_t i) const { st<V>(theta, i, ld<V>(backup, i)); }
+  GRF_HD bool aligned16() const { return (addr(theta) | addr(G) | addr(backup)) % 16 == 0; }
 
   template <int V> GRF_HD void apply(int64_t i) const {
     st<V>(theta, i, ld<V>(backup, i));
     Pack<T, V> gp = ld<V>(G, i);
 GRF_UNROLL
-    for (int k = 0; k < V; ++k) gp.v[k] = from_c<T>(combined_grad(to_c(gp.v[k]), s.gscale));
+    for (int k = 0; k < V; ++k) gp.v[k] = from_c<T>(combined_grad(to_c(gp.v[k]), gscale));
     st<V>(G, i, gp);
   }
 };
 
-// θ = backup, then torch.optim.SGD's update with g = gscale·G.
-template <class T, int MODE> struct UpdateSgdOp {  // MODE: a MomentumMode
+// θ = backup, then torch.optim.SGD's update with g = gscale·G. MODE: a MomentumMode.
+template <class T, int MODE> struct SgdChunk {
   using value_type = T;
   using C = compute_t<T>;
   T* theta;
   const T* G;
   const T* backup;
   T* buf;  // null when MODE is kNoMomentum
-  UpdateScalars<T> s;
+  C gscale;
   SgdHp<C> h;
 
-  GRF_HD void prepare() { s.read(); }
-  GRF_SKIPPED_WHEN_FOUND_INF
-
-  template <int V> GRF_HD void apply_skipped(int64_t i) const {
-    st<V>(theta, i, ld<V>(backup, i));
-    if constexpr (MODE == kFirstMomentum) {  // the buffer this step creates: zeros
-      Pack<T, V> zero;
-GRF_UNROLL
-      for (int k = 0; k < V; ++k) zero.v[k] = from_c<T>(C(0));
-      st<V>(buf, i, zero);
-    }
+  GRF_HD bool aligned16() const {
+    return (addr(theta) | addr(G) | addr(backup) | (MODE != kNoMomentum ? addr(buf) : 0)) % 16 == 0;
   }
 
   template <int V> GRF_HD void apply(int64_t i) const {
-    Pack<T, V> b = ld<V>(backup, i), gp = ld<V>(G, i), mp = b, nt;
-    if constexpr (MODE == kMomentum) mp = ld<V>(buf, i);
+    const Pack<T, V> b = ld<V>(backup, i), gp = ld<V>(G, i);
+    Pack<T, V> mp = b, nt;
+    if constexpr (MODE == kWithMomentum) mp = ld<V>(buf, i);
 GRF_UNROLL
     for (int k = 0; k < V; ++k) {
       C m = to_c(mp.v[k]);
-      nt.v[k] = from_c<T>(sgd_elem<MODE>(to_c(gp.v[k]), s.gscale, to_c(b.v[k]), m, h));
+      nt.v[k] = from_c<T>(sgd_elem<MODE>(to_c(gp.v[k]), gscale, to_c(b.v[k]), m, h));
       mp.v[k] = from_c<T>(m);
     }
     st<V>(theta, i, nt);
@@ -246,10 +279,9 @@ GRF_UNROLL
   }
 };
 
-// θ = backup, then torch.optim.AdamW's update with g = gscale·G. The stored step count is
-// advanced either before the pass (update_finalize; step_offset 0) or by the driver after it
-// (step_offset 1: every element reads the old count here and adds one).
-template <class T> struct UpdateAdamwOp {
+// θ = backup, then torch.optim.AdamW's update with g = gscale·G and the bias corrections of
+// the tensor's own (already advanced) step count.
+template <class T> struct AdamChunk {
   using value_type = T;
   using C = compute_t<T>;
   T* theta;
@@ -257,27 +289,21 @@ template <class T> struct UpdateAdamwOp {
   const T* backup;
   T* m;
   T* v;
-  const float* step_ptr;  // torch keeps AdamW's step as a float32 tensor
-  UpdateScalars<T> s;
+  C gscale;
   AdamHp<C> h;
-  float step_offset;
   AdamStep<C> bias;
 
-  GRF_HD void prepare() {
-    s.read();
-    bias = adam_step(C(*step_ptr + step_offset), h);
+  GRF_HD bool aligned16() const {
+    return (addr(theta) | addr(G) | addr(backup) | addr(m) | addr(v)) % 16 == 0;
   }
-  GRF_SKIPPED_WHEN_FOUND_INF
-
-  template <int V> GRF_HD void apply_skipped(int64_t i) const { st<V>(theta, i, ld<V>(backup, i)); }
 
   template <int V> GRF_HD void apply(int64_t i) const {
-    Pack<T, V> b = ld<V>(backup, i);
-    Pack<T, V> gp = ld<V>(G, i), mp = ld<V>(m, i), vp = ld<V>(v, i), nt;
+    const Pack<T, V> b = ld<V>(backup, i), gp = ld<V>(G, i);
+    Pack<T, V> mp = ld<V>(m, i), vp = ld<V>(v, i), nt;
 GRF_UNROLL
     for (int k = 0; k < V; ++k) {
       C mm = to_c(mp.v[k]), vv = to_c(vp.v[k]);
-      nt.v[k] = from_c<T>(adamw_elem(to_c(gp.v[k]), s.gscale, to_c(b.v[k]), mm, vv, h, bias));
+      nt.v[k] = from_c<T>(adamw_elem(to_c(gp.v[k]), gscale, to_c(b.v[k]), mm, vv, h, bias));
       mp.v[k] = from_c<T>(mm);
       vp.v[k] = from_c<T>(vv);
     }
@@ -287,6 +313,132 @@ GRF_UNROLL
   }
 };
 
+// ---------------------------------------------------------------- ops
+template <class T, bool ADAPTIVE> struct NormOp {
+  using value_type = T;
+  GRF_HD void prepare() {}
+  template <class F> GRF_HD void visit(const TableView& tb, const Span& s, F&& f) const {
+    f(NormChunk<T, ADAPTIVE>{tb.row<const T>(kGrad, s),
+                             ADAPTIVE ? tb.row<const T>(kParam, s) : nullptr});
+  }
+};
+
+template <class T, bool ADAPTIVE> struct PerturbOp {
+  using value_type = T;
+  using C = compute_t<T>;
+  const C* eps_at;
+  const C* fold_at;
+  C eps = C(0), fold = C(0);
+
+  GRF_HD void prepare() { eps = *eps_at; fold = *fold_at; }
+  template <class F> GRF_HD void visit(const TableView& tb, const Span& s, F&& f) const {
+    f(PerturbChunk<T, ADAPTIVE>{tb.row<T>(kParam, s), tb.row<T>(kGrad, s), tb.backup_at<T>(s),
+                                eps, fold});
+  }
+};
+
+template <class T> struct ReflectOp {
+  using value_type = T;
+  GRF_HD void prepare() {}
+  template <class F> GRF_HD void visit(const TableView& tb, const Span& s, F&& f) const {
+    f(ReflectChunk<T>{tb.row<T>(kParam, s), tb.row<T>(kGrad, s), tb.backup_at<const T>(s)});
+  }
+};
+
+template <class T> struct RestoreOp {
+  using value_type = T;
+  GRF_HD void prepare() {}
+  template <class F> GRF_HD void visit(const TableView& tb, const Span& s, F&& f) const {
+    f(RestoreChunk<T>{tb.row<T>(kParam, s), tb.backup_at<const T>(s)});
+  }
+};
+
+// Phase 3 reads gscale and found_inf; when found_inf is set, θ = backup and nothing else is
+// written. A tensor flagged FROZEN is only restored.
+template <class T> struct UpdateScalars {
+  using C = compute_t<T>;
+  const C* gscale_at;
+  const C* found_inf_at;
+  C gscale = C(0);
+  bool skip = false;
+
+  GRF_HD void read() { gscale = *gscale_at; skip = *found_inf_at != C(0); }
+  // true: this chunk's θ = backup and nothing else
+  GRF_HD bool keeps(const TableView& tb, const Span& s) const {
+    return skip || (tb.flags(s) & kFrozen);
+  }
+};
+
+template <class T> struct UpdateNoneOp {
+  using value_type = T;
+  UpdateScalars<T> s;
+
+  GRF_HD void prepare() { s.read(); }
+  template <class F> GRF_HD void visit(const TableView& tb, const Span& sp, F&& f) const {
+    if (s.keeps(tb, sp))
+      f(RestoreChunk<T>{tb.row<T>(kParam, sp), tb.backup_at<const T>(sp)});
+    else
+      f(NoneChunk<T>{tb.row<T>(kParam, sp), tb.row<T>(kGrad, sp), tb.backup_at<const T>(sp),
+                     s.gscale});
+  }
+};
+
+template <class T> struct UpdateSgdOp {
+  using value_type = T;
+  using C = compute_t<T>;
+  UpdateScalars<T> s;
+  Lr lr;
+  double momentum, dampening, weight_decay;
+  bool nesterov;
+  SgdHp<C> h{};
+
+  GRF_HD void prepare() {
+    s.read();
+    h = make_sgd_hp<C>(lr_value(lr), momentum, dampening, weight_decay, nesterov);
+  }
+  template <class F> GRF_HD void visit(const TableView& tb, const Span& sp, F&& f) const {
+    if (s.keeps(tb, sp)) {
+      f(RestoreChunk<T>{tb.row<T>(kParam, sp), tb.backup_at<const T>(sp)});
+      return;
+    }
+    T* theta = tb.row<T>(kParam, sp);
+    const T* G = tb.row<const T>(kGrad, sp);
+    const T* backup = tb.backup_at<const T>(sp);
+    if (momentum == 0) {
+      f(SgdChunk<T, kNoMomentum>{theta, G, backup, nullptr, s.gscale, h});
+    } else if (tb.flags(sp) & kNewState) {  // created for this step: buf = g, never read
+      f(SgdChunk<T, kFirstMomentum>{theta, G, backup, tb.row<T>(kMomentum, sp), s.gscale, h});
+    } else {
+      f(SgdChunk<T, kWithMomentum>{theta, G, backup, tb.row<T>(kMomentum, sp), s.gscale, h});
+    }
+  }
+};
+
+template <class T> struct UpdateAdamwOp {
+  using value_type = T;
+  using C = compute_t<T>;
+  UpdateScalars<T> s;
+  Lr lr;
+  double beta1, beta2, eps, weight_decay;
+  AdamHp<C> h{};
+
+  GRF_HD void prepare() {
+    s.read();
+    h = make_adam_hp<C>(lr_value(lr), beta1, beta2, eps, weight_decay);
+  }
+  template <class F> GRF_HD void visit(const TableView& tb, const Span& sp, F&& f) const {
+    if (s.keeps(tb, sp)) {
+      f(RestoreChunk<T>{tb.row<T>(kParam, sp), tb.backup_at<const T>(sp)});
+      return;
+    }
+    const float step = *global(reinterpret_cast<const float*>(tb.ptrs[kStep * tb.num_tensors + sp.t]));
+    f(AdamChunk<T>{tb.row<T>(kParam, sp), tb.row<const T>(kGrad, sp), tb.backup_at<const T>(sp),
+                   tb.row<T>(kExpAvg, sp), tb.row<T>(kExpAvgSq, sp), s.gscale, h,
+                   adam_step(C(step), h)});
+  }
+};
+
+// ---------------------------------------------------------------- dispatch
 // Calls f(T{}) with the storage type named by a dtype code (see grf_api.h).
 template <class F> void dispatch_dtype(int dtype, F&& f) {
   switch (dtype) {
@@ -309,6 +461,17 @@ template <class F> void dispatch_compute(int ctype, F&& f) {
   }
 }
 
+template <class F> void dispatch_bool(bool b, F&& f) {
+  if (b) f(std::true_type{}); else f(std::false_type{});
+}
+
+inline Lr make_lr(double value, ptr at, int dtype) {
+  if (at != 0 && dtype != kF32 && dtype != kF64)
+    throw std::invalid_argument("gr_fused._C: a tensor lr must be float32 or float64, not code " +
+                                std::to_string(dtype));
+  return Lr{value, at, dtype};
+}
+
 // The number of groups that update_finalize's `bounds` describe (checked).
 inline int check_groups(const std::vector<int64_t>& bounds) {
   const int64_t groups = int64_t(bounds.size()) - 1;
@@ -322,90 +485,72 @@ inline int check_groups(const std::vector<int64_t>& bounds) {
   return int(groups);
 }
 
-// Calls f(std::integral_constant<bool, b>{}).
-template <class F> void dispatch_bool(bool b, F&& f) {
-  if (b) f(std::true_type{}); else f(std::false_type{});
+// ---------------------------------------------------------------- the phases
+// Each phase of grf_api.h as its op, built here once for both drivers: `run.foreach(op,
+// what)` and `run.norm(op, partials)` are the host build's OpenMP loops (host.cpp) or the
+// CUDA launches (cuda.cu), over the table `run` holds.
+template <class Run> void run_norm(Run&& run, int dtype, bool adaptive, ptr partials) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_bool(adaptive, [&](auto a) {
+      run.norm(NormOp<T, decltype(a)::value>{}, reinterpret_cast<double*>(partials));
+    });
+  });
 }
 
-// Calls f(std::integral_constant<int, mode>{}) with the MomentumMode of an update_sgd call.
-template <class F> void dispatch_momentum(uintptr_t buf, bool first, F&& f) {
-  if (buf == 0) f(std::integral_constant<int, kNoMomentum>{});
-  else if (first) f(std::integral_constant<int, kFirstMomentum>{});
-  else f(std::integral_constant<int, kMomentum>{});
-}
-
-// ---------------------------------------------------------------- the element-wise phases
-// Each phase of grf_api.h as its op, built here once for both drivers: `run(op, n, align,
-// what)` is the host build's OpenMP loop (host.cpp) or the CUDA launch (cuda.cu); `align` is
-// the buffers' common alignment (see alignment).
-template <class Run>
-void run_perturb(Run&& run, int dtype, int64_t n, ptr theta, ptr g, ptr backup, ptr eps,
-                 ptr fold, bool adaptive, bool into) {
+template <class Run> void run_perturb(Run&& run, int dtype, ptr eps, ptr fold, bool adaptive) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
     dispatch_bool(adaptive, [&](auto a) {
-      dispatch_bool(into, [&](auto i) {
-        run(PerturbOp<T, decltype(a)::value, decltype(i)::value>{
-                as<T>(theta), as<T>(g), as<T>(backup), as<const C>(eps), as<const C>(fold)},
-            n, alignment({theta, g, backup}), "perturb");
-      });
+      run.foreach(PerturbOp<T, decltype(a)::value>{reinterpret_cast<const C*>(eps),
+                                                   reinterpret_cast<const C*>(fold)},
+                  "perturb");
     });
   });
 }
 
-template <class Run>
-void run_reflect(Run&& run, int dtype, int64_t n, ptr theta, ptr g, ptr backup) {
+template <class Run> void run_reflect(Run&& run, int dtype) {
+  dispatch_dtype(dtype, [&](auto tag) { run.foreach(ReflectOp<decltype(tag)>{}, "reflect"); });
+}
+
+template <class Run> void run_restore(Run&& run, int dtype) {
+  dispatch_dtype(dtype, [&](auto tag) { run.foreach(RestoreOp<decltype(tag)>{}, "restore"); });
+}
+
+template <class T> UpdateScalars<T> update_scalars_at(ptr gscale, ptr found_inf) {
+  using C = compute_t<T>;
+  return UpdateScalars<T>{reinterpret_cast<const C*>(gscale),
+                          reinterpret_cast<const C*>(found_inf)};
+}
+
+template <class Run> void run_update_none(Run&& run, int dtype, ptr gscale, ptr found_inf) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    run(ReflectOp<T>{as<T>(theta), as<T>(g), as<const T>(backup)}, n,
-        alignment({theta, g, backup}), "reflect");
+    run.foreach(UpdateNoneOp<T>{update_scalars_at<T>(gscale, found_inf)}, "update_none");
   });
 }
 
 template <class Run>
-void run_update_none(Run&& run, int dtype, int64_t n, ptr theta, ptr G, ptr backup,
-                     ptr gscale, ptr found_inf) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using C = compute_t<T>;
-    run(UpdateNoneOp<T>{as<T>(theta), as<T>(G), as<const T>(backup),
-                        {as<const C>(gscale), as<const C>(found_inf)}},
-        n, alignment({theta, G, backup}), "update_none");
-  });
-}
-
-template <class Run>
-void run_update_sgd(Run&& run, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr buf,
-                    bool first, ptr gscale, ptr found_inf, double lr, double momentum,
+void run_update_sgd(Run&& run, int dtype, ptr gscale, ptr found_inf, Lr lr, double momentum,
                     double dampening, double weight_decay, bool nesterov) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using C = compute_t<T>;
-    dispatch_momentum(buf, first, [&](auto mode) {
-      run(UpdateSgdOp<T, decltype(mode)::value>{
-              as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(buf),
-              {as<const C>(gscale), as<const C>(found_inf)},
-              make_sgd_hp<C>(lr, momentum, dampening, weight_decay, nesterov)},
-          n, alignment({theta, G, backup, buf}), "update_sgd");
-    });
+    run.foreach(UpdateSgdOp<T>{update_scalars_at<T>(gscale, found_inf), lr, momentum,
+                               dampening, weight_decay, nesterov},
+                "update_sgd");
   });
 }
 
-// The element-wise pass only: the driver advances the step count after it unless
-// step_advanced (update_finalize did, before it).
+// The element-wise pass only: each tensor's step count must be advanced before it.
 template <class Run>
-void run_update_adamw(Run&& run, int dtype, int64_t n, ptr theta, ptr G, ptr backup, ptr m,
-                      ptr v, ptr step, ptr gscale, ptr found_inf, double lr, double beta1,
-                      double beta2, double eps, double weight_decay, bool step_advanced) {
+void run_update_adamw(Run&& run, int dtype, ptr gscale, ptr found_inf, Lr lr, double beta1,
+                      double beta2, double eps, double weight_decay) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using C = compute_t<T>;
-    run(UpdateAdamwOp<T>{as<T>(theta), as<const T>(G), as<const T>(backup), as<T>(m), as<T>(v),
-                         as<const float>(step), {as<const C>(gscale), as<const C>(found_inf)},
-                         make_adam_hp<C>(lr, beta1, beta2, eps, weight_decay),
-                         step_advanced ? 0.0f : 1.0f},
-        n, alignment({theta, G, backup, m, v}), "update_adamw");
+    run.foreach(UpdateAdamwOp<T>{update_scalars_at<T>(gscale, found_inf), lr, beta1, beta2,
+                                 eps, weight_decay},
+                "update_adamw");
   });
 }
 
