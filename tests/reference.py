@@ -29,9 +29,9 @@ def global_norm(groups: Groups) -> float:
     return math.sqrt(sum(float((t * t).sum()) for g in groups for t in g))
 
 
-def gr_gradient(loss_fn, theta: Groups, hp: List[Dict]) -> Groups:
-    """The combined gradient g of one FD-GR step (SPEC §1), per group hyperparameters
-    ``gamma, rho, normalize, difference, alpha, adaptive, max_grad_norm``."""
+def gr_gradient(loss_fn, theta: Groups, hp: List[Dict], clip: bool = True) -> Groups:
+    """The combined gradient g of one FD-GR step (docs/design.md §1), per group
+    hyperparameters ``gamma, rho, normalize, difference, alpha, adaptive, max_grad_norm``."""
     g1 = grad_at(loss_fn, theta)
     weight = [[(t * t if h["adaptive"] else torch.ones_like(t)) for t in g]
               for g, h in zip(theta, hp)]
@@ -55,6 +55,12 @@ def gr_gradient(loss_fn, theta: Groups, hp: List[Dict]) -> Groups:
     else:
         for k in range(len(hp)):
             combined.append([(1 - alpha[k]) * a + alpha[k] * b for a, b in zip(g1[k], g_plus[k])])
+    return clip_groups(combined, hp) if clip else combined
+
+
+def clip_groups(combined: Groups, hp: List[Dict]) -> Groups:
+    """clip_grad_norm_ over every group, each with its own threshold (or none)."""
+    combined = [list(g) for g in combined]
     total = global_norm(combined)
     for k, h in enumerate(hp):
         if h["max_grad_norm"] is not None:
@@ -97,12 +103,33 @@ def adamw_update(theta, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_d
 
 
 def run_reference(loss_fn, theta: Groups, hp: List[Dict], steps: int,
-                  update: str = "sgd") -> Groups:
-    """``steps`` GR steps; ``hp[k]`` holds group k's GR and base hyperparameters."""
+                  update: str = "sgd", interval: int = 1) -> Groups:
+    """``steps`` GR steps; ``hp[k]`` holds group k's GR and base hyperparameters.
+
+    ``interval`` = k > 1: every k-th step (the first included) is the full FD step and also
+    caches v̂, the unit vector along the component of its combined gradient g orthogonal to
+    g1 (over all groups); the steps in between take g = g1 + reuse_scale·‖g1‖·v̂ (then
+    clipping as any step)."""
     theta = [[t.detach().double().clone() for t in g] for g in theta]
     states = [dict() for _ in theta]
-    for _ in range(steps):
-        grads = gr_gradient(loss_fn, theta, hp)
+    direction = None
+    for t in range(steps):
+        if interval == 1:
+            grads = gr_gradient(loss_fn, theta, hp)
+        elif t % interval == 0:
+            g1 = grad_at(loss_fn, theta)
+            g = gr_gradient(loss_fn, theta, hp, clip=False)
+            beta = sum(float((a * b).sum()) for ga, gb in zip(g, g1) for a, b in zip(ga, gb)) \
+                / global_norm(g1) ** 2
+            v = [[a - beta * b for a, b in zip(ga, gb)] for ga, gb in zip(g, g1)]
+            norm_v = global_norm(v)
+            direction = [[x / norm_v for x in gv] for gv in v]
+            grads = clip_groups(g, hp)
+        else:
+            g1 = grad_at(loss_fn, theta)
+            n1 = global_norm(g1)
+            grads = clip_groups([[a + h.get("reuse_scale", 0.7) * n1 * d for a, d in zip(ga, gd)]
+                                 for ga, gd, h in zip(g1, direction, hp)], hp)
         for k, h in enumerate(hp):
             if update == "sgd":
                 theta[k] = sgd_update(theta[k], grads[k], states[k], h["lr"], h.get("momentum", 0.0),

@@ -35,6 +35,8 @@ import torch
 
 from .tensor_table import FLAG_FROZEN, FLAG_NEW_STATE, real  # noqa: F401  (re-exported)
 
+DIRECTION = "gr_direction"  # interval=k: the state key of each tensor's cached direction
+
 
 class Bucket:
     """The parameters of one param group that live on one (device, dtype).
@@ -211,6 +213,19 @@ class Backend:
         just created (zeros) for this step: a momentum buffer is set to g (kept zero when
         skipped). AdamW's per-tensor ``step`` advances by one unless skipped or frozen."""
         raise NotImplementedError
+
+    # --- interval=k (a backend with ``supports_reuse``) -----------------------------------
+    supports_reuse = False
+
+    def dots(self, b: Bucket, key: str) -> torch.Tensor:
+        """[Σ g², Σ g·s, Σ s²] over the bucket, s its ``key`` state tensors: a float64
+        tensor of 3 on the device."""
+        raise NotImplementedError
+
+    # perturb(..., save=True) also copies g (before folding) into the DIRECTION state;
+    # update(..., direction=(a, c)) first sets DIRECTION ← a·G + c·DIRECTION (not when
+    # skipped or frozen); reuse_update(b, u, v, found_inf) applies the base update of θ in
+    # place with g = u·G + v·DIRECTION (nothing changes when found_inf).
 
     # --- a whole step with its scalars fused into the norms (optional) ------------------
     # The driver computes the step scalars (ε_t, fold, gscale, found_inf, ...) with the

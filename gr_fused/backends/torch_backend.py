@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import FLAG_FROZEN, FLAG_NEW_STATE, Backend, Bucket, state_tensors
+from .base import DIRECTION, FLAG_FROZEN, FLAG_NEW_STATE, Backend, Bucket, state_tensors
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -36,6 +36,7 @@ def _up(ts: List[torch.Tensor]) -> List[torch.Tensor]:
 
 class TorchBackend(Backend):
     name = "torch"
+    supports_reuse = True
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> Optional[str]:
@@ -59,9 +60,17 @@ class TorchBackend(Backend):
         norms = torch._foreach_norm(ts, 2, dtype=torch.float64)
         return torch.stack(norms).square().sum()
 
-    def perturb(self, b, eps, fold, adaptive):
+    def dots(self, b, key):
+        g = [t.double() for t in b.grads]
+        s = [t.double() for t in state_tensors(b, key)]
+        sums = [torch.stack([(x * x).sum(), (x * y).sum(), (y * y).sum()]) for x, y in zip(g, s)]
+        return torch.stack(sums).sum(0)
+
+    def perturb(self, b, eps, fold, adaptive, save=False):
         backups = self._backups(b)
         torch._foreach_copy_(backups, b.params)
+        if save:  # interval=k refresh: g1 into the direction state, for the update
+            torch._foreach_copy_(state_tensors(b, DIRECTION), b.grads)
         theta, g = _up(b.params), _up(b.grads)
         step = torch._foreach_mul(g, eps)
         if adaptive:
@@ -80,17 +89,33 @@ class TorchBackend(Backend):
     def restore(self, b):
         torch._foreach_copy_(b.params, self._backups(b))
 
-    def update(self, b, gscale, found_inf):
+    def update(self, b, gscale, found_inf, direction=None):
         backups = self._backups(b)
         skip = found_inf != 0
         always = torch.ones_like(skip)
         # per tensor: whether it keeps its old values (a skipped step, or a frozen tensor)
         keep = [always if b.flag(i, FLAG_FROZEN) else skip for i in range(len(b.params))]
-        g = torch._foreach_mul(_up(b.grads), gscale)
-        theta = _up(backups)
+        if direction is not None:  # interval=k refresh: v̂ = a·G + c·g1 into the direction
+            a, c = direction
+            for d, G, k in zip(state_tensors(b, DIRECTION), _up(b.grads), keep):
+                new = G * a + _up([d])[0] * c
+                d.copy_(torch.where(k, d, new.to(d.dtype)))
+        self._step(b, torch._foreach_mul(_up(b.grads), gscale), _up(backups), backups, keep)
+
+    def reuse_update(self, b, u, v, found_inf):
+        """interval=k between refreshes: g = u·g1 + v·v̂, then the base update of θ in
+        place (there is no backup); nothing changes when ``found_inf``."""
+        skip = found_inf != 0
+        keep = [skip] * len(b.params)
+        g = [x * u + _up([d])[0] * v for x, d in zip(_up(b.grads), state_tensors(b, DIRECTION))]
+        self._step(b, g, _up(b.params), b.params, keep)
+
+    def _step(self, b, g, theta, origin, keep):
+        """The base update with g from θ (``theta``, of the compute dtype; ``origin`` the
+        tensors it was read from, written back where a tensor ``keep``s its values)."""
         group = b.group
         if b.algo == "none":
-            torch._foreach_copy_(b.params, backups)
+            torch._foreach_copy_(b.params, origin)
             for grad, new, k in zip(b.grads, g, keep):
                 grad.copy_(torch.where(k, grad, new.to(grad.dtype)))
             return
@@ -100,8 +125,8 @@ class TorchBackend(Backend):
             new_theta, new_state = self._adamw(b, g, theta, group, keep)
         else:
             raise ValueError(f"unknown base update {b.algo!r}")
-        for p, backup, new, k in zip(b.params, backups, new_theta, keep):
-            p.copy_(torch.where(k, backup, new.to(p.dtype)))
+        for p, old, new, k in zip(b.params, origin, new_theta, keep):
+            p.copy_(torch.where(k, old, new.to(p.dtype)))
         for old, new, k in new_state:
             old.copy_(torch.where(k, old, new.to(old.dtype)))
 

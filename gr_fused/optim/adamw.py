@@ -27,7 +27,8 @@ class GRAdamW(GROptimizer):
                  gamma: Optional[float] = None, rho: float = 0.05, normalize: bool = True,
                  difference: str = "forward", alpha: Optional[float] = None,
                  adaptive: bool = False, max_grad_norm: Optional[float] = None,
-                 maximize: bool = False, backend: str = "auto", freeze_bn_stats: bool = True,
+                 interval: int = 1, reuse_scale: float = 0.7, maximize: bool = False,
+                 backend: str = "auto", freeze_bn_stats: bool = True,
                  foreach: Optional[bool] = None):
         if amsgrad:
             raise ValueError("Invalid amsgrad: not supported by GRAdamW; use "
@@ -37,7 +38,7 @@ class GRAdamW(GROptimizer):
         base["betas"] = tuple(betas)
         defaults = dict(base, gamma=resolve_gamma(gamma, alpha), rho=rho, normalize=normalize,
                         difference=difference, alpha=alpha, adaptive=adaptive,
-                        max_grad_norm=max_grad_norm)
+                        max_grad_norm=max_grad_norm, interval=interval, reuse_scale=reuse_scale)
         super().__init__(params, defaults, backend=backend, freeze_bn_stats=freeze_bn_stats)
 
     def _check_group(self, group):

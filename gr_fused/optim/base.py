@@ -21,15 +21,16 @@ from torch.optim import Optimizer
 
 from .. import backends as _backends
 from .._bn import FreezeRunningStats
-from .._scalars import ascent_scalars, update_scalars
-from ..backends.base import FLAG_FROZEN, FLAG_NEW_STATE, group_runs, real
+from .._scalars import CLIP_EPS, ascent_scalars, update_scalars
+from ..backends.base import DIRECTION, FLAG_FROZEN, FLAG_NEW_STATE, group_runs, real
 from ..backends.tensor_table import STATE_ROWS
 from ..backends.torch_backend import compute_dtype
 from ..distributed import all_reduce_max, all_reduce_sq_norm, local_shard
 
-GR_KEYS = ("gamma", "rho", "normalize", "difference", "alpha", "adaptive", "max_grad_norm")
+GR_KEYS = ("gamma", "rho", "normalize", "difference", "alpha", "adaptive", "max_grad_norm",
+           "interval", "reuse_scale")
 GR_DEFAULTS = dict(gamma=0.05, rho=0.05, normalize=True, difference="forward", alpha=None,
-                   adaptive=False, max_grad_norm=None)
+                   adaptive=False, max_grad_norm=None, interval=1, reuse_scale=0.7)
 DIFFERENCES = ("forward", "central")
 _grad_of = attrgetter("grad")
 _version_of = attrgetter("_version")
@@ -71,6 +72,12 @@ def check_gr_hparams(gr: Dict[str, Any]) -> None:
     mgn = gr["max_grad_norm"]
     if mgn is not None and (not _is_number(mgn) or mgn <= 0):
         raise ValueError(f"Invalid max_grad_norm: {mgn!r} (a number > 0, or None)")
+    k = gr["interval"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"Invalid interval: {k!r} (an int >= 1; 1 takes a second gradient "
+                         "every step)")
+    if not _is_number(gr["reuse_scale"]) or gr["reuse_scale"] < 0:
+        raise ValueError(f"Invalid reuse_scale: {gr['reuse_scale']!r} (a number >= 0)")
 
 
 def check_base_hparams(optimizer_class, **hparams) -> Dict[str, Any]:
@@ -126,7 +133,7 @@ class GROptimizer(Optimizer):
     _gr_names: Dict[str, str] = {k: k for k in GR_KEYS}
     # attributes kept by copy.deepcopy / pickle / torch.save besides torch's three
     _COPIED = ("_backend_name", "freeze_bn_stats", "skipped_steps", "last_step_skipped",
-               "_gr_names")
+               "_gr_names", "_gr_steps", "_gr_valid")
 
     def __init__(self, params, defaults: Dict[str, Any], backend: str = "auto",
                  freeze_bn_stats: bool = True):
@@ -139,6 +146,8 @@ class GROptimizer(Optimizer):
         self.freeze_bn_stats = freeze_bn_stats
         self.skipped_steps: Optional[torch.Tensor] = None
         self.last_step_skipped: Optional[torch.Tensor] = None
+        self._gr_steps = 0  # GR steps taken (interval=k refreshes the direction when k divides it)
+        self._gr_valid: Optional[torch.Tensor] = None  # 1. once a refresh cached a direction
         self._init_runtime()
         super().__init__(params, defaults)
 
@@ -193,6 +202,8 @@ class GROptimizer(Optimizer):
         d.setdefault("freeze_bn_stats", True)
         d.setdefault("skipped_steps", None)
         d.setdefault("last_step_skipped", None)
+        d.setdefault("_gr_steps", 0)
+        d.setdefault("_gr_valid", None)
         for group in self.param_groups:  # keys older checkpoints lack, as torch backfills them
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -201,7 +212,10 @@ class GROptimizer(Optimizer):
         if self._pending is not None:
             raise RuntimeError("state_dict() between first_step() and second_step(): the "
                                "weights are at the perturbed point; save between steps")
-        return super().state_dict()
+        state_dict = super().state_dict()
+        if self._interval() > 1:  # where the interval=k cycle stands (the direction is state)
+            state_dict["gr_fused"] = {"steps": self._gr_steps, "direction_valid": self._gr_valid}
+        return state_dict
 
     def load_state_dict(self, state_dict) -> None:
         """torch's load_state_dict; a param group key the checkpoint lacks (a torch.optim
@@ -211,7 +225,12 @@ class GROptimizer(Optimizer):
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
         before = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         saved = state_dict["param_groups"]
+        cycle = state_dict.get("gr_fused", {})
         super().load_state_dict(state_dict)
+        self._gr_steps = int(cycle.get("steps", 0))
+        valid = cycle.get("direction_valid")
+        self._gr_valid = None if valid is None else valid.detach().clone()
+        self._bucket_extra.clear()  # the tensors may be new: tables and checks start over
         for group, old, loaded in zip(self.param_groups, before, saved):
             for k, v in old.items():
                 if k not in loaded:
@@ -230,6 +249,11 @@ class GROptimizer(Optimizer):
         devices = {p.device for g in self.param_groups for p in g["params"]}
         return {str(d): self.backend_for(d).name for d in sorted(devices, key=str)}
 
+    def _state_of(self, p) -> Dict[str, Any]:
+        """The state dict a bucket carries for ``p`` (the GR wrapper keeps its own apart from
+        its base optimizer's)."""
+        return self.state[p]
+
     def _signs(self, group: Dict[str, Any]) -> Tuple[float, float]:
         """(sign of the ascent step, sign of the combined gradient): ``maximize`` runs GR on
         −L, whose gradients are the negated ones (the wrapper's base optimizer negates the
@@ -247,7 +271,8 @@ class GROptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             gr = self._gr(group)
             gr["eps_sign"], gr["combine_sign"] = self._signs(group)
-            needs_state = stateful and not (self._algo == "sgd" and group["momentum"] == 0)
+            needs_state = ((stateful and not (self._algo == "sgd" and group["momentum"] == 0))
+                           or gr["interval"] > 1)
             split: Dict[tuple, Tuple[list, list, list, list]] = {}
             for p in group["params"]:
                 grad = p.grad
@@ -264,13 +289,15 @@ class GROptimizer(Optimizer):
                     lists = split[(local_p.device, local_p.dtype, shards)] = ([], [], [], [])
                 lists[0].append(local_p)
                 lists[1].append(local_g)
-                lists[2].append(self.state[p] if needs_state else {})
+                lists[2].append(self._state_of(p) if needs_state else {})
                 lists[3].append(p)
             for (device, dtype, shards), (ps, gs, sts, sources) in split.items():
                 sharded = any(type(s) is not torch.Tensor and type(s) is not torch.nn.Parameter
                               for s in sources)
                 backend = (_backends.get_backend("torch", device) if sharded
                            else self.backend_for(device))
+                if gr["interval"] > 1 and not backend.supports_reuse:
+                    backend = _backends.get_backend("torch", device)
                 extra = self._bucket_extra.setdefault((gi, device, dtype, shards), {})
                 b = _backends.Bucket(ps, gs, sts, group, self._algo, extra, gr=gr,
                                      sources=sources)
@@ -320,10 +347,27 @@ class GROptimizer(Optimizer):
                              "param group or off (gamma = 0, alpha None) in all of them")
         return flags.pop()
 
+    def _interval(self) -> int:
+        intervals = {self._gr(g)["interval"] for g in self.param_groups}
+        if len(intervals) > 1:
+            raise ValueError(f"Invalid interval: {sorted(intervals)} (one interval for every "
+                             "param group: a step takes a second gradient for all or none)")
+        return intervals.pop() if intervals else 1
+
+    @property
+    def refresh_due(self) -> bool:
+        """Whether this step takes the second gradient: always with ``interval=1``; with
+        ``interval=k`` every k-th step (the first included), which also refreshes the cached
+        direction the steps in between reuse."""
+        k = self._interval()
+        return k == 1 or self._gr_steps % k == 0 or self._gr_valid is None
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """One optimizer step. With GR on, ``closure`` is required and is called 2 times
-        (forward/backward difference) or 3 times (central); returns the loss at θ.
+        (forward/backward difference) or 3 times (central); returns the loss at θ. With
+        ``interval=k`` only every k-th step takes the second gradient; the steps in between
+        call the closure once and reuse the cached direction (see ``refresh_due``).
 
         Called without a closure after ``first_step()`` and the backward at the perturbed
         point, it completes that step (as ``second_step(zero_grad=False)``): training loops
@@ -341,6 +385,13 @@ class GROptimizer(Optimizer):
                 with torch.enable_grad():
                     loss = closure()
             self._plain_step()
+            return loss
+        if not self.refresh_due:  # interval=k: one gradient, the cached direction
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._reuse_step()
             return loss
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure that zeroes grads, "
@@ -378,17 +429,25 @@ class GROptimizer(Optimizer):
             raise RuntimeError("first_step() called twice without second_step()")
         if not self.gr_active():
             raise RuntimeError("first_step() with GR off (gamma=0, alpha=None): call step()")
+        if not self.refresh_due:
+            raise RuntimeError("with interval=k only every k-th step takes a second gradient; "
+                               "this one reuses the cached direction: call step() (no closure) "
+                               "after the backward. opt.refresh_due tells which step is which")
         buckets = self._buckets()
+        refresh = self._interval() > 1
+        if refresh:
+            for b in buckets:
+                create_direction_state(b)
         if not buckets:
             self._pending = _Pending([], None, None, None)
             return
         main = buckets[0].device
         scale = self._grad_scale(main)
         fused = self._fusing_backend(buckets)
-        if fused is not None:  # the scalars come out of the norms' kernels (6 launches)
+        if fused is not None and not refresh:  # the scalars come out of the norms' kernels
             rows = fused.ascend(buckets, scale)
         else:
-            rows = self._ascend_general(buckets, main, scale)
+            rows = self._ascend_general(buckets, main, scale, save=refresh)
         for b in buckets:  # to tell, later, whether a backward wrote into these grads
             b.held = list(map(_grad_of, b.sources))
             b.extra["_versions"] = list(map(_version_of, b.grads))
@@ -420,7 +479,7 @@ class GROptimizer(Optimizer):
         return (torch.float64 if any(b.dtype == torch.float64 for b in buckets)
                 else torch.float32)
 
-    def _ascend_general(self, buckets, main, scale) -> torch.Tensor:
+    def _ascend_general(self, buckets, main, scale, save: bool = False) -> torch.Tensor:
         """first_step on the general path (any buckets: param groups, devices, dtypes,
         shards): the global norm and each group's ascent scalars with torch ops, then
         perturb. Returns each group's row [eps, fold, combine] (see Backend.ascend)."""
@@ -436,25 +495,71 @@ class GROptimizer(Optimizer):
             for b in members:
                 c = compute_dtype(b.dtype)
                 b_eps, b_fold = eps.to(b.device, c), fold.to(b.device, c)
-                b.backend.perturb(b, b_eps, b_fold, gr["adaptive"])
+                if save:  # interval=k refresh: g1 goes to the direction state too
+                    b.backend.perturb(b, b_eps, b_fold, gr["adaptive"], save=True)
+                else:
+                    b.backend.perturb(b, b_eps, b_fold, gr["adaptive"])
             rows.append(torch.stack([eps, fold, combine]))
         return torch.stack(rows)
 
-    def _update_general(self, buckets, rows, main, scale) -> torch.Tensor:
+    def _update_general(self, buckets, rows, main, scale, refresh: bool = False) -> torch.Tensor:
         """second_step on the general path: per-group norms of G, the update scalars
-        (global clipping, one found_inf for all) with torch ops, then each bucket's update."""
+        (global clipping, one found_inf for all) with torch ops, then each bucket's update.
+        ``refresh`` (interval=k): the same pass caches the new direction (see
+        ``direction_scalars``)."""
         inv = None if scale is None else scale.reciprocal()
         runs = group_runs(buckets)
-        sq_by_group = [_global_sq_norm(main, members, adaptive=False) for _, members in runs]
+        if refresh:
+            sums = [_global_sums(main, members, DIRECTION) for _, members in runs]
+            sq_by_group = [t[0] for t in sums]
+        else:
+            sq_by_group = [_global_sq_norm(main, members, adaptive=False) for _, members in runs]
         gscales, found_inf = update_scalars(
             sq_by_group, [rows[i, 2] for i in range(len(runs))], inv,
             [gr["max_grad_norm"] for gr, _ in runs])
-        for gscale, (_, members) in zip(gscales, runs):
+        directions = [None] * len(runs)
+        if refresh:
+            directions, valid = direction_scalars(
+                sums, [rows[i, 2] for i in range(len(runs))],
+                [gr["combine_sign"] for gr, _ in runs], inv)
+            self._gr_valid = valid * (1 - found_inf.to(valid.dtype))
+        for gscale, direction, (_, members) in zip(gscales, directions, runs):
             for b in members:
                 c = compute_dtype(b.dtype)
                 b_gscale, b_found = gscale.to(b.device, c), found_inf.to(b.device, c)
-                b.backend.update(b, b_gscale, b_found)
+                if direction is None:
+                    b.backend.update(b, b_gscale, b_found)
+                else:
+                    ab = tuple(t.to(b.device, c) for t in direction)
+                    b.backend.update(b, b_gscale, b_found, direction=ab)
         return found_inf
+
+    def _reuse_step(self) -> None:
+        """A step of interval=k between refreshes: one gradient g1, and
+        g = g1 + reuse_scale·‖g1‖·v̂ with v̂ the cached direction (clipped like any step),
+        then the base update of θ in place. Skipped, with nothing changed, on inf/NaN."""
+        buckets = self._buckets()
+        self._gr_steps += 1
+        if not buckets:
+            return
+        for b in buckets:
+            create_direction_state(b)
+            create_missing_state(b)
+            b.backend.refresh(b)
+        main = buckets[0].device
+        scale = self._grad_scale(main)
+        inv = None if scale is None else scale.reciprocal()
+        runs = group_runs(buckets)
+        sums = [_global_sums(main, members, DIRECTION) for _, members in runs]
+        valid = self._gr_valid.to(main)
+        coefs, found_inf = reuse_scalars(sums, [gr for gr, _ in runs], inv, valid)
+        for (u, v), (_, members) in zip(coefs, runs):
+            for b in members:
+                c = compute_dtype(b.dtype)
+                b.backend.reuse_update(b, u.to(b.device, c), v.to(b.device, c),
+                                       found_inf.to(b.device, c))
+        self._skip_record(main).record(found_inf)
+        self._after_update(found_inf)
 
     def _needs_reflect(self) -> bool:
         return any(b.gr["difference"] == "central" for b in self._pending.buckets)
@@ -496,12 +601,16 @@ class GROptimizer(Optimizer):
                 scale = self._grad_scale(main)
                 skips = self._skip_record(main)
                 fused = pending.fused
-                if fused is not None and self._fusing_backend(buckets, update=True) is fused:
+                refresh = self._interval() > 1
+                if (fused is not None and not refresh
+                        and self._fusing_backend(buckets, update=True) is fused):
                     found_inf = fused.combine_update(buckets, pending.rows, scale, skips)
                 else:
-                    found_inf = self._update_general(buckets, pending.rows, main, scale)
+                    found_inf = self._update_general(buckets, pending.rows, main, scale,
+                                                     refresh=refresh)
                     skips.record(found_inf)
                 self._after_update(found_inf)
+            self._gr_steps += 1
         except BaseException:
             self.last_step_skipped = last_skipped
             raise
@@ -513,9 +622,12 @@ class GROptimizer(Optimizer):
 
     @torch.no_grad()
     def abort_step(self) -> None:
-        """Give up the GR step in progress: θ is restored exactly, no state changes."""
+        """Give up the GR step in progress: θ is restored exactly, no state changes (but an
+        interval=k direction the step began to refresh: the next step refreshes it)."""
         pending, self._pending = self._pending, None
         self._bn.stop()
+        if pending is not None and pending.buckets and self._interval() > 1:
+            self._gr_valid = None
         if pending is not None:
             for b in pending.buckets:
                 b.backend.restore(b)
@@ -692,6 +804,72 @@ def create_missing_state(b: _backends.Bucket) -> None:
         if flags is None:
             flags = b.flags = [0] * len(b.params)
         flags[i] |= FLAG_NEW_STATE
+
+
+def create_direction_state(b: _backends.Bucket) -> None:
+    """interval=k: the cached direction of each tensor (zeros until a refresh)."""
+    for i, st in enumerate(b.states):
+        if DIRECTION not in st:
+            src = b.sources[i]
+            like = src if type(src) in (torch.Tensor, torch.nn.Parameter) else local_shard(src)[0]
+            st[DIRECTION] = torch.zeros_like(like, memory_format=torch.preserve_format)
+
+
+def direction_scalars(sums, combines, combine_signs, inv):
+    """interval=k, at a refresh: the coefficients (a_g, c_g) of each group with which the
+    update caches v̂ = a·G + c·g1 (g1 saved by perturb in the direction state), the unit
+    vector along the component of the combined gradient g orthogonal to g1, over every
+    group; and whether there is one (1., or 0. when g is parallel to g1).
+    ``sums[g]`` = [Σ G², Σ G·g1, Σ g1²] (float64, scaled by the AMP scale S like the grads).
+    In the frame of the update, g = A_g·G with A_g = combine_g/S and g1 = B_g·(saved g1)
+    with B_g = sign_g/S, so v = g − β·g1 with β = (g·g1)/‖g1‖² has
+    ‖v‖² = Σ_g A_g²·ΣG² − 2β·A_g·B_g·ΣGg1 + β²·B_g²·Σg1²."""
+    scale = 1.0 if inv is None else inv.double()
+    A = [c.double() * scale for c in combines]
+    B = [s * scale if inv is not None else torch.full_like(A[0], s) for s in combine_signs]
+    P = sum(a * b * t[1] for a, b, t in zip(A, B, sums))
+    Q = sum(b * b * t[2] for b, t in zip(B, sums))
+    beta = torch.where(Q > 0, P / Q, torch.zeros_like(P))
+    v2 = sum(a * a * t[0] - 2 * beta * a * b * t[1] + beta * beta * b * b * t[2]
+             for a, b, t in zip(A, B, sums))
+    ok = torch.isfinite(v2) & (v2 > 0)
+    inv_norm = torch.where(ok, v2.clamp_min(1e-300).rsqrt(), torch.zeros_like(v2))
+    dtype = combines[0].dtype
+    coefs = [((a * inv_norm).to(dtype), (-beta * b * inv_norm).to(dtype)) for a, b in zip(A, B)]
+    return coefs, ok.to(dtype)
+
+
+def reuse_scalars(sums, grs, inv, valid):
+    """interval=k, between refreshes: each group's (u, v) with g = u·g1 + v·v̂, and
+    found_inf. ``sums[g]`` = [Σ g1², Σ g1·v̂, Σ v̂²] (g1 scaled by the AMP scale S);
+    u = sign/S, v = reuse_scale·‖g1‖·valid with ‖g1‖ the global unscaled norm; clipping
+    (clip_grad_norm_ over all groups) scales both by one factor."""
+    dtype = valid.dtype
+    scale = torch.ones((), dtype=torch.float64, device=valid.device) if inv is None else inv.double()
+    total_sq = sum(t[0] for t in sums)
+    found_inf = (~torch.isfinite(total_sq)).to(dtype)
+    norm = total_sq.sqrt() * scale
+    u = [gr["combine_sign"] * scale for gr in grs]
+    v = [gr["reuse_scale"] * norm * valid.double() for gr in grs]
+    limits = [gr["max_grad_norm"] for gr in grs]
+    if any(m is not None for m in limits):
+        g_sq = sum(a * a * t[0] + 2 * a * b * t[1] + b * b * t[2] for a, b, t in zip(u, v, sums))
+        total = g_sq.sqrt().to(dtype)
+        coefs = [torch.ones((), dtype=dtype, device=valid.device) if m is None
+                 else torch.clamp(m / (total + CLIP_EPS), max=1.0) for m in limits]
+        u = [a * c for a, c in zip(u, coefs)]
+        v = [b * c for b, c in zip(v, coefs)]
+    return [(a.to(dtype), b.to(dtype)) for a, b in zip(u, v)], found_inf
+
+
+def _global_sums(main, buckets: List[_backends.Bucket], key: str) -> torch.Tensor:
+    """[Σ g², Σ g·s, Σ s²] over ``buckets`` (s: the ``key`` state), float64 on ``main``,
+    summed over shard groups like the norms."""
+    parts = []
+    for b in buckets:
+        t = b.backend.dots(b, key)
+        parts.append(all_reduce_sq_norm(t, b.shard_groups) if b.shard_groups else t)
+    return torch.stack([t.to(device=main, dtype=torch.float64) for t in parts]).sum(0)
 
 
 def _global_sq_norm(main, buckets: List[_backends.Bucket], adaptive: bool) -> torch.Tensor:

@@ -22,8 +22,10 @@ class GRSGD(GROptimizer):
     when a fixed ``alpha`` is given; ``gamma=0`` is torch.optim.SGD bit for bit with one
     gradient per step. ``maximize=True`` maximizes L: GR then regularizes −L (the ascent
     follows −g1 and the update ascends). ``max_grad_norm`` clips the combined g before the
-    update. Extra memory over torch.optim.SGD: one copy of the parameters (the exact backup
-    of θ).
+    update. ``interval=k`` takes the second gradient every k-th step only and reuses a
+    cached direction in between (docs/paper.md, "Cheaper GR"; one more copy of the
+    parameters). Extra memory over torch.optim.SGD: one copy of the parameters (the exact
+    backup of θ).
     """
 
     _algo = "sgd"
@@ -33,14 +35,15 @@ class GRSGD(GROptimizer):
                  gamma: Optional[float] = None, rho: float = 0.05, normalize: bool = True,
                  difference: str = "forward", alpha: Optional[float] = None,
                  adaptive: bool = False, max_grad_norm: Optional[float] = None,
-                 maximize: bool = False, backend: str = "auto", freeze_bn_stats: bool = True,
+                 interval: int = 1, reuse_scale: float = 0.7, maximize: bool = False,
+                 backend: str = "auto", freeze_bn_stats: bool = True,
                  foreach: Optional[bool] = None):
         base = check_base_hparams(torch.optim.SGD, lr=lr, momentum=momentum,
                                   dampening=dampening, weight_decay=weight_decay,
                                   nesterov=nesterov, maximize=maximize, foreach=foreach)
         defaults = dict(base, gamma=resolve_gamma(gamma, alpha), rho=rho, normalize=normalize,
                         difference=difference, alpha=alpha, adaptive=adaptive,
-                        max_grad_norm=max_grad_norm)
+                        max_grad_norm=max_grad_norm, interval=interval, reuse_scale=reuse_scale)
         super().__init__(params, defaults, backend=backend, freeze_bn_stats=freeze_bn_stats)
 
     def _check_group(self, group):

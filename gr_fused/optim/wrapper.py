@@ -12,7 +12,8 @@ from ..backends.base import FLAG_FROZEN
 
 # the options of GR itself that SAM and GNP take besides their own; every other keyword
 # argument of SAM and GNP goes to the base optimizer
-_GR_OPTIONS = ("backend", "freeze_bn_stats", "max_grad_norm", "adaptive")
+_GR_OPTIONS = ("backend", "freeze_bn_stats", "max_grad_norm", "adaptive", "interval",
+               "reuse_scale")
 
 
 def _base_argument_names(base_optimizer) -> set:
@@ -39,14 +40,15 @@ class GR(GROptimizer):
     ``"gr_alpha"``), so neither overrides the other.
     """
 
-    _COPIED = GROptimizer._COPIED + ("base_optimizer",)
+    _COPIED = GROptimizer._COPIED + ("base_optimizer", "_gr_state")
 
     def __init__(self, params, base_optimizer: Type[Optimizer] = torch.optim.SGD, *,
                  gamma: Optional[float] = None, rho: float = 0.05, normalize: bool = True,
                  difference: str = "forward", alpha: Optional[float] = None,
                  adaptive: bool = False, max_grad_norm: Optional[float] = None,
-                 backend: str = "auto", freeze_bn_stats: bool = True,
-                 base_kwargs: Optional[Dict[str, Any]] = None, **kwargs):
+                 interval: int = 1, reuse_scale: float = 0.7, backend: str = "auto",
+                 freeze_bn_stats: bool = True, base_kwargs: Optional[Dict[str, Any]] = None,
+                 **kwargs):
         if isinstance(base_optimizer, Optimizer) or not callable(base_optimizer):
             raise ValueError("Invalid base_optimizer: pass the optimizer class (e.g. "
                              "torch.optim.SGD) and its arguments as keywords")
@@ -58,7 +60,7 @@ class GR(GROptimizer):
         self._gr_names = {k: f"gr_{k}" if k in taken else k for k in GR_KEYS}
         gr = dict(gamma=resolve_gamma(gamma, alpha), rho=rho, normalize=normalize,
                   difference=difference, alpha=alpha, adaptive=adaptive,
-                  max_grad_norm=max_grad_norm)
+                  max_grad_norm=max_grad_norm, interval=interval, reuse_scale=reuse_scale)
         defaults = {self._gr_names[k]: v for k, v in gr.items()}
         defaults.update(base_kwargs)
         super().__init__(params, defaults, backend=backend, freeze_bn_stats=freeze_bn_stats)
@@ -70,6 +72,23 @@ class GR(GROptimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
+        # GR's own per-parameter state (interval=k's direction), apart from the base
+        # optimizer's, which must find a parameter's state empty until its first step
+        self._gr_state: Dict[torch.Tensor, Dict[str, Any]] = {}
+
+    def _state_of(self, p):
+        st = self._gr_state.get(p)
+        if st is None:
+            st = self._gr_state[p] = {}
+        return st
+
+    def state_dict(self):
+        state_dict = super().state_dict()
+        if "gr_fused" in state_dict:  # the direction by parameter index, as torch numbers them
+            params = [p for g in self.param_groups for p in g["params"]]
+            state_dict["gr_fused"]["state"] = {
+                i: dict(self._gr_state[p]) for i, p in enumerate(params) if self._gr_state.get(p)}
+        return state_dict
 
     def _signs(self, group):
         # the base optimizer maximizes by itself: GR ascends along −g1 and hands it ∇(L − γ/2‖∇L‖²)
@@ -80,8 +99,8 @@ class GR(GROptimizer):
             self.base_optimizer.step()
 
     def _after_update(self, found_inf: torch.Tensor) -> None:
-        for b in self._pending.buckets:  # frozen tensors: the base optimizer must skip them
-            if b.flags is not None:
+        for b in self._pending.buckets if self._pending is not None else ():
+            if b.flags is not None:  # frozen tensors: the base optimizer must skip them
                 for src, flag in zip(b.sources, b.flags):
                     if flag & FLAG_FROZEN:
                         src.grad = None
@@ -100,6 +119,10 @@ class GR(GROptimizer):
         super().load_state_dict(state_dict)
         base = self.base_optimizer  # share the loaded state, converted as the base converts it
         type(base).__setstate__(base, {"state": self.state, "param_groups": self.param_groups})
+        params = [p for g in self.param_groups for p in g["params"]]
+        own = state_dict.get("gr_fused", {}).get("state", {})
+        self._gr_state = {params[i]: {k: v.detach().to(params[i].device, params[i].dtype).clone()
+                                      for k, v in st.items()} for i, st in own.items()}
 
 
 class SAM(GR):
@@ -110,20 +133,23 @@ class SAM(GR):
     It is GR with α = 1 and a normalized ascent: g = ∇L(θ + ρ·g1/‖g1‖) (ASAM's
     ρ·θ²⊙g1/‖θ⊙g1‖ when ``adaptive``). As in that implementation, ``step(closure)`` takes
     the gradients your own ``loss.backward()`` already computed as g1 and calls the closure
-    once, at the perturbed point; it returns the closure's loss there. Keyword arguments
-    other than ``backend``, ``freeze_bn_stats``, ``max_grad_norm`` and ``base_kwargs`` go
-    to the base optimizer (RMSprop's ``alpha`` included; Adadelta's ``rho`` goes in
+    once, at the perturbed point; it returns the closure's loss there (with ``interval=k``
+    the steps between refreshes do not call it, and return None). Keyword arguments
+    other than ``backend``, ``freeze_bn_stats``, ``max_grad_norm``, ``interval``,
+    ``reuse_scale`` and ``base_kwargs`` go to the base optimizer (RMSprop's ``alpha`` included; Adadelta's ``rho`` goes in
     ``base_kwargs``).
     """
 
     def __init__(self, params, base_optimizer: Type[Optimizer] = torch.optim.SGD,
                  rho: float = 0.05, adaptive: bool = False, *, backend: str = "auto",
                  freeze_bn_stats: bool = True, max_grad_norm: Optional[float] = None,
+                 interval: int = 1, reuse_scale: float = 0.7,
                  base_kwargs: Optional[Dict[str, Any]] = None, **kwargs):
         if not rho >= 0.0:
             raise ValueError(f"Invalid rho, should be non-negative: {rho}")
         super().__init__(params, base_optimizer, gamma=0.0, rho=rho, normalize=True,
                          alpha=1.0, adaptive=adaptive, max_grad_norm=max_grad_norm,
+                         interval=interval, reuse_scale=reuse_scale,
                          backend=backend, freeze_bn_stats=freeze_bn_stats,
                          base_kwargs=dict(base_kwargs or {}, **kwargs))
 
@@ -141,6 +167,9 @@ class SAM(GR):
             raise RuntimeError("SAM.step(closure) takes the gradients already computed as the "
                                "first gradient, as the SAM implementation it replaces: run "
                                "loss.backward() before calling it (no parameter has a grad)")
+        if not self.refresh_due:  # interval=k: this step reuses the cached direction
+            self._reuse_step()
+            return None
         return self._perturbed_passes(closure)
 
 
