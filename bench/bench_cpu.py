@@ -1,34 +1,32 @@
 """CPU speed of the host build of csrc/ (backend="cpu") on the optimizer side of a GR step.
 
-One GR + SGD-momentum step without its backward passes: norm(g1), perturb, norm(G) and
-the fused combine/restore/update, over ~10M fp32 parameters in ~50 tensors. The backward
-passes are simulated by writing random gradients between the calls (not timed): g1 before
-``first_step``; before ``second_step`` g2 is added onto the grads (gr_fused: the second
-backward accumulates onto fold·g1) or written fresh (the SAM pattern zeroes its grads).
+One GR + SGD-momentum step without its backward passes: norm(g1), perturb, norm(G) and the
+update, over ~10M fp32 parameters in ~50 tensors. The backward passes are simulated by
+writing gradients between the calls (not timed): g1 before ``first_step``; before
+``second_step`` g2 is added onto the grads (gr_fused: the second backward accumulates onto
+fold·g1) or written fresh (the SAM pattern zeroes its grads).
 
-Timed side by side in one run, interleaved round by round, medians of many rounds:
+Timed side by side in one process, interleaved round by round (the order rotates), and
+reported as medians and as the median over rounds of each round's ratio:
 
-* ``GRSGD(backend="cpu")``, the host build (OpenMP, vectorized);
-* the same phases called directly on one flat bucket (no step driver: its Python overhead);
+* ``GRSGD(backend="cpu")``, the host build walking the parameters' own tensors;
 * ``GRSGD(backend="torch")``, the same optimizer on the pure-PyTorch backend;
-* the popular per-parameter SAM pattern (bench_kernels.SAMPattern: clone θ per tensor, a
-  Python loop of adds, then torch.optim.SGD);
-* a plain torch.optim.SGD momentum step and a copy of all parameters, for scale;
+* the popular per-parameter SAM pattern (``SAMPattern``: clone θ per tensor, a Python loop
+  of adds, then torch.optim.SGD);
+* a plain torch.optim.SGD momentum step, for scale;
 
-then each element-wise phase of the host build alone (norm, perturb, update) as the step
-runs it, with its GB/s, and the cost of a whole step over 50 and 500 tiny tensors (the
-step's Python and dispatch).
+then each element-wise phase of the host build alone (norm, perturb, update) with its GB/s
+over the bytes it must move (bench_kernels.PHASE_BYTES: 48 B per fp32 parameter for the
+step), and the host cost of a whole ``backend="cpu"`` GR step over 50 and 500 tiny tensors
+next to ``torch.optim.SGD(foreach=True)`` over the same tensors (median of per-round
+ratios): there the kernels' work is negligible, so that is the step's Python and dispatch.
 
-On a CPU the host build's perturb writes θ' into the backup and its update writes the new θ
-into the backup in place, each followed by an O(1) exchange of the two storages' memory
-(cext_backend._trades_memory): 44 B per parameter in all (``HOST_BYTES``), 4 B less than
-the in-place phases' 48 B (bench_kernels.PHASE_BYTES), and no buffer only written.
-
-    python bench/bench_cpu.py [--numel 10M] [--tensors 50] [--rounds 21] [--json PATH]
+    python bench/bench_cpu.py [--numel 10M] [--tensors 50] [--rounds 31] [--json PATH]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -43,24 +41,62 @@ sys.path.insert(0, HERE)
 
 import gr_fused  # noqa: E402
 from gr_fused import _ext  # noqa: E402
-from gr_fused.backends.base import Bucket, SkipRecord  # noqa: E402
-from gr_fused.backends.cext_backend import CKernels  # noqa: E402
-from bench_kernels import PHASE_BYTES, SAMPattern, _split, write_results  # noqa: E402
+from gr_fused.backends import get_backend  # noqa: E402
+from gr_fused.backends.base import Bucket  # noqa: E402
+from gr_fused.optim.base import create_missing_state  # noqa: E402
+
+try:  # the shared helpers (bench_kernels imports the Triton backend as it loads)
+    from bench_kernels import PHASE_BYTES, write_results  # noqa: E402
+except ImportError:  # pragma: no cover - only while that module cannot be imported
+    PHASE_BYTES = {"norm": (1, 0), "perturb": (2, 3), "update-sgd": (3, 2), "gr-step": (7, 5)}
+
+    def write_results(path: str, results: dict, markdown: Optional[str] = None) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
 
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
-METHODS = ["gr_fused cpu", "host phases", "gr_fused torch", "SAM pattern", "torch SGD", "copy"]
-# (elements read, elements written) per parameter by each host phase as the step runs it:
-# bench_kernels.PHASE_BYTES, except that perturb writes θ' into the backup's memory and
-# leaves θ where it is (read θ, g; write θ', fold·g); the update writes the new θ into the
-# backup's memory instead of θ's, the same count.
-HOST_BYTES = {"norm": PHASE_BYTES["norm"], "perturb": (2, 2),
-              "update-sgd": PHASE_BYTES["update-sgd"]}
-STEP_BYTES = 4 * (2 * sum(HOST_BYTES["norm"]) + sum(HOST_BYTES["perturb"])
-                  + sum(HOST_BYTES["update-sgd"]))  # per fp32 parameter: 44 B
+METHODS = ["gr_fused cpu", "gr_fused torch", "SAM pattern", "torch SGD"]
+STEP_BYTES = 4 * sum(PHASE_BYTES["gr-step"])  # per fp32 parameter: 48 B
+TINY = (50, 500)
+
+
+def split(n: int, n_tensors: int) -> List[int]:
+    """n elements as n_tensors sizes of a few different shapes (not multiples of a block)."""
+    base = max(n // n_tensors, 1)
+    sizes = [base + (i % 7) * 13 for i in range(n_tensors)]
+    sizes[-1] += n - sum(sizes) if n > sum(sizes) else 0
+    return sizes
+
+
+class SAMPattern:
+    """The optimizer side of the popular per-parameter SAM implementation: first_step clones
+    θ per tensor and adds ρ·g/‖g‖ in a Python loop; second_step puts θ back and steps
+    torch.optim.SGD (with its default foreach implementation)."""
+
+    def __init__(self, params, rho=0.05, **sgd):
+        self.params, self.rho = params, rho
+        self.base = torch.optim.SGD(params, **sgd)
+        self.old: List[torch.Tensor] = []
+
+    @torch.no_grad()
+    def first_step(self):
+        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in self.params]), p=2)
+        scale = self.rho / (grad_norm + 1e-12)
+        self.old = []
+        for p in self.params:
+            self.old.append(p.data.clone())
+            p.add_(p.grad * scale.to(p))
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False):
+        for p, old in zip(self.params, self.old):
+            p.data = old
+        self.base.step()
 
 
 class Setup:
-    """Parameters, two sets of random gradients and a (first, second) pair of timed calls."""
+    """Parameters, two sets of random gradients and the optimizer of one method."""
 
     def __init__(self, method: str, sizes: List[int], seed: int = 0):
         gen = torch.Generator().manual_seed(seed)
@@ -77,45 +113,13 @@ class Setup:
             self.opt = SAMPattern(self.params, rho=0.05, **SGD)
         elif method == "torch SGD":
             self.opt = torch.optim.SGD(self.params, **SGD)
-        elif method == "copy":
-            self.dst = [torch.empty_like(g) for g in self.g1]
-        elif method == "host phases":  # the kernels alone on one flat bucket, no step driver
-            flat = torch.cat([p.detach().flatten() for p in self.params])
-            group = dict(SGD, dampening=0.0, nesterov=False, rho=0.05, gamma=0.02, alpha=None,
-                         normalize=True, difference="forward", adaptive=False,
-                         max_grad_norm=None)
-            self.flat = Bucket([flat], [torch.randn_like(flat)], [{}], group, "sgd",
-                               {"backup": [torch.empty_like(flat)]})
-            self.skips = SkipRecord(torch.zeros((), dtype=torch.int64),
-                                    torch.empty((), dtype=torch.bool), None)
-            self.g1, self.g2 = [torch.randn_like(flat)], [torch.randn_like(flat)]
-            self.kernels = CKernels()
 
     def grads(self) -> List[torch.Tensor]:
-        if self.method == "host phases":
-            return self.flat.grads
         return [p.grad for p in self.params]
-
-    def phases(self) -> float:
-        """norm(g1) + scalars, perturb | norm(G) + scalars, update: what the driver calls."""
-        k, b = self.kernels, self.flat
-        start = time.perf_counter()
-        ascended = k.ascend([b], None)
-        first = time.perf_counter() - start
-        torch._foreach_add_(self.grads(), self.g2)
-        start = time.perf_counter()
-        k.combine_update([b], ascended, None, self.skips)
-        return first + time.perf_counter() - start
 
     def step(self) -> float:
         """One step; returns the seconds spent in the optimizer (gradient writes excluded)."""
         torch._foreach_copy_(self.grads(), self.g1)            # "first backward"
-        if self.method == "copy":
-            start = time.perf_counter()
-            torch._foreach_copy_(self.dst, [p.detach() for p in self.params])
-            return time.perf_counter() - start
-        if self.method == "host phases":
-            return self.phases()
         if self.method == "torch SGD":
             start = time.perf_counter()
             self.opt.step()
@@ -132,23 +136,31 @@ class Setup:
         return first + time.perf_counter() - start
 
 
-def phase_times(setup: Setup, rounds: int) -> Dict[str, float]:
-    """Median ms of each element-wise phase of the host build alone, on the "host phases"
-    flat bucket, as the step driver runs it (with the memory exchange after perturb and
-    update) but without the finalize calls between them. The gradients are rewritten before
-    each round, as in Setup.step."""
-    b, k = setup.flat, setup.kernels
-    grad = b.grads[0]
-    partials = torch.empty(1, dtype=torch.float64)
+def phase_times(sizes: List[int], rounds: int) -> Dict[str, float]:
+    """Median ms of each element-wise phase of the host build alone, on a bucket of the
+    same tensors as the step (the backend's phases, without the driver and without the
+    step scalars' finalize)."""
+    be = get_backend("cpu", torch.device("cpu"))
+    params = [torch.randn(s) for s in sizes]
+    grads = [torch.randn(s) for s in sizes]
+    group = dict(SGD, dampening=0.0, nesterov=False)
+    gr = dict(rho=0.05, gamma=0.02, alpha=None, normalize=True, difference="forward",
+              adaptive=False, max_grad_norm=None, eps_sign=1.0, combine_sign=1.0)
+    b = Bucket(params, grads, [{} for _ in sizes], group, "sgd", {}, gr=gr)
+    b.backend = be
+    (b,) = be.prepare(b)
+    create_missing_state(b)
+    be.refresh(b)
+    b.flags = None  # a later step: the momentum buffers are read
+    be.refresh(b)
     eps, fold, gscale, found_inf = (torch.tensor(v) for v in (1e-3, 1.0, 1.0, 0.0))
     phases = {
-        "norm": lambda: k._call("norm_partials", grad, grad.data_ptr(), 0, partials.data_ptr()),
-        "perturb": lambda: k._perturb_at(b, eps.data_ptr(), fold.data_ptr(), False),
-        "update-sgd": lambda: k._update_at(b, gscale.data_ptr(), found_inf.data_ptr(), False),
+        "norm": lambda: be.sq_norm(b, False),
+        "perturb": lambda: be.perturb(b, eps, fold, False),
+        "update-sgd": lambda: be.update(b, gscale, found_inf),
     }
     times: Dict[str, List[float]] = {name: [] for name in phases}
     for _ in range(rounds):
-        torch._foreach_copy_(setup.grads(), setup.g1)
         for name, phase in phases.items():
             start = time.perf_counter()
             phase()
@@ -156,21 +168,36 @@ def phase_times(setup: Setup, rounds: int) -> Dict[str, float]:
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
-def driver_overhead_us(n_tensors: int, steps: int = 200) -> float:
-    """Median µs of a whole GRSGD(backend="cpu") step (first_step + second_step) over
-    ``n_tensors`` 16-element tensors: the kernels' work is negligible there, so this is
-    the Python and dispatch cost that every step pays, whatever its size."""
-    params = [torch.randn(16).requires_grad_() for _ in range(n_tensors)]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt = gr_fused.GRSGD(params, gamma=0.02, rho=0.05, backend="cpu", **SGD)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        opt.first_step()
-        opt.second_step(zero_grad=False)
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times[steps // 10:])
+def host_cost(n_tensors: int, rounds: int, steps: int = 20) -> dict:
+    """A whole GRSGD(backend="cpu") step (first_step + second_step) over ``n_tensors``
+    16-element tensors beside a torch.optim.SGD(foreach=True) momentum step over the same
+    tensors (each its own copy), interleaved: µs per step (medians) and the median of
+    the per-round ratios."""
+    def tensors():
+        gen = torch.Generator().manual_seed(n_tensors)
+        ps = [torch.randn(16, generator=gen).requires_grad_() for _ in range(n_tensors)]
+        for p in ps:
+            p.grad = torch.randn(16, generator=gen)
+        return ps
+    gr_params, sgd_params = tensors(), tensors()
+    gr = gr_fused.GRSGD(gr_params, gamma=0.02, rho=0.05, backend="cpu", **SGD)
+    sgd = torch.optim.SGD(sgd_params, foreach=True, **SGD)
+
+    def gr_step():
+        gr.first_step()
+        gr.second_step(zero_grad=False)
+
+    runs = {"gr_fused cpu": gr_step, "torch SGD foreach": sgd.step}
+    times: Dict[str, List[float]] = {k: [] for k in runs}
+    for r in range(rounds + 2):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            start = time.perf_counter()
+            for _ in range(steps):
+                runs[name]()
+            if r >= 2:
+                times[name].append((time.perf_counter() - start) / steps)
+    return {"us": {k: 1e6 * statistics.median(v) for k, v in times.items()},
+            "ratio": paired_ratio(times["gr_fused cpu"], times["torch SGD foreach"])}
 
 
 def paired_ratio(a: List[float], b: List[float]) -> float:
@@ -178,7 +205,7 @@ def paired_ratio(a: List[float], b: List[float]) -> float:
 
 
 def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2) -> dict:
-    sizes = _split(numel, n_tensors)
+    sizes = split(numel, n_tensors)
     setups = {m: Setup(m, sizes) for m in METHODS}
     times: Dict[str, List[float]] = {m: [] for m in METHODS}
     for r in range(warmup + rounds):
@@ -188,7 +215,8 @@ def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2) -> dict:
             if r >= warmup:
                 times[m].append(t)
     backends = setups["gr_fused cpu"].opt.backends
-    phase_ms = phase_times(setups["host phases"], rounds)
+    del setups
+    phase_ms = phase_times(sizes, rounds)
     ms = {m: 1e3 * statistics.median(ts) for m, ts in times.items()}
     numel = sum(sizes)
     return {
@@ -199,12 +227,12 @@ def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2) -> dict:
         # the median over rounds of each round's ratio: both timed in the same round
         "ratio_cpu_vs_sam": paired_ratio(times["gr_fused cpu"], times["SAM pattern"]),
         "ratio_cpu_vs_torch_backend": paired_ratio(times["gr_fused cpu"], times["gr_fused torch"]),
+        "ratio_cpu_vs_torch_sgd": paired_ratio(times["gr_fused cpu"], times["torch SGD"]),
         "gr_step_gbps": STEP_BYTES * numel / (ms["gr_fused cpu"] * 1e-3) / 1e9,
-        "copy_gbps": 8 * numel / (ms["copy"] * 1e-3) / 1e9,
-        # each phase alone: GB/s over the bytes it reads and writes (HOST_BYTES)
-        "phases": {name: {"ms": t, "gbps": 4 * sum(HOST_BYTES[name]) * numel / (t * 1e-3) / 1e9}
+        # each phase alone: GB/s over the bytes it reads and writes (PHASE_BYTES)
+        "phases": {name: {"ms": t, "gbps": 4 * sum(PHASE_BYTES[name]) * numel / (t * 1e-3) / 1e9}
                    for name, t in phase_ms.items()},
-        "driver_overhead_us": {n: driver_overhead_us(n) for n in (50, 500)},
+        "host_cost": {n: host_cost(n, max(5, rounds // 2)) for n in TINY},
     }
 
 
@@ -218,17 +246,21 @@ def table(res: dict) -> str:
         lines.append(f"| {m} | {t:.1f} | {t / sam:.2f}x |")
     lines += ["", f"host build / SAM pattern: {res['ratio_cpu_vs_sam']:.2f}x   "
               f"host build / torch backend: {res['ratio_cpu_vs_torch_backend']:.2f}x   "
+              f"host build / torch SGD: {res['ratio_cpu_vs_torch_sgd']:.2f}x   "
               "(medians of the per-round ratios)",
-              f"host build moves {STEP_BYTES} B/param at {res['gr_step_gbps']:.1f} GB/s; "
-              f"a copy runs at {res['copy_gbps']:.1f} GB/s",
+              f"the host build's step moves {STEP_BYTES} B/param at {res['gr_step_gbps']:.1f} GB/s",
               "", "| host phase alone | ms | GB/s over the bytes it reads and writes |",
               "|---|---|---|"]
     for name, p in res["phases"].items():
-        reads, writes = HOST_BYTES[name]
+        reads, writes = PHASE_BYTES[name]
         lines.append(f"| {name} ({4 * reads} B read, {4 * writes} B written) | {p['ms']:.2f} | "
                      f"{p['gbps']:.1f} |")
-    lines += ["", "a whole step over tiny tensors (its Python and dispatch cost): " + ", ".join(
-        f"{n} tensors {us:.0f} µs" for n, us in res["driver_overhead_us"].items())]
+    lines += ["", "host cost of a whole step over tiny (16-element) tensors, µs per step "
+              "(ratio: median of per-round ratios)", "",
+              "| tensors | GRSGD cpu | torch SGD foreach | ratio |", "|---|---|---|---|"]
+    for n, h in res["host_cost"].items():
+        lines.append(f"| {n} | {h['us']['gr_fused cpu']:.0f} | {h['us']['torch SGD foreach']:.0f} "
+                     f"| {h['ratio']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -243,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     numel = int(float(args.numel[:-1]) * scale) if scale else int(args.numel)
     res = run(numel, args.tensors, args.rounds)
     if args.json:
-        write_results(args.json, res)
+        write_results(args.json, res, table(res) + "\n")
     print(table(res))
     return res
 

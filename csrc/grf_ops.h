@@ -74,23 +74,25 @@ template <int V, class T> GRF_HD void st(T* p, int64_t i, const Pack<T, V>& x) {
   }
 }
 
-// A store to a buffer the phase only writes (perturb's backup): on an AVX2 host a 32-byte
-// pack goes out as a non-temporal store, which does not first read the line into the cache.
-// p + i must be 32-byte aligned (the backup's segments are 64-byte aligned and a chunk starts
-// a multiple of 32 bytes in; the host driver checks). Anywhere else, st.
-template <int V, class T> GRF_HD void st_stream(T* p, int64_t i, const Pack<T, V>& x) {
+// The host build's copy into a buffer a phase only writes (perturb's backup ← θ): on an AVX2
+// host, 32-byte non-temporal stores, which do not first read the destination's lines into
+// the cache; `dst` must be 32-byte aligned (the backup's segments are 64-byte aligned and a
+// chunk starts a multiple of 32 bytes into one). The caller fences (_mm_sfence) after.
+inline void copy_streamed(void* dst, const void* src, int64_t bytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  int64_t k = 0;
 #ifdef GRF_STREAM_STORES
-  if constexpr (sizeof(T) * V == 32) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p + i),
-                        _mm256_load_si256(reinterpret_cast<const __m256i*>(x.v)));
-    return;
-  }
+  for (; k + 32 <= bytes; k += 32)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + k),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k)));
 #endif
-  st<V>(p, i, x);
+  memcpy(d + k, s + k, size_t(bytes - k));
 }
 
-// Whether a chunk view writes a buffer with st_stream (its `static constexpr bool kStreams`;
-// it then has apply_streamed<V> and stream_aligned()).
+// Whether a chunk view has a buffer it only writes with a copy of another (its
+// `static constexpr bool kStreams`; it then has stream_aligned(), copy_dst(), copy_src() and
+// apply_rest<V>, which does everything but that copy).
 template <class Ch, class = void> struct streams : std::false_type {};
 template <class Ch>
 struct streams<Ch, std::void_t<decltype(Ch::kStreams)>> : std::bool_constant<Ch::kStreams> {};
@@ -169,16 +171,18 @@ GRF_UNROLL
 template <class T, bool ADAPTIVE> struct PerturbChunk {
   using value_type = T;
   using C = compute_t<T>;
-  static constexpr bool kStreams = true;  // the backup is only written
+  static constexpr bool kStreams = true;  // the backup is only written, with a copy of θ
   T* theta;
   T* g;
   T* backup;
   C eps, fold;
 
   GRF_HD bool aligned16() const { return (addr(theta) | addr(g) | addr(backup)) % 16 == 0; }
-  GRF_HD bool stream_aligned() const { return addr(backup) % 32 == 0; }
+  bool stream_aligned() const { return addr(backup) % 32 == 0; }
+  T* copy_dst() const { return backup; }
+  const T* copy_src() const { return theta; }
 
-  template <int V, bool STREAM> GRF_HD void run(int64_t i) const {
+  template <int V, bool BACKUP> GRF_HD void run(int64_t i) const {
     const Pack<T, V> t = ld<V>(theta, i), gp = ld<V>(g, i);
     Pack<T, V> nt, ng;
 GRF_UNROLL
@@ -188,12 +192,12 @@ GRF_UNROLL
       nt.v[k] = from_c<T>(new_theta);
       ng.v[k] = from_c<T>(new_g);
     }
-    if constexpr (STREAM) st_stream<V>(backup, i, t); else st<V>(backup, i, t);
+    if constexpr (BACKUP) st<V>(backup, i, t);
     st<V>(theta, i, nt);
     st<V>(g, i, ng);
   }
-  template <int V> GRF_HD void apply(int64_t i) const { run<V, false>(i); }
-  template <int V> GRF_HD void apply_streamed(int64_t i) const { run<V, true>(i); }
+  template <int V> GRF_HD void apply(int64_t i) const { run<V, true>(i); }
+  template <int V> GRF_HD void apply_rest(int64_t i) const { run<V, false>(i); }
 };
 
 // θ = 2·backup − θ;  g = −g (central difference).

@@ -59,28 +59,33 @@ template <int V, class Ch> void chunk_loop(const Ch& ch, int64_t len) {
   for (; i < len; ++i) ch.template apply<1>(i);
 }
 
+// A chunk with a buffer it only writes with a copy (perturb's backup ← θ) runs in blocks
+// of kCopyBlock elements: the block's copy as non-temporal stores (copy_streamed), then the
+// rest of the op on the block, whose source is still in L1. So the source is read from
+// memory once and the copy's destination is never read.
+constexpr int64_t kCopyBlock = 512;
+
 template <class Ch> void run_chunk(const Ch& view, int64_t len, bool packs) {
   const Ch ch = view;  // a private copy: the compiler need not reload it after stores
   using T = typename Ch::value_type;
+  if (packs && ch.aligned16()) {  // the CUDA kernels' pack code (tests)
+    chunk_loop<vec_width<T>()>(ch, len);
+    return;
+  }
 #ifdef GRF_STREAM_STORES
-  // A chunk with a write-only buffer, in 32-byte packs (st_stream) where that buffer is
-  // 32-byte aligned: fp32 and fp64 (GCC vectorizes their packs; fp16/bf16 packs convert lane
-  // by lane). The streamed stores are fenced at the end of the chunk.
-  if constexpr (streams_v<Ch> && (std::is_same<T, float>::value || std::is_same<T, double>::value)) {
+  if constexpr (streams_v<Ch>) {
     if (ch.stream_aligned()) {
-      constexpr int V = 32 / int(sizeof(T));
-      int64_t i = 0;
-      for (; i + V <= len; i += V) ch.template apply_streamed<V>(i);
-      for (; i < len; ++i) ch.template apply<1>(i);
-      _mm_sfence();
+      for (int64_t begin = 0; begin < len; begin += kCopyBlock) {
+        const int64_t end = std::min(len, begin + kCopyBlock);
+        copy_streamed(ch.copy_dst() + begin, ch.copy_src() + begin, sizeof(T) * (end - begin));
+        for (int64_t i = begin; i < end; ++i) ch.template apply_rest<1>(i);
+      }
+      _mm_sfence();  // this thread's streamed stores, in order before what follows
       return;
     }
   }
 #endif
-  if (packs && ch.aligned16())
-    chunk_loop<vec_width<T>()>(ch, len);
-  else
-    chunk_loop<1>(ch, len);
+  chunk_loop<1>(ch, len);
 }
 
 // Runs op over every chunk of the table.

@@ -1,24 +1,30 @@
-"""The compiled kernels of csrc/ (gr_fused._C, backends "cpu" and "cuda").
+"""The compiled kernels of csrc/ (gr_fused._C, backends "cpu" and "cuda") over tensor tables.
 
-The host build runs on every machine, so CI checks the C++ math that the CUDA kernels also
-run (csrc/grf_math.h is compiled for both); on a GPU the same tests also run the CUDA
-kernels, against torch and against Triton.
+The host build runs on every machine, so CI checks the C++ math and the table walk that the
+CUDA kernels also run (csrc/grf_math.h and grf_ops.h are compiled for both); on a GPU the
+same checks also run the CUDA kernels.
 
 * the shared equality cases (tests/equality.py) against the torch backend;
-* each phase against the torch reference phases (TorchBackend on a flat bucket): sizes of
-  1 element, not a multiple of a vector or a host chunk, unaligned buffers, every dtype;
+* every phase against the torch reference phases through the shared harness (check_phases,
+  check_restore, check_reflect, check_fused_step): every dtype, every base update, fresh
+  and existing state, skipped steps, frozen tensors, unaligned tensors, channels_last,
+  sizes of 0 and 1 element and of several chunks, adaptive norms;
+* the same bits for any thread count, for the AVX2 and the baseline host code, and for the
+  CUDA kernels' 16-byte pack code run on the host;
 * rounding to fp16/bf16 bit for bit like torch, over all 65536 bit patterns;
-* found_inf skips (θ == backup bit for bit, state untouched), determinism of the norm;
+* a tensor learning rate read by the kernels (no host read), scalars of another dtype
+  converted and kept alive while _C reads them;
+* what nvcc made of cuda.cu (cuobjdump, no GPU needed);
 * errors: CUDA errors and bad arguments become Python exceptions; a broken or missing
   gr_fused._C costs one warning, never ``import gr_fused``.
 """
-import dataclasses
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,26 +32,21 @@ import torch
 
 import gr_fused
 from gr_fused import _ext, backends
-from gr_fused.backends.base import Bucket
-from gr_fused.backends import cext_backend
-from gr_fused.backends.cext_backend import _CODES as CODES, CKernels, _where
-from gr_fused.backends.torch_backend import TorchBackend, compute_dtype
-from equality import (CASE_IDS, CASES, KERNEL_ULPS, make_inputs, run_case, SCALAR_HPARAM_IDS, SCALAR_HPARAMS,
-                      SGD_GROUPS, check_ascent_scalars, check_groups, check_nan_in_G_skips,
-                      check_update, check_update_scalars, clone_bucket, closure_for,
-                      compare_backends, flat_bucket, scalar_group, ulp_close)
+from gr_fused.backends.base import Bucket, SkipRecord
+from gr_fused.backends.torch_backend import compute_dtype
+from gr_fused.optim.base import create_missing_state
+import equality as E
 from test_nosync import forbid_host_reads
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from bench_kernels import DeviceWork  # noqa: E402
-
 HAS_CUDA = torch.cuda.is_available()
-NEEDS_GPU = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; the same math is "
-                               "tested through the host build on every machine")
+NEEDS_GPU = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; the same math and "
+                               "table walk are tested through the host build on every machine")
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_GPU)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-SIZES = [1, 4099, 70001]     # one element; odd; > two host chunks (2^15) and many CUDA blocks
+DTYPE_IDS = ["fp32", "bf16", "fp16", "fp64"]
+ALGOS = [f"sgd-{name}" for name in E.SGD_GROUPS] + ["adamw", "none"]
 REPO = Path(__file__).resolve().parent.parent
+FOUR_D = [(2, 3, 5, 7), (1, 16, 3, 3), (4, 1, 1, 1), (3, 8, 1, 5)]
 
 
 @pytest.fixture(scope="module")
@@ -59,430 +60,173 @@ def backend_name(device):
     return "cuda" if device == "cuda" else "cpu"
 
 
+def kernel_backend(device):
+    return backends.get_backend(backend_name(device), torch.device(device))
+
+
+def bucket(algo, dtype, device="cpu", sizes=E.SIZES, gr=None, **kw):
+    """E.random_bucket for ``algo`` ("sgd-<SGD_GROUPS name>", "adamw" or "none")."""
+    if algo.startswith("sgd-"):
+        return E.random_bucket(sizes, dtype, device, "sgd", dict(E.SGD_GROUPS[algo[4:]]),
+                               gr=gr, **kw)
+    return E.random_bucket(sizes, dtype, device, algo, gr=gr, **kw)
+
+
 # ----------------------------------------------------------------------- shared equality cases
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", E.CASES, ids=E.CASE_IDS)
 def test_host_build_matches_torch_backend(case, lib):
-    compare_backends(case, "cpu")
+    E.compare_backends(case, "cpu")
 
 
 @NEEDS_GPU
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", E.CASES, ids=E.CASE_IDS)
 def test_cuda_kernels_match_torch_backend(case, lib):
-    compare_backends(case, "cuda", device="cuda")
+    E.compare_backends(case, "cuda", device="cuda")
 
 
-@NEEDS_GPU
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_cuda_kernels_match_triton(case, lib):
-    why = backends.unavailable_reason("triton", torch.device("cuda"))
-    if why is not None:
-        pytest.skip(f"the triton backend cannot run here: {why}")
-    compare_backends(case, "cuda", reference="triton", device="cuda")
-
-
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_host_build_swapping_memory_gives_the_in_place_bits(case, lib, monkeypatch):
-    """On a CPU perturb and update write into the backup and the two storages trade memory
-    (cext_backend._trades_memory); in place (as on CUDA) they write θ directly. Same bits."""
-    inputs = make_inputs(case)
-    swapped = run_case(case, "cpu", inputs)
-    monkeypatch.setattr(cext_backend, "swap_on_cpu", False)
-    in_place = run_case(case, "cpu", inputs)
-    for got, want in zip(swapped[0], in_place[0]):
-        assert torch.equal(got, want), f"{case.name}: params differ"
-    assert swapped[1].keys() == in_place[1].keys()
-    for key, want in in_place[1].items():
-        assert torch.equal(swapped[1][key], want), f"{case.name}: state {key} differs"
-
-
-@pytest.mark.skipif(cext_backend._SWAP_DATA_PTR is None,
-                    reason="this torch lacks UntypedStorage._swap_data_ptr_, so the host build "
-                    "runs its phases in place (tested by every other host-build test)")
-def test_cpu_steps_trade_memory_and_every_view_follows(lib):
-    """The swap moves the flat param's memory, not the tensors: the parameters, a
-    user-held ``.detach()`` and the optimizer's own layout all see θ' after first_step and the
-    new θ after second_step; the backup holds θ exactly while perturbed."""
-    params = [torch.randn(s, requires_grad=True) for s in (300, 7, 4099)]
-    opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend="cpu")
-    opt.step(closure_for(opt, params))  # the first step moves the params into the flat buffer
-    held = [p.detach() for p in params]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    theta = [p.detach().clone() for p in params]
-    addresses = [p.data_ptr() for p in params]
-    opt.first_step()
-    layout = next(iter(opt._bucket_extra.values()))["flat"]
-    assert all(p.data_ptr() != a for p, a in zip(params, addresses)), "no swap happened"
-    assert layout.matches(params), "the params no longer view the flat buffer"
-    backup_views = layout.views(layout.backup)
-    for p, h, t, b in zip(params, held, theta, backup_views):
-        assert h.data_ptr() == p.data_ptr() and torch.equal(b, t)
-        assert not torch.equal(p, t), "the params are not at the perturbed point"
-    for p in params:
-        p.grad.add_(torch.randn_like(p))
-    opt.second_step()
-    assert [p.data_ptr() for p in params] == addresses, "two swaps bring the memory back"
-    assert layout.matches(params) and all(h.data_ptr() == p.data_ptr()
-                                          for p, h in zip(params, held))
-    theta = [p.detach().clone() for p in params]
-    opt.first_step()
-    opt.abort_step()  # as when the perturbed pass raises: θ back, in its own memory
-    assert [p.data_ptr() for p in params] == addresses
-    assert all(torch.equal(p, t) and torch.equal(h, t) for p, h, t in zip(params, held, theta))
+# fp32 and fp64 params in one group: the driver's general path converts each group's
+# scalars to every bucket's dtype (temporaries that must live while _C reads them)
+MIXED = E.Case("sgd-fp32-fp64", E.ODD * 2, E._sgd(**E.SGD_MOM), dtypes=(torch.float32, torch.float64))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_perturb_into_writes_theta_prime_to_backup_and_keeps_theta(device, dtype, lib):
-    """_C.perturb with into=True: the backup gets what the in-place perturb leaves in θ, θ
-    keeps its bits, and g is folded the same way."""
-    for offset in (0, 1):
-        b = flat_bucket(70001, dtype, device, offset=offset)
-        ref = clone_bucket(b)
-        theta = b.params[0].clone()
-        eps, fold = scalar(0.037, device, dtype), scalar(-0.61, device, dtype)
-        for bucket, into in ((b, True), (ref, False)):
-            p, backup = bucket.params[0], bucket.extra["backup"][0]
-            CKernels._call("perturb", p, p.data_ptr(), bucket.grads[0].data_ptr(),
-                           backup.data_ptr(), eps.data_ptr(), fold.data_ptr(), False, into)
-        assert torch.equal(b.params[0], theta)
-        assert torch.equal(b.extra["backup"][0], ref.params[0])
-        assert torch.equal(b.grads[0], ref.grads[0])
+def test_fp32_and_fp64_params_in_one_group_match_torch_backend(device, lib):
+    E.compare_backends(MIXED, backend_name(device), device=device)
+
+
+# ----------------------------------------------------------------------- every phase
+VARIANTS = {
+    # name: (random_bucket options, check_phases options)
+    "fresh-state": (dict(), dict()),
+    "state-adaptive-misaligned": (dict(with_state=True, misalign=True), dict(adaptive=True)),
+    "skip": (dict(with_state=True), dict(skip=True)),
+    "skip-fresh-state": (dict(), dict(skip=True)),
+    "frozen": (dict(with_state=True), dict(frozen=(0, 3, 5))),
+    "channels-last": (dict(with_state=True, channels_last=True, sizes=FOUR_D), dict(adaptive=True)),
+}
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_five_steps_match_torch_backend(device, lib):
-    case = next(c for c in CASES if c.name == "sgd-bf16")
-    compare_backends(dataclasses.replace(case, name="sgd-bf16-5-steps", steps=5),
-                     backend_name(device), device=device)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_phases_match_torch_backend(device, dtype, algo, variant, lib):
+    """sq_norm, perturb, sq_norm of G and the update against TorchBackend (shared harness):
+    SIZES has 0- and 1-element tensors and one of several chunks."""
+    make, check = VARIANTS[variant]
+    make = dict(make)
+    b = bucket(algo, dtype, device, sizes=make.pop("sizes", E.SIZES), **make)
+    if make.get("channels_last"):
+        assert not b.params[0].is_contiguous() and b.params[0].is_contiguous(
+            memory_format=torch.channels_last)
+    E.check_phases(kernel_backend(device), b, **check)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_params_run_through_the_kernels_not_the_fallback(device, lib):
-    params = [torch.randn(s, device=device, requires_grad=True) for s in (7, 4099, 1)]
-    opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend=backend_name(device))
-    opt.step(closure_for(opt, params))
-    (extra,) = opt._bucket_extra.values()
-    assert "flat" in extra, "the compiled backend fell back to the per-tensor path"
-    assert opt.backends == {str(params[0].device): backend_name(device)}
+@pytest.mark.parametrize("misalign", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_restore_and_reflect_match_torch_backend(device, dtype, misalign, lib):
+    be = kernel_backend(device)
+    E.check_restore(be, bucket("sgd-momentum-wd", dtype, device, misalign=misalign))
+    E.check_reflect(be, bucket("sgd-momentum-wd", dtype, device, misalign=misalign))
 
 
-# ----------------------------------------------------------------------- helpers
-def scalar(x, device, dtype=torch.float32):
-    """A step scalar for buffers of ``dtype``: a 0-dim tensor of its compute dtype."""
-    return torch.tensor(x, dtype=compute_dtype(dtype), device=device)
+def test_misaligned_tables_say_so(lib):
+    """The table's aligned flag (CUDA: 16-byte packs on every chunk, else checked per chunk)
+    follows the tensors' addresses."""
+    be = kernel_backend("cpu")
+    aligned = E.prepared(be, bucket("adamw", torch.float32, with_state=True))
+    misaligned = E.prepared(be, bucket("adamw", torch.float32, with_state=True, misalign=True))
+    assert aligned.extra["table"].aligned and not misaligned.extra["table"].aligned
 
 
-# ----------------------------------------------------------------------- phase 1: the norm
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
-def test_sq_norm_matches_float64_sum(device, dtype, n, adaptive, lib):
-    for offset in (0, 1):
-        b = flat_bucket(n, dtype, device, offset=offset)
-        x = b.grads[0].double() * (b.params[0].double() if adaptive else 1.0)
-        ref = float(x.square().sum())
-        got = CKernels().sq_norm(b, adaptive)
-        assert got.dtype == compute_dtype(dtype) and got.dim() == 0
-        assert got.device == b.grads[0].device
-        assert abs(float(got) - ref) <= 1e-6 * ref, (float(got), ref)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_sq_norm_is_deterministic(device, lib):
-    """The same bits on every call, whatever the host thread count (fixed chunks, partial
-    sums added in a fixed order; on CUDA a fixed tree and no atomics)."""
-    g = torch.randn(1_000_003, device=device) * torch.logspace(-3, 3, 1_000_003, device=device)
-    out = torch.empty((), device=device)
-    partials = torch.empty(lib.max_norm_blocks, dtype=torch.float64, device=device)
-    stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
-    dev = 0 if device == "cuda" else -1
-    results = set()
-    for threads in (1, 2, 3, 1, 2):
-        lib.sq_norm(dev, stream, threads, 0, g.numel(), g.data_ptr(), 0, partials.data_ptr(),
-                    out.data_ptr())
-        results.add(out.item())
-    assert len(results) == 1, results
-    assert abs(results.pop() - float(g.double().square().sum())) <= 1e-6 * float(g.double().square().sum())
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_sq_norm_reports_inf_and_nan(device, lib):
-    b = flat_bucket(5000, torch.float32, device)
-    b.grads[0][4321] = float("inf")
-    assert torch.isinf(CKernels().sq_norm(b, False))
-    b.grads[0][17] = float("nan")
-    assert torch.isnan(CKernels().sq_norm(b, False))
-
-
-# ----------------------------------------------------------------------- step scalars
-def _c_ascent_rows(inputs, scale, groups):
-    """csrc's two stages of the ascent: norm_partials per buffer, ascent_finalize per group
-    (through CKernels' own helpers, as the backend calls them)."""
-    kernels = CKernels()
-    grad = inputs[0][0]
-    partials, bounds = kernels._partial_sums(inputs)
-    rows = torch.empty((len(groups), 3), dtype=compute_dtype(grad.dtype), device=grad.device)
-    for row, group in zip(rows, groups):
-        alpha = group["alpha"]
-        _ext.load().ascent_finalize(*_where(grad), CODES[row.dtype], partials.data_ptr(),
-                                    bounds[-1], 0 if scale is None else scale.data_ptr(),
-                                    row.data_ptr(), group["rho"], group["gamma"],
-                                    0.0 if alpha is None else alpha, group["normalize"],
-                                    alpha is not None, group["difference"] == "central")
-    return rows
-
-
-def _c_update_out(grads, ascent, scale, *, max_grad_norm, skipped_steps, last_step_skipped,
-                  scaler_found_inf=None, adam_step=None):
-    """csrc's norm_partials per buffer and one update_finalize for all groups."""
-    flat = [g for group in grads for g in group]
-    partials, bounds = CKernels()._partial_sums([(g, None) for g in flat])
-    group_bounds, seen = [0], 0
-    for group in grads:
-        seen += len(group)
-        group_bounds.append(bounds[seen])
-    out = torch.empty(len(grads) + 1, dtype=ascent.dtype, device=flat[0].device)
-    _ext.load().update_finalize(
-        *_where(flat[0]), CODES[ascent.dtype], partials.data_ptr(), group_bounds,
-        ascent.data_ptr(), 0 if scale is None else scale.data_ptr(), out.data_ptr(),
-        skipped_steps.data_ptr(), last_step_skipped.data_ptr(),
-        0 if scaler_found_inf is None else scaler_found_inf.data_ptr(),
-        0 if adam_step is None else adam_step.data_ptr(), max_grad_norm is not None,
-        1.0 if max_grad_norm is None else max_grad_norm)
+# ----------------------------------------------------------------------- the fused step
+def fused_buckets(device, dtype, algo, groups, per_group, hp=None, max_grad_norm=None,
+                  sign=1.0, adaptive=False):
+    """``groups`` param groups of ``per_group`` buckets each (the buckets of a group in a
+    row, as the driver collects them)."""
+    out = []
+    for g in range(groups):
+        hp_g = dict(hp or E.SCALAR_HPARAMS[0])
+        gr = E.scalar_group(rho=0.05 * (g + 1), gamma=0.02, max_grad_norm=max_grad_norm,
+                            eps_sign=sign, combine_sign=sign, adaptive=adaptive and g % 2 == 0,
+                            **hp_g)
+        for k in range(per_group):
+            sizes = [E.SIZES[(g + k + i) % len(E.SIZES)] for i in range(4)]
+            out.append(bucket(algo, dtype, device, sizes=sizes, gr=gr, index=g,
+                              with_state=(k % 2 == 1), misalign=(k == 2)))
     return out
 
 
-def _c_ascent(grad, param, scale, **hp):
-    return _c_ascent_rows([(grad, param)], scale, [scalar_group(**hp)])[0]
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hp", E.SCALAR_HPARAMS, ids=E.SCALAR_HPARAM_IDS)
+@pytest.mark.parametrize("algo", ["sgd-momentum-wd", "adamw", "none"])
+def test_fused_step_one_group(device, algo, hp, lib):
+    E.check_fused_step(kernel_backend(device), fused_buckets(device, torch.float32, algo, 1, 1, hp))
 
 
-def _c_update(grad, combine, scale, **records):
-    ascent = torch.zeros(1, 3, dtype=combine.dtype, device=grad.device)
-    ascent[0, 2] = combine
-    return _c_update_out([[grad]], ascent, scale, **records)
+FUSED = {
+    # name: (dtype, algo, groups, buckets per group, options, scale, poison)
+    "groups-tables-clip-amp": (torch.float32, "sgd-nesterov", 3, 2,
+                               dict(max_grad_norm=0.1, adaptive=True), 1024.0, None),
+    "adamw-several-tables": (torch.float32, "adamw", 2, 2, dict(), None, None),
+    "adamw-one-table-amp-poison": (torch.float32, "adamw", 1, 1, dict(), 256.0, float("nan")),
+    "adamw-several-tables-poison": (torch.float32, "adamw", 2, 1, dict(), None, float("inf")),
+    "sgd-poison-clip": (torch.float32, "sgd-dampening", 2, 1, dict(max_grad_norm=1.0), None,
+                        float("inf")),
+    "maximize": (torch.float32, "sgd-momentum-wd", 2, 1, dict(sign=-1.0), None, None),
+    # fp64 with a fixed alpha: with α = γ/ε near 1, fold = (1 − α)/α magnifies the last-bit
+    # difference of two correct float64 sums (the harness's exact norm and ours) by
+    # 1/(1 − α), past check_fused_step's 4 ulps; fp32 rows round that away
+    "fp64-groups-clip": (torch.float64, "adamw", 2, 2,
+                         dict(max_grad_norm=0.5, hp=E.SCALAR_HPARAMS[2]), 128.0, None),
+    "bf16-groups": (torch.bfloat16, "sgd-plain", 2, 3, dict(adaptive=True), None, None),
+    "fp16-amp-poison": (torch.float16, "none", 1, 2, dict(), 512.0, float("nan")),
+}
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("hp", SCALAR_HPARAMS, ids=SCALAR_HPARAM_IDS)
-@pytest.mark.parametrize("amp", [False, True], ids=["fp", "amp"])
-def test_ascent_scalars_match_the_reference(device, dtype, hp, amp, lib):
-    """csrc's ascent_scalars (grf_math.h's ascent_scalars_of where the norm is finalized)."""
-    check_ascent_scalars(_c_ascent, device, dtype, hp, amp)
+@pytest.mark.parametrize("name", list(FUSED))
+def test_fused_step(device, name, lib):
+    """ascend and combine_update (the step scalars from the norms' finalize, the skip
+    records, AdamW's step counts) against the driver's general path (shared harness)."""
+    dtype, algo, groups, per_group, opts, scale, poison = FUSED[name]
+    bs = fused_buckets(device, dtype, algo, groups, per_group, **opts)
+    scale = None if scale is None else torch.tensor(scale, device=device)
+    E.check_fused_step(kernel_backend(device), bs, scale=scale, poison=poison)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("max_grad_norm", [None, 1e-3], ids=["no-clip", "clip"])
-def test_finalize_over_several_groups_and_buffers_matches_the_reference(device, max_grad_norm,
-                                                                        lib):
-    check_groups(_c_ascent_rows, _c_update_out, device, max_grad_norm)
+def test_fused_step_is_these_calls_into_C(lib, monkeypatch):
+    """G groups in K tables: a partial sum per chunk of each table, one ascent finalize per
+    group followed by its tables' perturb, the partials of G, one update finalize for all,
+    an update per table (on CUDA one launch each: 4K + G + 1; AdamW's step counts advance in
+    the finalize when there is one table, in each update's own launch otherwise)."""
+    calls = []
 
+    class Counting:  # gr_fused._C with every call recorded
+        def __getattr__(self, name):
+            attr = getattr(lib, name)
+            if not callable(attr) or name == "Table":
+                return attr
+            return lambda *a: (calls.append((name, a)), attr(*a))[1]
 
-def test_update_finalize_refuses_bad_group_bounds(lib):
-    """A clear ValueError before any memory is touched (ascent, out, count, last: a dummy)."""
-    out = torch.empty(3)
-    args = (out.data_ptr(), 0, out.data_ptr(), out.data_ptr(), out.data_ptr(), 0, 0, False, 1.0)
-    for bounds in ([0], [0, 3, 2], list(range(lib.max_groups + 2))):
-        with pytest.raises(ValueError, match="update_finalize"):
-            lib.update_finalize(-1, 0, 1, CODES[torch.float32], out.data_ptr(), bounds, *args)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("max_grad_norm", [None, 1e-3, 1e3], ids=["no-clip", "clip", "no-op-clip"])
-@pytest.mark.parametrize("amp", [False, True], ids=["fp", "amp"])
-@pytest.mark.parametrize("poison", [None, float("inf"), float("nan")], ids=["finite", "inf", "nan"])
-def test_update_scalars_match_the_reference_and_record_the_skip(device, dtype, max_grad_norm,
-                                                                amp, poison, lib):
-    """csrc's update_scalars: gscale, found_inf and the skip records (count, last flag,
-    GradScaler flag, AdamW step) from the norm of G."""
-    check_update_scalars(_c_update, device, dtype, max_grad_norm, amp, poison)
-
-
-# ----------------------------------------------------------------------- phase 2
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
-def test_perturb_matches_torch(device, dtype, n, adaptive, lib):
-    for offset in (0, 1):
-        b = flat_bucket(n, dtype, device, offset=offset)
-        ref = clone_bucket(b)
-        old_theta = b.params[0].clone()
-        eps, fold = scalar(0.037, device, dtype), scalar(-0.61, device, dtype)
-        CKernels().perturb(b, eps, fold, adaptive)
-        TorchBackend().perturb(ref, eps, fold, adaptive)
-        assert torch.equal(b.extra["backup"][0], old_theta)
-        ulp_close(b.params[0], ref.params[0], KERNEL_ULPS[dtype], "theta")
-        ulp_close(b.grads[0], ref.grads[0], KERNEL_ULPS[dtype], "grad")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_reflect_and_restore_match_torch(device, dtype, lib):
-    b = flat_bucket(4099, dtype, device, offset=1)
-    ref = clone_bucket(b)
-    CKernels().reflect(b)
-    TorchBackend().reflect(ref)
-    ulp_close(b.params[0], ref.params[0], KERNEL_ULPS[dtype], "theta")
-    assert torch.equal(b.grads[0], ref.grads[0])
-    for bucket in (b, flat_bucket(4099, dtype, device)):  # unaligned: a copy; aligned: a swap
-        theta = bucket.extra["backup"][0].clone()
-        CKernels().restore(bucket)
-        assert torch.equal(bucket.params[0], theta)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_rounding_to_16_bits_is_torchs_bit_for_bit(device, dtype, lib):
-    """Every one of the 65536 bit patterns, through the 'none' update (G = gscale·G in fp32,
-    rounded once): the same bits as torch's conversion (any NaN for NaN). gscale = 1 checks
-    the exact round trip, 1/3 and 3 rounding, underflow to subnormals and overflow to inf."""
-    bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
-    patterns = bits.view(dtype).to(device)
-    for gscale in (1.0, 1.0 / 3.0, 3.0, 2.0 ** -10):
-        b = Bucket([torch.zeros_like(patterns)], [patterns.clone()], [{}], {}, "none",
-                   {"backup": [torch.zeros_like(patterns)]})
-        g = scalar(gscale, device)
-        CKernels().update(b, g, scalar(0.0, device))
-        want = (patterns.float() * g).to(dtype)
-        got = b.grads[0]
-        same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
-        assert same.all(), f"gscale {gscale}: differs at {(~same).nonzero().flatten()[:5].tolist()}"
-
-
-# ----------------------------------------------------------------------- phase 3
-UPDATE_SHAPES = [(torch.float32, 4099, 0), (torch.float32, 70001, 1), (torch.bfloat16, 1000, 0),
-                 (torch.float16, 1, 0), (torch.float64, 333, 0)]
-UPDATE_IDS = ["fp32-4099", "fp32-70001-unaligned", "bf16-1000", "fp16-1", "fp64-333"]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("skip", [False, True], ids=["taken", "found-inf"])
-@pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
-@pytest.mark.parametrize("hp", list(SGD_GROUPS))
-@pytest.mark.parametrize("dtype,n,offset", UPDATE_SHAPES, ids=UPDATE_IDS)
-def test_sgd_update_matches_torch(device, hp, first, skip, dtype, n, offset, lib):
-    group = SGD_GROUPS[hp]
-    state = {} if first or group["momentum"] == 0 else \
-        {"momentum_buffer": torch.randn(n, device=device).to(dtype)}
-    b = flat_bucket(n, dtype, device, "sgd", group, state, offset=offset)
-    ref = clone_bucket(b)
-    old_state = {k: v.clone() for k, v in state.items()}
-    gscale, found_inf = scalar(0.73, device, dtype), scalar(float(skip), device, dtype)
-    CKernels().update(b, gscale, found_inf)
-    TorchBackend().update(ref, gscale, found_inf)
-    keys = ["momentum_buffer"] if group["momentum"] else []
-    check_update(b, ref, skip, dtype, keys, old_state)
-    if skip and first and keys:
-        assert not b.states[0]["momentum_buffer"].any(), "a buffer born in a skipped step is 0"
-
-
-@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("skip", [False, True], ids=["taken", "found-inf"])
-@pytest.mark.parametrize("first", [True, False], ids=["first", "step-7"])
-@pytest.mark.parametrize("dtype,n,offset", UPDATE_SHAPES, ids=UPDATE_IDS)
-def test_adamw_update_matches_torch(device, first, skip, dtype, n, offset, lib):
-    group = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
-    m = 0.1 * torch.randn(n, device=device)  # a reachable state: v ≥ m²
-    state = {} if first else {
-        "step": torch.tensor(7.0, device=device), "exp_avg": m.to(dtype),
-        "exp_avg_sq": (m * m + 0.01 * torch.rand(n, device=device)).to(dtype)}
-    b = flat_bucket(n, dtype, device, "adamw", group, state, offset=offset)
-    ref = clone_bucket(b)
-    old_state = {k: v.clone() for k, v in state.items()}
-    gscale, found_inf = scalar(0.73, device, dtype), scalar(float(skip), device, dtype)
-    CKernels().update(b, gscale, found_inf)
-    TorchBackend().update(ref, gscale, found_inf)
-    check_update(b, ref, skip, dtype, ["step", "exp_avg", "exp_avg_sq"], old_state)
-    assert float(b.states[0]["step"]) == (0.0 if first else 7.0) + (0.0 if skip else 1.0)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("skip", [False, True], ids=["taken", "found-inf"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_restore_and_combine_matches_torch(device, dtype, skip, lib):
-    b = flat_bucket(4099, dtype, device, "none")
-    ref = clone_bucket(b)
-    old_grad = b.grads[0].clone()
-    gscale, found_inf = scalar(-1.37, device, dtype), scalar(float(skip), device, dtype)
-    CKernels().update(b, gscale, found_inf)
-    TorchBackend().update(ref, gscale, found_inf)
-    assert torch.equal(b.params[0], ref.extra["backup"][0])  # θ restored: the old backup
-    ulp_close(b.grads[0], ref.grads[0], KERNEL_ULPS[dtype], "grad")
-    if skip:
-        assert torch.equal(b.grads[0], old_grad)
-
-
-def test_host_avx2_and_baseline_code_give_the_same_bits(lib):
-    """host.cpp is compiled twice (x86-64 baseline and AVX2+FMA, -ffp-contract=off): both
-    must produce identical results, so a run does not depend on the CPU it lands on."""
-    if lib.host_isa() != "avx2":
-        pytest.skip(f"this CPU/build runs only the {lib.host_isa()} host code")
-    group = SGD_GROUPS["momentum-wd"]
-    outs = {}
-    for isa in ("baseline", "avx2"):
-        lib.host_isa(isa)
-        try:
-            torch.manual_seed(1)
-            b = flat_bucket(70001, torch.float32, "cpu", "sgd", group,
-                            {"momentum_buffer": torch.randn(70001)})
-            k = CKernels()
-            sq = k.sq_norm(b, True)
-            k.perturb(b, scalar(0.01, "cpu"), scalar(0.3, "cpu"), True)
-            a = flat_bucket(70001, torch.float32, "cpu", "adamw",
-                            dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1))
-            k.update(b, scalar(0.7, "cpu"), scalar(0.0, "cpu"))
-            k.update(a, scalar(0.7, "cpu"), scalar(0.0, "cpu"))
-            big = flat_bucket(300_001, torch.float32, "cpu")  # ten chunks of the norm
-            sums = k._partial_sums([(big.grads[0], None), (big.grads[0], big.params[0])])[0]
-            outs[isa] = [sq, sums, b.params[0],
-                         b.grads[0], b.states[0]["momentum_buffer"], a.params[0],
-                         a.states[0]["exp_avg_sq"]]
-        finally:
-            lib.host_isa("avx2")
-    for x, y in zip(outs["baseline"], outs["avx2"]):
-        assert torch.equal(x, y)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_host_pack_code_gives_the_same_bits(dtype, lib):
-    """The CUDA kernels read and write 16-byte packs (apply<V>, accumulate<V> with V > 1);
-    the host build runs that same code when asked (set_host_packs), so CI checks it without
-    a GPU: every phase must give the bits of the one-element loops."""
-    def run_all():
-        torch.manual_seed(2)
-        n = 70001
-        b = flat_bucket(n, dtype, "cpu", "sgd", SGD_GROUPS["nesterov"],
-                        {"momentum_buffer": torch.randn(n).to(dtype)})
-        a = flat_bucket(n, dtype, "cpu", "adamw",
-                        dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1))
-        none = flat_bucket(n, dtype, "cpu", "none")
-        c, k = compute_dtype(dtype), CKernels()
-        out = [k.sq_norm(b, False), k.sq_norm(b, True)]
-        k.perturb(b, scalar(0.01, "cpu", c), scalar(0.3, "cpu", c), True)
-        k.reflect(b)
-        out += [b.params[0].clone(), b.grads[0].clone()]
-        for bucket in (b, a, none):
-            k.update(bucket, scalar(0.7, "cpu", c), scalar(0.0, "cpu", c))
-            out += [bucket.params[0], bucket.grads[0]] + [
-                v for _, v in sorted(bucket.states[0].items())]
-        first = flat_bucket(n, dtype, "cpu", "sgd", SGD_GROUPS["momentum-wd"])
-        k.update(first, scalar(0.7, "cpu", c), scalar(1.0, "cpu", c))  # skipped, buffer born
-        return out + [first.params[0], first.states[0]["momentum_buffer"]]
-
-    plain = run_all()
-    lib.set_host_packs(True)
-    try:
-        packed = run_all()
-    finally:
-        lib.set_host_packs(False)
-    assert len(plain) == len(packed) > 10
-    for i, (x, y) in enumerate(zip(plain, packed)):
-        assert torch.equal(x, y) or (x.isnan() & y.isnan()).all(), f"output {i} differs"
+    be = kernel_backend("cpu")
+    for algo, groups, per_group in (("sgd-momentum-wd", 1, 1), ("adamw", 1, 1), ("adamw", 2, 2),
+                                    ("sgd-momentum-wd", 3, 2)):
+        calls.clear()
+        monkeypatch.setattr(_ext, "load", lambda: Counting())
+        E.check_fused_step(be, fused_buckets("cpu", torch.float32, algo, groups, per_group))
+        monkeypatch.undo()
+        k = groups * per_group
+        update = "update_adamw" if algo == "adamw" else "update_sgd"
+        names = [n for n, _ in calls]
+        want = (["norm_partials"] * k
+                + (["ascent_finalize"] + ["perturb"] * per_group) * groups
+                + ["norm_partials"] * k + ["update_finalize"] + [update] * k)
+        assert names == want, names
+        if algo == "adamw":  # steps_advanced: True only for the one table of a one-table step
+            advanced = [a[-1] for n, a in calls if n == "update_adamw"]
+            assert advanced == ([True] if k == 1 else [False] * k)
 
 
 # ----------------------------------------------------------------------- through the optimizer
@@ -490,11 +234,87 @@ def test_host_pack_code_gives_the_same_bits(dtype, lib):
 @pytest.mark.parametrize("make", [
     lambda p, b: gr_fused.GRSGD(p, lr=0.1, momentum=0.9, gamma=0.05, backend=b),
     lambda p, b: gr_fused.GRAdamW(p, lr=1e-2, gamma=0.05, backend=b),
-    lambda p, b: gr_fused.SAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=b),
-], ids=["sgd", "adamw", "sam-wrapper"])
+    lambda p, b: gr_fused.GR(p, torch.optim.SGD, gamma=0.05, lr=0.1, momentum=0.9, backend=b),
+], ids=["sgd", "adamw", "gr-wrapper"])
 def test_nan_in_G_skips_with_theta_restored_and_state_untouched(device, make, lib):
     params = [torch.randn(s, device=device, requires_grad=True) for s in (7, 300, 1, 4099)]
-    check_nan_in_G_skips(make(params, backend_name(device)), params)
+    E.check_nan_in_G_skips(make(params, backend_name(device)), params)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_params_run_through_the_kernels_in_their_own_memory(device, lib):
+    """The parameters, their grads and state stay the user's tensors (same addresses, no
+    flat buffer), walked by the kernels (no torch fallback)."""
+    params = [torch.randn(s, device=device, requires_grad=True) for s in (7, 4099, 1)]
+    opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend=backend_name(device))
+    addresses = [p.data_ptr() for p in params]
+    opt.step(E.closure_for(opt, params))
+    grads = [p.grad for p in params]
+    bufs = [opt.state[p]["momentum_buffer"] for p in params]
+    opt.step(E.closure_for(opt, params))
+    assert [p.data_ptr() for p in params] == addresses
+    assert all(opt.state[p]["momentum_buffer"] is b for p, b in zip(params, bufs))
+    assert all(p.grad is None or p.grad.data_ptr() != 0 for p in params) and grads
+    (extra,) = opt._bucket_extra.values()
+    assert "table" in extra and "fallback" not in extra
+    assert opt.backends == {str(params[0].device): backend_name(device)}
+
+
+def test_unwalkable_tensors_take_the_torch_path_with_a_warning(lib):
+    """A non-dense parameter (a strided view) cannot be walked as raw memory: it goes to the
+    torch backend (one warning), the others stay in the table, the result is the same."""
+    def make():
+        torch.manual_seed(5)
+        ps = [torch.randn(6, 10)[:, ::2].detach().requires_grad_(),
+              torch.randn(300, requires_grad=True), torch.randn(17, requires_grad=True)]
+        return ps
+    results = []
+    for name in ("cpu", "torch"):
+        params = make()
+        opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend=name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                opt.step(E.closure_for(opt, params))
+        if name == "cpu":
+            assert sum("torch path" in str(w.message) for w in caught) == 1
+        results.append([p.detach().clone() for p in params])
+    for got, want in zip(*results):
+        E.ulp_close(got, want, 8, "theta")
+
+
+def test_tensor_lr_is_read_by_the_kernels_not_the_host(lib):
+    """A tensor lr goes to the kernel by address: no host read during a step, the value at
+    the step is used (a scheduler may change it in place), and the result matches the torch
+    backend (which reads it with .item())."""
+    def run(name, lr, steps=3):
+        torch.manual_seed(3)
+        params = [torch.randn(s, requires_grad=True) for s in (7, 300, 4099)]
+        opts = [gr_fused.GRSGD(params, lr=lr, momentum=0.9, gamma=0.05, backend=name),
+                gr_fused.GRAdamW(params, lr=lr, gamma=0.05, backend=name)]
+        for opt in opts:
+            opt.step(E.closure_for(opt, params))  # creates state
+            ctx = forbid_host_reads() if name == "cpu" else _nothing()
+            with ctx:
+                for _ in range(steps):
+                    opt.step(E.closure_for(opt, params))
+            if isinstance(lr, torch.Tensor):
+                with torch.no_grad():
+                    lr.mul_(0.5)
+        return [p.detach().clone() for p in params]
+    for dtype in (torch.float32, torch.float64):
+        got = run("cpu", torch.tensor(0.05, dtype=dtype))
+        want = run("torch", torch.tensor(0.05, dtype=dtype))
+        for g, w in zip(got, want):
+            E.ulp_close(g, w, 8, f"theta with a {dtype} lr")
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -504,56 +324,167 @@ def test_gr_step_reads_nothing_back_to_the_host(device, lib):
                  lambda p: gr_fused.GRAdamW(p, lr=1e-2, gamma=0.05, backend=backend_name(device))):
         params = [torch.randn(s, device=device, requires_grad=True) for s in (7, 300, 4099)]
         opt = make(params)
-        opt.step(closure_for(opt, params))  # the first step creates flat buffers and state
+        opt.step(E.closure_for(opt, params))  # the first step creates the state
         with forbid_host_reads():
-            opt.step(closure_for(opt, params))
-        (extra,) = opt._bucket_extra.values()
-        assert "flat" in extra, "the step ran the per-tensor fallback, not the kernels"
+            opt.step(E.closure_for(opt, params))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("algo,groups", [("sgd", 1), ("adamw", 1), ("sgd", 2), ("adamw", 3)])
-def test_gr_step_runs_no_torch_op_on_the_optimizer_side(device, algo, groups, lib):
-    """The step scalars come out of csrc's finalize calls, so the optimizer side of a step is
-    calls into gr_fused._C and not a single torch op, with clipping and 200 tensors. With one
-    group: stage one of the norm, its finalize, perturb, the same for G, the update (on CUDA
-    one launch each); with G groups in K buffers, one finalize per group for the ascent and
-    one for all of the update."""
-    params = [torch.randn(5, device=device, requires_grad=True) for _ in range(200)]
-    param_groups = [{"params": params[g::groups], "weight_decay": 0.01 * g}
-                    for g in range(groups)]
-    opt = (gr_fused.GRSGD(param_groups, lr=0.1, momentum=0.9, gamma=0.05, max_grad_norm=1.0,
-                          backend=backend_name(device)) if algo == "sgd"
-           else gr_fused.GRAdamW(param_groups, lr=1e-2, gamma=0.05, backend=backend_name(device)))
-    opt.step(closure_for(opt, params))  # the first step creates flat buffers and state
-    calls = []
-    module = _ext.load()
+def test_scalars_of_another_dtype_are_converted_and_kept_alive(device, lib):
+    """perturb and update with step scalars of another dtype (the driver's general path with
+    mixed dtypes) give the bits of scalars already in the compute dtype: the converted
+    temporaries are alive while _C reads them."""
+    be = kernel_backend(device)
+    a = bucket("sgd-momentum-wd", torch.float32, device, with_state=True)
+    b = E.prepared(be, E.clone_bucket(a))
+    a = E.prepared(be, a)
+    be.perturb(a, torch.tensor(0.0371, device=device), torch.tensor(-0.42, device=device), False)
+    be.perturb(b, torch.tensor(0.0371, dtype=torch.float64, device=device),
+               torch.tensor(-0.42, dtype=torch.float64, device=device), False)
+    for bb in (a, b):
+        be.update(bb, torch.tensor(0.8125, dtype=torch.float64, device=device),
+                  torch.tensor(0.0, dtype=torch.float64, device=device))
+    for x, y in zip(a.params + a.grads, b.params + b.grads):
+        assert torch.equal(x, y)
 
-    class Counting:  # gr_fused._C with every call recorded
-        def __getattr__(self, name):
-            attr = getattr(module, name)
-            if not callable(attr):
-                return attr
-            return lambda *a: (calls.append(name), attr(*a))[1]
 
-    with DeviceWork() as work:
-        original, _ext.load = _ext.load, Counting
+# ----------------------------------------------------------------------- the host build's bits
+def big_bucket(algo="sgd-momentum-wd", dtype=torch.float32, **kw):
+    """Enough elements (1.7M) that the host build runs several threads."""
+    return bucket(algo, dtype, sizes=[(1_000_003,), (700_001,), (5,), (0,)], **kw)
+
+
+def all_phases(lib, dtype=torch.float32, seed=1):
+    """Every phase of the host build on big buckets; returns every output."""
+    be = kernel_backend("cpu")
+    torch.manual_seed(seed)
+    c = compute_dtype(dtype)
+    out = []
+    for algo in ("sgd-nesterov", "adamw", "none"):
+        b = E.prepared(be, big_bucket(algo, dtype, with_state=True))
+        out += [be.sq_norm(b, False), be.sq_norm(b, True)]
+        be.perturb(b, torch.tensor(0.01, dtype=c), torch.tensor(0.3, dtype=c), True)
+        out += [p.clone() for p in b.params] + [g.clone() for g in b.grads]
+        be.reflect(b)
+        out += [p.clone() for p in b.params] + [g.clone() for g in b.grads]
+        be.update(b, torch.tensor(0.7, dtype=c), torch.tensor(0.0, dtype=c))
+        out += b.params + b.grads + [v for st in b.states for _, v in sorted(st.items())]
+    first = E.prepared(be, big_bucket("sgd-momentum-wd", dtype))
+    be.perturb(first, torch.tensor(0.01, dtype=c), torch.tensor(0.3, dtype=c), False)
+    create_missing_state(first)
+    be.refresh(first)
+    be.update(first, torch.tensor(0.7, dtype=c), torch.tensor(0.0, dtype=c))
+    return out + first.params + [st["momentum_buffer"] for st in first.states]
+
+
+def assert_same_bits(xs, ys):
+    assert len(xs) == len(ys) > 10
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        assert x.dtype == y.dtype and x.shape == y.shape, i
+        assert torch.equal(x.view(-1).view(torch.uint8) if x.dim() else x,
+                           y.view(-1).view(torch.uint8) if y.dim() else y), f"output {i} differs"
+
+
+def test_same_bits_for_any_thread_count(lib):
+    """Chunks are fixed by the table, the norm's partial sums added in chunk order: the
+    norm and every phase give the same bits with 1, 2 or 3 threads."""
+    saved = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(all_phases(lib))
+    finally:
+        torch.set_num_threads(saved)
+    assert_same_bits(outs[0], outs[1])
+    assert_same_bits(outs[0], outs[2])
+
+
+def test_host_avx2_and_baseline_code_give_the_same_bits(lib):
+    """host.cpp is compiled twice (x86-64 baseline and AVX2+FMA, -ffp-contract=off): both
+    give the same bits, so a run does not depend on the CPU it lands on."""
+    if lib.host_isa() != "avx2":
+        pytest.skip(f"this CPU/build runs only the {lib.host_isa()} host code")
+    outs = {}
+    for isa in ("baseline", "avx2"):
+        lib.host_isa(isa)
         try:
-            opt.step(work.excluding(closure_for(opt, params)))
+            outs[isa] = all_phases(lib)
         finally:
-            _ext.load = original
-    assert work.names == []
-    update = f"update_{algo}"
-    assert calls == (["norm_partials"] * groups + ["ascent_finalize", "perturb"] * groups
-                     + ["norm_partials"] * groups + ["update_finalize"] + [update] * groups)
+            lib.host_isa("avx2")
+    assert_same_bits(outs["baseline"], outs["avx2"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_host_pack_code_gives_the_same_bits(dtype, lib):
+    """The CUDA kernels read and write 16-byte packs (apply<V>, accumulate<V> with V > 1);
+    the host build runs that same code on aligned chunks when asked (set_host_packs), so CI
+    checks it without a GPU: every phase gives the bits of the one-element loops."""
+    plain = all_phases(lib, dtype, seed=2)
+    lib.set_host_packs(True)
+    try:
+        packed = all_phases(lib, dtype, seed=2)
+    finally:
+        lib.set_host_packs(False)
+    assert_same_bits(plain, packed)
+
+
+def test_norm_is_exact_in_double_and_finds_inf_and_nan(lib):
+    be = kernel_backend("cpu")
+    b = E.prepared(be, big_bucket())
+    g = b.grads[0]
+    g.mul_(torch.logspace(-3, 3, g.numel()))
+    want = sum(x.double().square().sum() for x in b.grads)
+    got = be.sq_norm(b, False)
+    assert got.dtype == torch.float64 and abs(float(got) - float(want)) <= 1e-12 * float(want)
+    huge = E.prepared(be, bucket("sgd-plain", torch.float32, sizes=[(70001,)]))
+    huge.grads[0].fill_(1e30)  # each square overflows fp32, not the double sum
+    assert torch.isfinite(be.sq_norm(huge, False))
+    g[4321] = float("inf")
+    assert torch.isinf(be.sq_norm(b, False))
+    g[17] = float("nan")
+    assert torch.isnan(be.sq_norm(b, False))
+    d = E.prepared(be, bucket("sgd-plain", torch.float64, sizes=[(3,)]))
+    d.grads[0].fill_(1e200)  # float64: an overflow of the sum is non-finite too
+    assert not torch.isfinite(be.sq_norm(d, False))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rounding_to_16_bits_is_torchs_bit_for_bit(dtype, lib):
+    """Every one of the 65536 bit patterns through the host conversions, by the 'none'
+    update (G = gscale·G in fp32, rounded once): the same bits as torch's conversion (any
+    NaN for NaN). gscale = 1 checks the exact round trip, 1/3 and 3 rounding, 2^-10
+    underflow to subnormals, 3 overflow to inf."""
+    be = kernel_backend("cpu")
+    bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    patterns = bits.view(dtype)
+    gr = E.scalar_group()
+    for gscale in (1.0, 1.0 / 3.0, 3.0, 2.0 ** -10):
+        b = Bucket([torch.zeros_like(patterns)], [patterns.clone()], [{}], {}, "none", {}, gr=gr)
+        b = E.prepared(be, b)
+        g = torch.tensor(gscale)
+        be.update(b, g, torch.tensor(0.0))
+        want = (patterns.float() * g).to(dtype)
+        got = b.grads[0]
+        same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+        assert same.all(), f"gscale {gscale}: differs at {(~same).nonzero().flatten()[:5].tolist()}"
 
 
 # ----------------------------------------------------------------------- the CUDA build's code
 def _cuobjdump():
     """cuobjdump from the CUDA toolkit, or the copy Triton's wheel ships."""
-    import triton
+    found = shutil.which("cuobjdump")
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if not found and root and (Path(root) / "bin" / "cuobjdump").is_file():
+            found = str(Path(root) / "bin" / "cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
     bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return shutil.which("cuobjdump") or (str(bundled) if bundled.is_file() else None)
+    return str(bundled) if bundled.is_file() else None
 
 
 def _sass_functions(module_file):
@@ -574,8 +505,10 @@ def _sass_functions(module_file):
 
 def test_cuda_kernels_move_16_bytes_per_access_on_sm80_and_sm90(lib):
     """No GPU is needed to read what nvcc made of cuda.cu: every kernel is there for sm_80
-    and sm_90, and each variant for aligned buffers (a pack of V > 1 elements: 4 floats, 8
-    halves, 2 doubles) loads with 128-bit LDG and, when it writes, stores with 128-bit STG."""
+    and sm_90; every element-wise and norm kernel (template argument V > 1: 4 floats, 8
+    halves, 2 doubles per pack) loads with 128-bit LDG and, when it writes, stores with
+    128-bit STG; and an address read from a table is global memory (LDG/STG), never a
+    generic access (LD/ST)."""
     if not lib.with_cuda:
         pytest.skip("gr_fused._C was built without CUDA (no nvcc at build time)")
     if _cuobjdump() is None:
@@ -585,15 +518,91 @@ def test_cuda_kernels_move_16_bytes_per_access_on_sm80_and_sm90(lib):
     assert names["sm_80"] and names["sm_80"] == names["sm_90"]
     packed = 0
     for (arch, name), sass in functions.items():
-        width = re.search(r"Li(\d+)EEEv", name)  # the template argument V of the kernel
-        if not width or int(width.group(1)) == 1:
+        width = re.search(r"ELi(\d+)ELb[01]EEEv", name)  # <Op, V, CHECK>
+        if not width:  # the finalize kernels and the step counts: no packs
             continue
+        assert int(width.group(1)) > 1, name
         packed += 1
         assert "LDG.E.128" in sass, f"{arch} {name}: no 128-bit load"
         if "foreach_kernel" in name:
             assert "STG.E.128" in sass, f"{arch} {name}: no 128-bit store"
-    # per arch: 8 element-wise op variants and 2 norm variants, for each of 4 storage types
-    assert packed >= 2 * 4 * (8 + 2), packed
+        generic = re.findall(r"\b(?:LD|ST)\.E[.\w]*", sass)
+        assert not generic, f"{arch} {name}: generic accesses {generic[:3]}"
+    # per arch, for each of 4 storage types and both CHECK variants: 7 element-wise ops
+    # (perturb ×2, reflect, restore, none, sgd, adamw) and 2 norms
+    assert packed == 2 * 4 * 2 * (7 + 2), packed
+
+
+# ----------------------------------------------------------------------- CUDA only
+@NEEDS_GPU
+def test_cuda_device_guard_leaves_the_current_device(lib):
+    """A call on tensors of another device runs there and leaves the caller's device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    torch.cuda.set_device(0)
+    b = E.prepared(kernel_backend("cuda"), bucket("sgd-momentum-wd", torch.float32, "cuda:1"))
+    E.check_phases(kernel_backend("cuda"), b)
+    assert torch.cuda.current_device() == 0
+
+
+@NEEDS_GPU
+def test_cuda_first_and_second_step_on_different_streams(lib):
+    """The ascent rows are made on first_step's stream and read on second_step's: the
+    result is the same as on one stream."""
+    def run(two_streams):
+        torch.manual_seed(11)
+        params = [torch.randn(s, device="cuda", requires_grad=True) for s in (7, 70001, 300)]
+        opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend="cuda")
+        s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+        for _ in range(3):
+            with torch.cuda.stream(s1):
+                E.closure_for(opt, params)()
+                opt.first_step()
+            (s2 if two_streams else s1).wait_stream(s1)
+            with torch.cuda.stream(s2 if two_streams else s1):
+                for p in params:
+                    p.grad.add_(p.detach().cos())
+                opt.second_step()
+            s1.wait_stream(s2)
+        torch.cuda.synchronize()
+        return [p.detach().clone() for p in params]
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+@NEEDS_GPU
+def test_cuda_step_syncs_nothing_with_a_tensor_lr(lib):
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in (7, 300, 4099)]
+    opt = gr_fused.GRAdamW(params, lr=torch.tensor(1e-2, device="cuda"), gamma=0.05,
+                           backend="cuda")
+    opt.step(E.closure_for(opt, params))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            opt.step(E.closure_for(opt, params))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@NEEDS_GPU
+def test_cuda_one_group_step_is_six_launches(lib):
+    from torch.profiler import ProfilerActivity, profile
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in (7, 70001, 300)]
+    for opt in (gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend="cuda"),
+                gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, backend="cuda")):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.first_step()
+        opt.second_step(zero_grad=False)  # creates the state
+        for p in params:
+            p.grad = torch.randn_like(p)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            opt.first_step()
+            opt.second_step(zero_grad=False)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(kernels) == 6, [e.name for e in kernels]
 
 
 # ----------------------------------------------------------------------- availability, errors
@@ -612,12 +621,19 @@ def test_auto_picks_the_host_build_for_cpu_tensors(lib):
         assert why_cuda is None or "compute capability" in why_cuda
 
 
+def _empty_table(lib, dtype=0):
+    x = torch.zeros(8, dtype=torch.int64)
+    return lib.Table(x.data_ptr(), x.data_ptr(), 0, 0, 4096, 0, True, dtype), x
+
+
 def test_cuda_errors_become_python_exceptions(lib):
     """A failing CUDA call raises RuntimeError carrying the CUDA error string (here: a device
     that does not exist, or no usable device/driver at all); a build without CUDA says so."""
-    device = 999 if HAS_CUDA else 0
+    x = torch.zeros(64, dtype=torch.int64)
+    table = lib.Table(x.data_ptr(), x.data_ptr(), 1, 1, 4096, x.data_ptr(), True, 0)
+    device = 63 if HAS_CUDA else 0
     with pytest.raises(RuntimeError) as info:
-        lib.restore(device, 0, 0, 0, 16, 0, 0)
+        lib.restore(device, 0, 0, table)
     if lib.with_cuda:
         assert "gr_fused CUDA error" in str(info.value) and "cuda" in str(info.value).lower()
     else:
@@ -625,11 +641,31 @@ def test_cuda_errors_become_python_exceptions(lib):
 
 
 def test_bad_arguments_raise_value_errors(lib):
-    x = torch.zeros(4)
+    x = torch.zeros(8, dtype=torch.int64)
     with pytest.raises(ValueError, match="unknown dtype code 7"):
-        lib.restore(-1, 0, 1, 7, 4, x.data_ptr(), x.data_ptr())
+        lib.Table(x.data_ptr(), x.data_ptr(), 0, 0, 4096, 0, True, 7)
+    with pytest.raises(ValueError, match="chunk"):
+        lib.Table(x.data_ptr(), x.data_ptr(), 0, 0, 100, 0, True, 0)
+    with pytest.raises(ValueError, match="64-byte"):
+        lib.Table(x.data_ptr(), x.data_ptr(), 1, 1, 4096, x.data_ptr() + 8, True, 0)
+    table, _ = _empty_table(lib)
+    with pytest.raises(ValueError, match="tensor lr"):
+        lib.update_sgd(-1, 0, 1, table, x.data_ptr(), x.data_ptr(), 0.0, x.data_ptr(), 1,
+                       0.9, 0.0, 0.0, False)
     with pytest.raises(ValueError, match="host_isa"):
         lib.host_isa("sse9")
+    out = torch.zeros(4)
+    args = (out.data_ptr(), 0, out.data_ptr(), out.data_ptr(), out.data_ptr(), 0, 0, 0, False, 1.0)
+    for bounds in ([0], [0, 3, 2], list(range(lib.max_groups + 2))):
+        with pytest.raises(ValueError, match="update_finalize"):
+            lib.update_finalize(-1, 0, 1, 0, out.data_ptr(), bounds, *args)
+
+
+def test_missing_state_is_a_clear_error(lib):
+    be = kernel_backend("cpu")
+    b = E.prepared(be, bucket("sgd-momentum-wd", torch.float32))  # no momentum buffers yet
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        be.update(b, torch.tensor(1.0), torch.tensor(0.0))
 
 
 def test_build_info(lib):
@@ -639,6 +675,12 @@ def test_build_info(lib):
         assert lib.cuda_archs == "sm_80,sm_90"
     if os.environ.get("GR_FUSED_BUILD_CUDA") == "1":  # CI forces the CUDA part: it was built
         assert lib.with_cuda, "GR_FUSED_BUILD_CUDA=1, yet gr_fused._C has no CUDA kernels"
+
+
+def test_no_private_storage_api_on_the_step_path():
+    """The backend never trades storages (UntypedStorage._swap_data_ptr_) or re-points data."""
+    source = (REPO / "gr_fused" / "backends" / "cext_backend.py").read_text()
+    assert "_swap_data_ptr_" not in source and ".set_(" not in source
 
 
 # ----------------------------------------------------------------------- a broken gr_fused._C
@@ -700,7 +742,7 @@ def test_missing_C_in_a_source_checkout_without_jit_says_so_once(tmp_path):
         assert cause in out["MESSAGE"] and cause in out["RAISED"]
 
 
-# ----------------------------------------------------------------------- the CPU benchmark
+# ----------------------------------------------------------------------- the benchmarks
 def test_bench_cpu_script_runs(tmp_path, lib):
     """bench/bench_cpu.py on a tiny size (a check that it works, not a speed figure): every
     method is timed and the host build is the backend that ran."""
@@ -715,5 +757,15 @@ def test_bench_cpu_script_runs(tmp_path, lib):
     assert res["backends"] == {"cpu": "cpu"} and res["ratio_cpu_vs_sam"] > 0
     assert set(res["phases"]) == {"norm", "perturb", "update-sgd"}
     assert all(p["ms"] > 0 and p["gbps"] > 0 for p in res["phases"].values())
-    assert set(res["driver_overhead_us"]) == {50, 500}
-    assert all(us > 0 for us in res["driver_overhead_us"].values())
+    assert set(res["host_cost"]) == {50, 500}
+    assert all(h["ratio"] > 0 and h["us"]["gr_fused cpu"] > 0 for h in res["host_cost"].values())
+
+
+def test_bench_gpu_cuda_script_exits_cleanly_without_a_gpu(tmp_path):
+    if HAS_CUDA:
+        pytest.skip("a CUDA device is here: the script would run the benchmark")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_cuda.py"),
+                           str(tmp_path / "out.json")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "needs a CUDA device" in proc.stdout
