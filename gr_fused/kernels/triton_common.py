@@ -1,34 +1,59 @@
-"""What every gr_fused Triton kernel shares: the launch shape, int64 element offsets, and the
-arithmetic helpers that make a kernel round exactly where torch rounds (``fma``, ``powi``,
-``f32`` scalars, and the fp32 → storage-dtype rounding ``to_storage``).
+"""What every gr_fused Triton kernel shares: the walk over a tensor table (one program per
+chunk), masked and unmasked memory access, and the arithmetic helpers that make a kernel
+round exactly where torch rounds (``fma``, ``powi``, ``f32`` scalars and the fp32 → storage
+rounding ``to_storage``).
 
-All kernels stream 1-D flat buffers (one program per ``BLOCK`` elements) and compute in
-float32 whatever the storage dtype (fp32, bf16, fp16), rounding once on the way back, as
-``TorchBackend`` does.
+A kernel receives a bucket's :class:`~gr_fused.backends.tensor_table.TensorTable` as two
+int64 device arrays (``layout`` and ``ptrs``, see tensor_table.py) and its element type from
+the table's flat backup. Program ``c`` handles chunk ``c``: :func:`chunk_of` reads which
+tensor it lies in, where it starts, that tensor's size and backup offset; :func:`row_pointer`
+turns a tensor's address in ``ptrs`` into a typed pointer. A full chunk (BLOCK elements)
+takes the unmasked path and a tensor's last, shorter chunk the masked one, chosen at run
+time, so the compiled code moves 128 bits per instruction on every full chunk whatever the
+tensor sizes, as long as the addresses are 16-byte aligned (the ``ALIGNED`` variant, which
+tells the compiler so with ``tl.multiple_of``).
+
+Everything is computed in fp32 whatever the storage dtype (fp32, bf16, fp16) and rounded
+once on the way back, as ``TorchBackend`` does.
 """
 from __future__ import annotations
 
+import os
 import struct
 
 import triton
 import triton.language as tl
 
-BLOCK = 4096      # elements per program: 16 fp32 per thread at NUM_WARPS=8, 128-bit accesses
+BLOCK = 4096      # elements per chunk (one program): 16 fp32 per thread at NUM_WARPS=8
 NUM_WARPS = 8
-# No implicit multiply-add contraction: each product and sum is rounded where torch_backend.py's
-# operations round (explicit ``fma`` where torch fuses), so compiled code and the interpreter
-# give the same bits.
+FINALIZE_BLOCK = 1024   # lanes of the one-program kernels that add partial sums
+# No implicit multiply-add contraction: each product and sum is rounded where
+# torch_backend.py's operations round (explicit ``fma`` where torch fuses), so compiled code
+# and the interpreter give the same bits.
 LAUNCH_OPTIONS = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
+SMALL_LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
+
+# rows of a table's ``ptrs`` (tensor_table.rows_of): param, grad, flags, then the state rows
+ROW_PARAM: tl.constexpr = tl.constexpr(0)
+ROW_GRAD: tl.constexpr = tl.constexpr(1)
+ROW_FLAGS: tl.constexpr = tl.constexpr(2)
+ROW_STATE: tl.constexpr = tl.constexpr(3)     # momentum_buffer; exp_avg (then exp_avg_sq, step)
+FLAG_NEW_STATE: tl.constexpr = tl.constexpr(1)
+FLAG_FROZEN: tl.constexpr = tl.constexpr(2)
+BACKUP_ALIGN: tl.constexpr = tl.constexpr(16)  # elements: every backup segment starts on 64 B
+F64_MAX: tl.constexpr = tl.constexpr(1.7976931348623157e308)
 
 
-def grid(n: int, block: int):
-    return (triton.cdiv(n, block),)
+def _interpreting() -> bool:
+    """Whether Triton defines kernels for its interpreter (TRITON_INTERPRET) right now."""
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # triton versions before knobs
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-@triton.jit
-def block_offsets(pid, BLOCK: tl.constexpr):
-    """The element offsets of program ``pid``, in int64 so buffers past 2^31 elements work."""
-    return pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+INTERPRETED = _interpreting()
 
 
 def f32(x: float) -> float:
@@ -38,34 +63,108 @@ def f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
+def finalize_iters(count: int) -> int:
+    """The loop count of a one-program pass over ``count`` items in FINALIZE_BLOCK lanes: a
+    compile-time constant (the interpreter cannot loop to a bound read from memory), rounded
+    up to a power of two so that a few variants cover every size."""
+    return triton.next_power_of_2(max(triton.cdiv(count, FINALIZE_BLOCK), 1))
+
+
+# ------------------------------------------------------------------------------ the table walk
 @triton.jit
-def fma(x, y, z):
-    """x·y + z in fp32 with one rounding, as torch computes ``add(z, x, alpha=y)`` and
-    ``addcmul`` (an FMA on GPUs and in ATen's vectorized CPU kernels). ``x`` is an fp32 tensor,
-    ``y`` an fp32 tensor or a scalar argument (see ``f32``). Computed in fp64, where the
-    product is exact, because the interpreter's ``tl.fma`` rounds twice."""
-    return (x.to(tl.float64) * y + z.to(tl.float64)).to(tl.float32)
+def chunk_of(layout_ptr, C, T, BLOCK: tl.constexpr):
+    """This program's chunk: ``(t, start, n, offset)``: its tensor's index, its first element
+    in that tensor (int64), the tensor's numel and the tensor's offset in the flat backup."""
+    c = tl.program_id(0)
+    t = tl.load(layout_ptr + c)
+    first = tl.load(layout_ptr + C + t)
+    n = tl.load(layout_ptr + C + T + t)
+    offset = tl.load(layout_ptr + C + 2 * T + t)
+    start = (c - first) * BLOCK
+    return t, start, n, tl.multiple_of(offset, BACKUP_ALIGN)
+
+
+@triton.jit
+def row_pointer(ptrs_ptr, row, T, t, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """Row ``row`` of tensor ``t`` in ``ptrs`` as a pointer to ``dtype``; with ALIGNED the
+    compiler is told that the address is a multiple of 16 bytes (128-bit accesses)."""
+    p = tl.load(ptrs_ptr + row * T + t).to(tl.pointer_type(dtype))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def load(ptrs, mask, MASKED: tl.constexpr):
+    """``tl.load`` of a chunk: masked (a tensor's last chunk; 0 outside) or not (a full one)."""
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def store(ptrs, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, value, mask=mask)
+    else:
+        tl.store(ptrs, value)
+
+
+# ------------------------------------------------------------------------------ arithmetic
+@triton.jit
+def fma_native(x, y, z):
+    """x·y + z with one rounding: ``tl.fma`` (``fma.rn.f32`` in compiled code)."""
+    return tl.fma(x, y, z)
+
+
+@triton.jit
+def fma_rn_fp64(x, y, z):
+    """x·y + z in fp32 with one rounding, from fp64 arithmetic only (for the interpreter,
+    whose ``tl.fma`` rounds the product and then the sum). The product of two fp32 values is
+    exact in fp64; the sum s = p + z is rounded to odd (TwoSum gives its exact error, and an
+    inexact s whose last bit is even moves one ulp towards the error), and rounding that to
+    fp32 is the correctly rounded x·y + z: with 29 extra bits, round-to-odd never lands on
+    an fp32 tie that the exact value is not on."""
+    p = x.to(tl.float64) * y
+    q = z.to(tl.float64)
+    s = p + q
+    pp = s - q
+    err = (p - pp) + (q - (s - pp))
+    bits = s.to(tl.int64, bitcast=True)
+    inexact_even = ((err > 0) | (err < 0)) & ((bits & 1) == 0)  # false for inf/NaN
+    toward = tl.where((err > 0) == (s > 0), 1, -1).to(tl.int64)
+    bits = tl.where(inexact_even, bits + toward, bits)
+    return bits.to(tl.float64, bitcast=True).to(tl.float32)
+
+
+# ``fma``: what the kernels call wherever torch computes ``add(z, x, alpha=y)`` or
+# ``addcmul`` (one rounding). Compiled: the hardware FMA. Interpreted: the fp64 version.
+fma = fma_rn_fp64 if INTERPRETED else fma_native
 
 
 @triton.jit
 def powi(base, exponent):
     """``base ** exponent`` for a scalar argument ``base`` and an integer-valued fp32 scalar
-    tensor ``exponent`` in [0, 2^32), as torch.pow's fp32 result: square-and-multiply in fp64,
-    then one rounding (the interpreter has no libdevice pow)."""
+    tensor ``exponent`` in [0, 2^32), as torch.pow's fp32 result: square-and-multiply in fp64
+    (as many rounds as the exponent has bits), then one rounding (the interpreter has no
+    libdevice pow)."""
     n = exponent.to(tl.int64)
     result = exponent.to(tl.float64) * 0.0 + 1.0
     square = result * base
-    for bit in tl.static_range(32):
-        result = tl.where(((n >> bit) & 1) != 0, result * square, result)
+    while n > 0:
+        result = tl.where((n & 1) != 0, result * square, result)
         square = square * square
+        n = n >> 1
     return result.to(tl.float32)
 
 
 @triton.jit
 def to_storage(x, dtype: tl.constexpr):
     """fp32 ``x`` rounded to nearest even into ``dtype``. For bf16 the rounding is explicit:
-    the Triton interpreter truncates fp32 → bf16 (SPEC §4), compiled code and torch round
-    to nearest even, and this bit-level rounding gives torch's bits on both (NaN → 0x7FC0)."""
+    the Triton interpreter truncates fp32 → bf16, compiled code and torch round to nearest
+    even, and this bit-level rounding gives torch's bits on both (NaN → 0x7FC0)."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
@@ -73,3 +172,64 @@ def to_storage(x, dtype: tl.constexpr):
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def sum_partial_range(partial_ptr, start, stop, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """partials[start:stop] (float64) added in a fixed order by one program, in float64.
+    ITERS·BLOCK must cover stop − start."""
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for i in range(ITERS):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + offs, mask=offs < stop, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def advance_steps(ptrs_ptr, T, taken, STEP_ROW: tl.constexpr, ITERS: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """One program: AdamW's per-tensor ``step`` (0-dim float32, its address in row
+    STEP_ROW) += ``taken`` for every tensor of the table that is not FROZEN."""
+    for i in range(ITERS):
+        idx = i * BLOCK + tl.arange(0, BLOCK)
+        inside = idx < T
+        address = tl.load(ptrs_ptr + STEP_ROW * T + idx, mask=inside, other=0)
+        flags = tl.load(ptrs_ptr + ROW_FLAGS * T + idx, mask=inside, other=0)
+        live = inside & (address != 0) & ((flags & FLAG_FROZEN) == 0)
+        step = address.to(tl.pointer_type(tl.float32))
+        tl.store(step, tl.load(step, mask=live, other=0.0) + taken, mask=live)
+
+
+def device_functions(namespace: dict) -> None:
+    """Called at the end of each kernel module with its ``globals()``. Under the interpreter,
+    a call of a ``@triton.jit`` function from a kernel patches ``triton.language`` again
+    (Triton does it for every device-function call; it costs more than the function), but
+    the launch of the kernel has already patched it, and gr_fused's device functions use
+    only ``triton.language`` and functions of this package. So theirs skip that step:
+    identical results, about 2x faster kernels under the interpreter. Compiled kernels are
+    not affected."""
+    if not INTERPRETED:
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    for value in list(namespace.values()):
+        if type(value) is InterpretedFunction:
+            value.__class__ = _PatchedDeviceFunction
+
+
+if INTERPRETED:
+    from triton.runtime.interpreter import InterpretedFunction, InterpreterError
+
+    class _PatchedDeviceFunction(InterpretedFunction):
+        """A gr_fused ``@triton.jit`` function under the interpreter; launched as a kernel
+        (``run``) it behaves as any other, called from a kernel it runs directly."""
+
+        def __call__(self, *args, **kwargs):
+            try:
+                return self.rewrite()(*args, **kwargs)
+            except InterpreterError:
+                raise
+            except Exception as exc:
+                raise InterpreterError(repr(exc)) from exc
+
+
+device_functions(globals())
