@@ -1,14 +1,16 @@
-"""The Triton part of the GPU check (called by bench/gpu_check.sh): time the kernels at 16M,
-64M and 256M elements in fp32 and bf16 against a device copy, compare whole optimizer steps,
-count launches, write the results and print a short table last.
+"""The Triton part of the GPU check (called by bench/gpu_check.sh): a quick equality check of
+the compiled kernels against the torch backend, then the kernels timed over tensor tables at
+16M, an odd 11,173,962 and 64M elements in fp32 and bf16 against a device copy, whole
+optimizer steps compared, launches counted; a short table is printed last.
 
     python bench/gpu_triton.py OUT.json [--tests] [--budget SECONDS] [--sweep-blocks]
 
-OUT.json gets every number (bench/bench_kernels.py's results); OUT.md beside it the full
-tables. ``--tests`` first runs tests/test_triton.py and tests/test_flat.py (compiled on the
-GPU); gpu_check.sh runs those suites itself, so it calls this without ``--tests``. The timing
-stops adding configurations after ``--budget`` seconds (default 85) so that the whole script
-stays inside gpu_check.sh's 120 s; what was left out is listed.
+OUT.json gets every number (bench/bench_kernels.py's results) and is rewritten after each
+part (the check, each launch count, each size), so a timeout keeps what finished; OUT.md
+beside it gets the full tables at the end. ``--tests`` first runs tests/test_triton.py
+(compiled on the GPU); gpu_check.sh runs that suite itself, so it calls this without
+``--tests``. The timing stops adding configurations after ``--budget`` seconds (default 85)
+so that the whole script stays inside gpu_check.sh's 120 s; what was left out is listed.
 """
 from __future__ import annotations
 
@@ -16,11 +18,16 @@ import argparse
 import os
 import sys
 import time
+from typing import Dict
+
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_kernels  # noqa: E402
+from gr_fused.backends.torch_backend import TorchBackend  # noqa: E402
+from gr_fused.backends.triton_backend import TritonBackend  # noqa: E402
 
 
 def human(n: int) -> str:
@@ -30,11 +37,43 @@ def human(n: int) -> str:
     return f"{n:,}"
 
 
+def check_equality(n: int = 1_000_003, n_tensors: int = 7) -> Dict[str, str]:
+    """One GR + SGD-momentum step's phases, compiled Triton kernels against the torch
+    backend from identical tensors (odd sizes, several tensors): the worst error in units
+    of the dtype's precision (pass: ≤ 2)."""
+    results = {}
+    triton, torch_backend = TritonBackend(), TorchBackend()
+    for dtype in (torch.float32, torch.bfloat16):
+        b = bench_kernels.make_bucket(triton, n, dtype, "sgd", n_tensors)
+        ref = bench_kernels._flat_bucket(n, dtype, "sgd", dict(bench_kernels.SGD), n_tensors)
+        for mine, theirs in ((b.params, ref.params), (b.grads, ref.grads)):
+            for x, y in zip(mine, theirs):
+                y.copy_(x)
+        for st, rs in zip(b.states, ref.states):
+            rs["momentum_buffer"].copy_(st["momentum_buffer"])
+        for k, bucket in ((triton, b), (torch_backend, ref)):
+            sq = k.sq_norm(bucket, False)
+            eps = (bench_kernels._scalar(0.01) / sq.sqrt()).float()
+            k.perturb(bucket, eps, bench_kernels._scalar(0.3), False)
+            k.update(bucket, bench_kernels._scalar(0.7), bench_kernels._scalar(0.0))
+        worst = 0.0
+        pairs = list(zip(b.params, ref.params)) + list(zip(b.grads, ref.grads)) + [
+            (s["momentum_buffer"], r["momentum_buffer"]) for s, r in zip(b.states, ref.states)]
+        for got, want in pairs:
+            err = (got.double() - want.double()).abs() / want.double().abs().clamp_min(1.0)
+            worst = max(worst, float(err.max()) / torch.finfo(dtype).eps)
+        name = str(dtype).replace("torch.", "")
+        results[name] = f"{'pass' if worst <= 2 else 'FAIL'} ({worst:.2f} ulps)"
+    return results
+
+
 def short_table(results: dict) -> str:
     """One row per (dtype, size): copy bandwidth, each phase as % of it, the step times."""
     pct = {(r["dtype"], r["n"], r["phase"]): r for r in results["phases"]}
     phases = ["norm", "perturb", "update-sgd", "update-adamw", "gr-step"]
-    lines = ["| dtype | n | copy GB/s | " + " | ".join(f"{p} %" for p in phases)
+    lines = [f"equality (triton vs torch phases): {results.get('equality')}",
+             f"tests: {results.get('tests')}",
+             "| dtype | n | copy GB/s | " + " | ".join(f"{p} %" for p in phases)
              + " | step ms: floor / fused / triton / torch / SAM / SGD |",
              "|---" * (4 + len(phases)) + "|"]
     for s in results["steps"]:
@@ -45,8 +84,8 @@ def short_table(results: dict) -> str:
         lines.append(f"| {s['dtype']} | {human(s['n'])} | {pct[key + ('copy',)]['gbps']:.0f} | "
                      + " | ".join(cells) + f" | {times} |")
     for r in results["launches"]:
-        lines.append(f"launches, {r['n_tensors']} tensors: " + ", ".join(
-            f"{m} {v.get('device_ops', v['triton'])}" for m, v in r.items() if m != "n_tensors"))
+        lines.append(f"kernels per step, {r['n_tensors']} tensors: " + ", ".join(
+            f"{m} {v['kernels']}" for m, v in r.items() if m != "n_tensors"))
     if results["skipped"]:
         lines.append("left out (time budget): " + ", ".join(results["skipped"]))
     return "\n".join(lines)
@@ -55,26 +94,43 @@ def short_table(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="results JSON path (a .md with the tables is written beside it)")
-    parser.add_argument("--tests", action="store_true", help="run the Triton/flat tests first")
+    parser.add_argument("--tests", action="store_true", help="run tests/test_triton.py first")
     parser.add_argument("--budget", type=float, default=85.0, help="seconds of timing at most")
     parser.add_argument("--sweep-blocks", action="store_true")
+    parser.add_argument("--sizes", nargs="+", help="element counts (default: bench_kernels')")
     args = parser.parse_args()
     start = time.time()
-    tests = (bench_kernels.run_pytest(["tests/test_triton.py", "tests/test_flat.py"], 150)
-             if args.tests else "not run here (gpu_check.sh runs them)")
-    print(f"tests: {tests}", flush=True)
-    argv = ["--budget", str(args.budget)] + (["--sweep-blocks"] if args.sweep_blocks else [])
-    results = bench_kernels.main(argv)  # prints the full tables
-    results["tests"] = tests
-    results["total_seconds"] = time.time() - start
+    header = {"tests": "not run here (gpu_check.sh runs them)", "equality": "not run"}
+
+    def save(results: dict) -> None:
+        results.update(header, total_seconds=time.time() - start)
+        bench_kernels.write_results(args.out, results)
+
+    save({"phases": [], "steps": [], "launches": [], "skipped": [], "part": "started"})
+    if args.tests:
+        header["tests"] = bench_kernels.run_pytest(["tests/test_triton.py"], 150)
+        save({"phases": [], "steps": [], "launches": [], "skipped": []})
+    print(f"tests: {header['tests']}", flush=True)
+    header["equality"] = check_equality() if bench_kernels.CUDA else check_equality(5003, 3)
+    save({"phases": [], "steps": [], "launches": [], "skipped": []})
+    print(f"equality: {header['equality']}", flush=True)
+    argv = ["--budget", str(max(args.budget - (time.time() - start), 1.0))]
+    argv += (["--sweep-blocks"] if args.sweep_blocks else [])
+    argv += (["--sizes", *args.sizes] if args.sizes else [])
+    results = bench_kernels.main(argv, on_part=save)  # prints the full tables
+    save(results)
     bench_kernels.write_results(args.out, results,
-                                f"tests: {tests}\n\n{bench_kernels.table(results)}\n")
+                                f"tests: {header['tests']}\nequality: {header['equality']}\n\n"
+                                f"{bench_kernels.table(results)}\n")
     print("\n== triton kernels: summary (% = achieved GB/s over the bytes each phase must "
           "move, relative to a device copy)")
     if results["interpreted"]:
         print(bench_kernels.NOTE_CPU)
     print(short_table(results))
-    return 0 if "failed" not in tests and "did not finish" not in tests else 1
+    failed = "failed" in header["tests"] or "did not finish" in header["tests"]
+    failed |= isinstance(header["equality"], dict) and any(
+        not v.startswith("pass") for v in header["equality"].values())
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
