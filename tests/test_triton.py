@@ -351,7 +351,8 @@ def test_fma_rounds_once_like_torch_addcmul_and_add_alpha():
     alpha = ys[0]  # an fp32 number
     x, y, z = x.to(DEVICE), y.to(DEVICE), z.to(DEVICE)
     outs = [torch.empty_like(x) for _ in range(4)]
-    _fma_kernel[(1,)](x, y, z, *outs, triton_common.f32(alpha), BLOCK=block)
+    _fma_kernel[(1,)](x, y, z, *outs, triton_common.f32(alpha), BLOCK=block,
+                      enable_fp_fusion=False)
     vec, fp64, native, scalar = (o.cpu() for o in outs)
     xc, yc, zc = x.cpu(), y.cpu(), z.cpu()
     want_vec = torch.addcmul(zc, xc, yc)
