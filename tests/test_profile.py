@@ -102,7 +102,7 @@ def test_json_and_csv_schema(mlp_report, tmp_path):
     assert data["device"] == "cpu" and data["model"] == "mlp"
     assert data["torch_version"] == torch.__version__ and data["batch_size"] == BATCH
     assert [(r["method"], r["backend"]) for r in data["results"]] == [
-        ("sgd", "torch.optim"), ("fd-gr", "torch"), ("bd-gr", "torch"),
+        ("sgd", "torch.optim"), ("fd-gr", "torch"), ("fd-gr-k5", "torch"), ("bd-gr", "torch"),
         ("central-gr", "torch"), ("db-gr", "torch.optim"), ("sam-ref", "torch.optim")]
     for r in data["results"]:
         assert r["step_time_ms"] > 0 and r["peak_memory_bytes"] > 0
@@ -207,6 +207,21 @@ def test_cli_end_to_end_writes_json_csv_png(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for method in METHODS:
         assert f"\n{method} " in out.stdout
+
+
+def test_interval_methods_report_whole_cycles():
+    """fd-gr-k5: each measurement is a cycle of 5 steps (one FD step, four one-gradient
+    steps) reported per step, so its FLOPs are (2 + 4)/5 gradients' worth and the paper's
+    count (6 + 4·3)/5 forwards; any fd-gr-kN can be asked for."""
+    report = compare("mlp", device="cpu", methods="sgd,fd-gr,fd-gr-k5,fd-gr-k3", backends="torch",
+                     warmup=0, repeat=2, progress=False, batch_size=BATCH,
+                     model_options=MLP_OPTIONS)
+    r = {x["method"]: x for x in report["results"]}
+    assert r["fd-gr-k5"]["flops"] == pytest.approx(r["sgd"]["flops"] * 6 / 5)
+    assert r["fd-gr-k3"]["flops"] == pytest.approx(r["sgd"]["flops"] * 4 / 3)
+    assert r["fd-gr-k5"]["analytic_flops_per_forward"] == pytest.approx((6 + 12) / 5)
+    with pytest.raises(ValueError, match="fd-gr-kN"):
+        compare("mlp", device="cpu", methods="fd-gr-k1")
 
 
 def test_plot_shows_the_spread_of_the_timed_steps(tmp_path):

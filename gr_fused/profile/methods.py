@@ -4,6 +4,9 @@ backward(s) and the optimizer update, on SGD with momentum.
 * ``sgd``: torch.optim.SGD, one gradient.
 * ``fd-gr`` / ``bd-gr`` / ``central-gr``: :class:`gr_fused.GRSGD` with the forward
   (ρ > 0), backward (ρ < 0) or central difference, on a given gr_fused backend.
+* ``fd-gr-k5`` (any ``fd-gr-kN``): ``fd-gr`` with ``interval=N``, the second gradient every
+  N-th step and the cached direction in between (its step time and FLOPs are the averages
+  over whole cycles of N steps).
 * ``db-gr``: the exact GR gradient by double backpropagation
   (:func:`gr_fused.db_gr_backward`), then torch.optim.SGD.
 * ``sam-ref``: SAM as it is commonly written by hand, per parameter tensor in a Python loop
@@ -20,14 +23,37 @@ import torch
 from ..db import db_gr_backward
 from ..optim import GRSGD
 
-METHODS = ("sgd", "fd-gr", "bd-gr", "central-gr", "db-gr", "sam-ref")
-GR_METHODS = ("fd-gr", "bd-gr", "central-gr")  # profiled once per gr_fused backend
+METHODS = ("sgd", "fd-gr", "fd-gr-k5", "bd-gr", "central-gr", "db-gr", "sam-ref")
+GR_METHODS = ("fd-gr", "fd-gr-k5", "bd-gr", "central-gr")  # profiled once per gr_fused backend
 BASELINE_BACKEND = "torch.optim"  # what the "backend" column says for the other methods
 
 # Matrix products per step as a multiple of the forward pass's (the paper's Section 3.2,
 # for an L-layer network: forward L, one gradient 3L, FD 2·3L, central 3·3L, DB 9L).
 ANALYTIC_FORWARD_MULTIPLE = {"sgd": 3, "fd-gr": 6, "bd-gr": 6, "central-gr": 9, "db-gr": 9,
                              "sam-ref": 6}
+
+
+def interval_of(method: str) -> int:
+    """N of ``fd-gr-kN`` (1 for every other method); ValueError for a malformed one."""
+    if not method.startswith("fd-gr-k"):
+        return 1
+    digits = method[len("fd-gr-k"):]
+    if not digits.isdigit() or int(digits) < 2:
+        raise ValueError(f"Invalid method: {method!r} (fd-gr-kN takes an interval N >= 2)")
+    return int(digits)
+
+
+def is_gr_method(method: str) -> bool:
+    return method in GR_METHODS or interval_of(method) > 1
+
+
+def analytic_forward_multiple(method: str) -> float:
+    """Matrix products of a step as a multiple of the forward pass's; for ``fd-gr-kN`` the
+    average over a cycle: one FD step (6) and N − 1 one-gradient steps (3)."""
+    k = interval_of(method)
+    if k > 1:
+        return (6 + 3 * (k - 1)) / k
+    return ANALYTIC_FORWARD_MULTIPLE[method]
 
 LossFn = Callable[[], torch.Tensor]
 
@@ -46,10 +72,11 @@ def make_step(method: str, params: List[torch.Tensor], compute_loss: LossFn,
     """``(step, optimizer)``: ``step()`` runs one training step of ``method`` and returns the
     loss at the parameters before the step (a tensor; it does not synchronize).
     ``compute_loss()`` runs the forward pass (under autocast if any) and returns the loss."""
-    if method not in METHODS:
-        raise ValueError(f"Invalid method: {method!r} (choose from {', '.join(METHODS)})")
+    if method not in METHODS and interval_of(method) == 1:
+        raise ValueError(f"Invalid method: {method!r} (choose from {', '.join(METHODS)}, "
+                         "or fd-gr-kN)")
     params = [p for p in params if p.requires_grad]
-    if method in GR_METHODS:
+    if is_gr_method(method):
         if backend is None:
             raise ValueError(f"Invalid backend: None ({method} needs a gr_fused backend name)")
         return _gr_step(method, params, compute_loss, hp, backend)
@@ -62,7 +89,7 @@ def _gr_step(method, params, compute_loss, hp, backend):
     optimizer = GRSGD(params, lr=hp.lr, momentum=hp.momentum, gamma=hp.gamma,
                       rho=-hp.rho if method == "bd-gr" else hp.rho,
                       difference="central" if method == "central-gr" else "forward",
-                      backend=backend)
+                      interval=interval_of(method), backend=backend)
 
     def closure():
         optimizer.zero_grad()

@@ -13,7 +13,8 @@ import torch
 
 from .. import __version__, backends as gr_backends
 from .measure import MEMORY_MEASURE, TIMER, StepTimer, count_flops, measure_peak_memory
-from .methods import (ANALYTIC_FORWARD_MULTIPLE, BASELINE_BACKEND, GR_METHODS, METHODS,
+from .methods import (BASELINE_BACKEND, METHODS, analytic_forward_multiple, interval_of,
+                      is_gr_method,
                       Hyperparameters, make_step)
 from .models import BUILTIN_MODELS, Factory, load_user_factory
 
@@ -104,11 +105,11 @@ def make_plan(model: Union[str, Factory] = DEFAULT_MODEL, *, device: Optional[st
     for name, value in asdict(hp).items():
         if not (isinstance(value, (int, float)) and value >= 0) or (name == "rho" and value == 0):
             raise ValueError(f"Invalid {name}: {value!r} (a number >= 0; rho > 0)")
-    run_backends, skipped = _resolve_backends(backends, device, any(m in GR_METHODS
+    run_backends, skipped = _resolve_backends(backends, device, any(is_gr_method(m)
                                                                     for m in methods))
     runs = []
     for method in methods:
-        if method in GR_METHODS:
+        if is_gr_method(method):
             runs += [(method, b) for b in run_backends]
         else:
             runs.append((method, BASELINE_BACKEND))
@@ -178,11 +179,12 @@ def _resolve_methods(methods) -> List[str]:
     if methods is None:
         return list(METHODS)
     methods = _as_list(methods, "methods")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and interval_of(m) == 1]
     if unknown:
         raise ValueError(f"Invalid methods: {', '.join(map(repr, unknown))} (choose from "
-                         f"{', '.join(METHODS)})")
-    return [m for m in METHODS if m in methods]
+                         f"{', '.join(METHODS)}, or fd-gr-kN)")
+    known = [m for m in METHODS if m in methods]
+    return known + [m for m in methods if m not in known]
 
 
 def _resolve_backends(requested, device: torch.device, needed: bool
@@ -330,8 +332,8 @@ def run_plan(plan: Plan, progress: bool = True) -> Dict[str, Any]:
     _free_memory(plan.device)
     for r in results:
         r["flops_per_forward"] = r["flops"] / forward_flops if forward_flops else None
-        r["analytic_flops_per_forward"] = ANALYTIC_FORWARD_MULTIPLE[r["method"]]
-        r["analytic_flops"] = ANALYTIC_FORWARD_MULTIPLE[r["method"]] * forward_flops
+        r["analytic_flops_per_forward"] = analytic_forward_multiple(r["method"])
+        r["analytic_flops"] = analytic_forward_multiple(r["method"]) * forward_flops
     _add_ratios(results)
     return {
         "device": str(plan.device),
@@ -366,10 +368,17 @@ class _Run:
         self.timer = StepTimer(plan.device)
         self.losses: List[torch.Tensor] = []
         self.peak_memory_bytes = 0
+        # what one measurement covers: a step, or a whole cycle of fd-gr-kN (one FD step and
+        # N − 1 one-gradient steps, whatever step the cycle starts at), reported per step
+        self.unit = interval_of(method)
 
     def _step(self) -> None:
         self.losses.append(self.step_fn().detach())
         del self.losses[1:-1]  # keep the first and the latest
+
+    def _unit(self) -> None:
+        for _ in range(self.unit):
+            self._step()
 
     def start(self, on_step: Callable[[], None]) -> None:
         """Build the model and take the first steps, measuring peak memory."""
@@ -384,7 +393,7 @@ class _Run:
         self.workload = _Workload(self.plan)
         self.step_fn, self.optimizer = make_step(
             self.method, self.workload.params, self.workload.compute_loss,
-            self.plan.hyperparameters, self.backend if self.method in GR_METHODS else None)
+            self.plan.hyperparameters, self.backend if is_gr_method(self.method) else None)
 
     def warm(self, on_step: Callable[[], None]) -> None:
         for _ in range(self.plan.warmup):
@@ -393,14 +402,14 @@ class _Run:
 
     def time(self, count: int, on_step: Callable[[], None]) -> None:
         for _ in range(count):
-            self.timer.time(self._step)
+            self.timer.time(self._unit)
             on_step()
 
     def finish(self, on_step: Callable[[], None]) -> Dict[str, Any]:
-        """One more step under the FLOP counter; the result; then free the model."""
-        flops = count_flops(self._step)
+        """One more step (cycle) under the FLOP counter; the result; then free the model."""
+        flops = count_flops(self._unit) / self.unit
         on_step()
-        times = self.timer.times_ms()
+        times = [t / self.unit for t in self.timer.times_ms()]
         skipped = getattr(self.optimizer, "skipped_steps", None)
         result = {
             "method": self.method,
@@ -409,7 +418,7 @@ class _Run:
             "step_time_ms_min": min(times),
             "step_time_ms_max": max(times),
             "peak_memory_bytes": int(self.peak_memory_bytes),
-            "flops": int(flops),
+            "flops": int(flops) if self.unit == 1 else flops,  # a cycle's average per step
             "loss_first": float(self.losses[0]),
             "loss_last": float(self.losses[-1]),
             "skipped_steps": 0 if skipped is None else int(skipped),
