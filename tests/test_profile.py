@@ -113,7 +113,7 @@ def test_json_and_csv_schema(mlp_report, tmp_path):
     assert [row["method"] for row in rows] == [r["method"] for r in data["results"]]
     for row, r in zip(rows, data["results"]):
         assert row["device"] == "cpu" and row["model"] == "mlp"
-        assert int(row["flops"]) == r["flops"]
+        assert float(row["flops"]) == r["flops"]
         assert int(row["peak_memory_bytes"]) == r["peak_memory_bytes"]
         assert float(row["step_time_ms"]) == pytest.approx(r["step_time_ms"])
 
