@@ -169,6 +169,7 @@ def test_dln_effective_scale_trend():
     ("dln", ["config", "gd", "gr", "gd_init_sweep"]),
     ("flooding", ["config", "check", "flooding", "fd_view"]),
     ("generalization", ["config", "SGD", "DB", "by_rho"]),
+    ("interval", ["config", "results", "step_time"]),
 ])
 def test_example_smoke(name, expect, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, f"{name}.py"), "--smoke",
@@ -181,6 +182,9 @@ def test_example_smoke(name, expect, tmp_path):
         results = json.load(f)
     for key in expect:
         assert key in results
+    if name == "interval":
+        assert {"SGD", "F-GR", "interval 2", "interval 5", "curvature 5"} <= set(results["results"])
+        assert {"sgd", "fd-gr", "fd-gr-k2", "fd-gr-k5"} <= set(results["step_time"])
     if name == "flooding":
         assert results["check"]["pairs"] > 10
         assert results["check"]["max_rel_err"] < 1e-10
