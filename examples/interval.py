@@ -36,11 +36,13 @@ from generalization import load_digits_split, make_model, mean_std  # noqa: E402
 import gr_fused  # noqa: E402
 
 CONFIGS = {
-    "smoke": dict(n_train=300, hidden=64, epochs=3, batch=64, lr=0.05, momentum=0.9,
-                  gamma=1.0, rho=0.5, intervals=[2, 5], seeds=[0, 1], profile_repeat=2),
+    "smoke": dict(n_train=200, hidden=32, epochs=2, batch=64, lr=0.05, momentum=0.9,
+                  gamma=1.0, rho=0.5, intervals=[2, 5], seeds=[0, 1], profile_repeat=1,
+                  profile=dict(backends="torch", warmup=0, batch_size=8,
+                               model_options=dict(width=32, depth=2))),
     "default": dict(n_train=500, hidden=256, epochs=40, batch=64, lr=0.05, momentum=0.9,
                     gamma=1.0, rho=0.5, intervals=[2, 5, 10], seeds=list(range(10)),
-                    profile_repeat=10),
+                    profile_repeat=10, profile={}),
 }
 
 
@@ -99,7 +101,7 @@ def step_times(cfg: Dict) -> Dict[str, float]:
     from gr_fused.profile import compare
     methods = ["sgd", "fd-gr"] + [f"fd-gr-k{k}" for k in cfg["intervals"]]
     report = compare("mlp", device="cpu", methods=methods, repeat=cfg["profile_repeat"],
-                     progress=False)
+                     progress=False, **cfg["profile"])
     best = {}
     for r in report["results"]:  # the fastest backend of each method
         if r["method"] not in best or r["step_time_ms"] < best[r["method"]]["step_time_ms"]:
