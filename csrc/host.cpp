@@ -62,10 +62,13 @@ template <int V, class Ch> void chunk_loop(const Ch& ch, int64_t len) {
 // A chunk with a buffer it only writes with a copy (perturb's backup ← θ) runs in blocks
 // of kCopyBlock elements: the block's copy as non-temporal stores (copy_streamed), then the
 // rest of the op on the block, whose source is still in L1. So the source is read from
-// memory once and the copy's destination is never read.
+// memory once and the copy's destination is never read. Only for tables of at least
+// kStreamBytes: smaller ones stay in the caches between the phases, where plain stores win
+// (a non-temporal store evicts the line, and the update reads the backup back).
 constexpr int64_t kCopyBlock = 512;
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
-template <class Ch> void run_chunk(const Ch& view, int64_t len, bool packs) {
+template <class Ch> void run_chunk(const Ch& view, int64_t len, bool packs, bool stream) {
   const Ch ch = view;  // a private copy: the compiler need not reload it after stores
   using T = typename Ch::value_type;
   if (packs && ch.aligned16()) {  // the CUDA kernels' pack code (tests)
@@ -74,7 +77,7 @@ template <class Ch> void run_chunk(const Ch& view, int64_t len, bool packs) {
   }
 #ifdef GRF_STREAM_STORES
   if constexpr (streams_v<Ch>) {
-    if (ch.stream_aligned()) {
+    if (stream && ch.stream_aligned()) {
       for (int64_t begin = 0; begin < len; begin += kCopyBlock) {
         const int64_t end = std::min(len, begin + kCopyBlock);
         copy_streamed(ch.copy_dst() + begin, ch.copy_src() + begin, sizeof(T) * (end - begin));
@@ -93,12 +96,14 @@ template <class Op> void foreach_chunk(Op op, const Table& table, const Where& w
   if (table.num_chunks <= 0) return;
   op.prepare();
   const TableView tb = view_of(table);
-  const int team = team_size(tb.numel(), w.threads);
+  const int64_t numel = tb.numel();
+  const int team = team_size(numel, w.threads);
   const bool packs = w.host_packs;
-#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
+  const bool stream = numel * int64_t(sizeof(typename Op::value_type)) >= kStreamBytes;
+#pragma omp parallel for num_threads(team) schedule(dynamic, 1) if (team > 1)
   for (int64_t c = 0; c < tb.num_chunks; ++c) {
     const Span s = tb.span(c);
-    op.visit(tb, s, [&](const auto& ch) { run_chunk(ch, s.len, packs); });
+    op.visit(tb, s, [&](const auto& ch) { run_chunk(ch, s.len, packs, stream); });
   }
 }
 
@@ -141,7 +146,7 @@ template <class Op> void norm_chunks(const Op& op, const Table& table, const Whe
   const TableView tb = view_of(table);
   const int team = team_size(tb.numel(), w.threads);
   const bool packs = w.host_packs;
-#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
+#pragma omp parallel for num_threads(team) schedule(dynamic, 1) if (team > 1)
   for (int64_t c = 0; c < tb.num_chunks; ++c) {
     const Span s = tb.span(c);
     op.visit(tb, s, [&](const auto& ch) { partials[c] = chunk_sum(ch, s.len, packs); });
