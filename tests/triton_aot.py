@@ -171,6 +171,8 @@ def compile_variant(index: int) -> dict:
     ptx = compiled.asm["ptx"]
     record = {k: v for k, v in spec.items() if k != "compile"}
     record.update(ld_v4="ld.global.v4" in ptx, st_v4="st.global.v4" in ptx,
+                  ld_count=dict(v4=len(re.findall(r"\bld\.global(?:\.\w+)*\.v4", ptx)),
+                                scalar=len(re.findall(r"\bld\.global(?:\.(?!v\d)\w+)*\s", ptx))),
                   stores=bool(re.search(r"\bst\.global", ptx)),
                   fma="fma.rn.f32" in ptx, approx=sorted(set(APPROX.findall(ptx))),
                   streaming=spec["kernel"] in STREAMING)
