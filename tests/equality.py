@@ -18,7 +18,8 @@ import torch
 import gr_fused
 from gr_fused import _scalars
 from gr_fused.backends.base import Bucket, SkipRecord, group_runs
-from gr_fused.backends.torch_backend import TorchBackend, compute_dtype
+from gr_fused.backends.torch_backend import compute_dtype
+from reference_phases import ReferencePhases
 from gr_fused.optim.base import create_missing_state
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -180,7 +181,8 @@ CASE_IDS = [c.name for c in CASES]
 
 # ------------------------------------------------------------ backend-level helpers
 # The kernel suites (Triton, csrc) drive a backend through the Backend interface on buckets
-# of the user's own tensors and compare every phase with TorchBackend from identical inputs.
+# of the user's own tensors and compare every phase with the reference phases (tests/reference_phases.py) from identical
+# inputs.
 def ulp_close(actual, expected, ulps, what):
     """Each element within ``ulps`` units of the dtype's precision (relative to the element,
     or to 1 below 1: the operands here are O(1)); NaN/inf count as a mismatch."""
@@ -251,7 +253,7 @@ def random_bucket(sizes, dtype, device, algo="sgd", group=None, gr=None, misalig
 
 
 def clone_bucket(b: Bucket) -> Bucket:
-    """Same values, new tensors (strides kept), new ``extra``; for TorchBackend."""
+    """Same values, new tensors (strides kept), new ``extra``; for the reference phases."""
     c = Bucket([p.clone() for p in b.params], [g.clone() for g in b.grads],
                [{k: v.clone() for k, v in st.items()} for st in b.states], dict(b.group),
                b.algo, {}, gr=dict(b.gr))
@@ -261,7 +263,7 @@ def clone_bucket(b: Bucket) -> Bucket:
     return c
 
 
-TORCH = TorchBackend()
+TORCH = ReferencePhases()  # the kernels' operation order (tests/reference_phases.py)
 
 
 def prepared(backend, b: Bucket) -> Bucket:
@@ -291,7 +293,7 @@ def state_of(b: Bucket, key: str):
 
 def check_phases(backend, b: Bucket, *, adaptive=False, skip=False, frozen=(),
                  second_grad=True):
-    """Every phase of ``backend`` on ``b`` against TorchBackend on a clone: sq_norm of g1,
+    """Every phase of ``backend`` on ``b`` against the reference phases on a clone: sq_norm of g1,
     perturb (θ', fold·g1, and restore gives θ back bit for bit on a copy), a second gradient
     accumulated onto the grads (``second_grad``), sq_norm of G, then the state a first update
     creates and the update with ``skip`` (found_inf) and the ``frozen`` tensors. θ, the
