@@ -181,8 +181,8 @@ CASE_IDS = [c.name for c in CASES]
 
 # ------------------------------------------------------------ backend-level helpers
 # The kernel suites (Triton, csrc) drive a backend through the Backend interface on buckets
-# of the user's own tensors and compare every phase with the reference phases (tests/reference_phases.py) from identical
-# inputs.
+# of the user's own tensors and compare every phase with the reference phases
+# (tests/reference_phases.py) from identical inputs.
 def ulp_close(actual, expected, ulps, what):
     """Each element within ``ulps`` units of the dtype's precision (relative to the element,
     or to 1 below 1: the operands here are O(1)); NaN/inf count as a mismatch."""
