@@ -84,7 +84,7 @@ def short_table(results: dict) -> str:
         lines.append(f"| {s['dtype']} | {human(s['n'])} | {pct[key + ('copy',)]['gbps']:.0f} | "
                      + " | ".join(cells) + f" | {times} |")
     for r in results["launches"]:
-        lines.append(f"kernels per step, {r['n_tensors']} tensors: " + ", ".join(
+        lines.append(f"launches (device kernels) per step, {r['n_tensors']} tensors: " + ", ".join(
             f"{m} {v['kernels']}" for m, v in r.items() if m != "n_tensors"))
     if results["skipped"]:
         lines.append("left out (time budget): " + ", ".join(results["skipped"]))

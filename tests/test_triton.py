@@ -142,18 +142,21 @@ def test_phases_fp32(algo, name, with_state):
                                  with_state=with_state))
 
 
+@pytest.mark.parametrize("with_state", [False, True], ids=["new-state", "with-state"])
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS[1:])
 @pytest.mark.parametrize("algo,name", ALGOS, ids=ALGO_IDS)
-def test_phases_low_precision(algo, name, dtype):
+def test_phases_low_precision(algo, name, dtype, with_state):
     """bf16 and fp16: computed in fp32, rounded once to nearest even on the way back."""
-    check_phases(BACKEND, bucket(SIZES, dtype, algo, _group(algo, name), with_state=True))
+    check_phases(BACKEND, bucket(SIZES if with_state else SMALL, dtype, algo,
+                                 _group(algo, name), with_state=with_state))
 
 
 @pytest.mark.parametrize("with_state", [False, True], ids=["new-state", "with-state"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("algo,name", ALGOS, ids=ALGO_IDS)
-def test_skipped_update_restores_theta_and_writes_nothing_else(algo, name, with_state):
-    check_phases(BACKEND, bucket(SMALL, torch.float32, algo, _group(algo, name),
-                                 with_state=with_state), skip=True)
+def test_skipped_update_restores_theta_and_writes_nothing_else(algo, name, dtype, with_state):
+    check_phases(BACKEND, bucket(SMALL, dtype, algo, _group(algo, name), with_state=with_state),
+                 skip=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -530,7 +533,7 @@ def test_launch_count_assertion_ignores_host_launch_records():
     count above reads ``kernels`` and ``triton`` only."""
     counts = bench_kernels.count_launches("triton", 3)
     assert counts["kernels"] == counts["triton"] == 6, counts
-    assert counts.get("launch_calls", 6) >= 6
+    assert set(counts) <= {"kernels", "triton", "copies", "launch_calls"}
 
 
 # ----------------------------------------------------------------------- no host sync
