@@ -98,6 +98,14 @@ template <class Ch>
 struct streams<Ch, std::void_t<decltype(Ch::kStreams)>> : std::bool_constant<Ch::kStreams> {};
 template <class Ch> constexpr bool streams_v = streams<Ch>::value;
 
+// Whether a chunk view writes θ without reading it (the updates: `static constexpr bool
+// kThetaWriteOnly`; it then has at(k), the view of its elements from k on).
+template <class Ch, class = void> struct theta_write_only : std::false_type {};
+template <class Ch>
+struct theta_write_only<Ch, std::void_t<decltype(Ch::kThetaWriteOnly)>>
+    : std::bool_constant<Ch::kThetaWriteOnly> {};
+template <class Ch> constexpr bool theta_write_only_v = theta_write_only<Ch>::value;
+
 // ---------------------------------------------------------------- the table
 // An address read from a table is global memory: said so to nvcc, which otherwise makes
 // generic loads and stores (LD/ST) of it instead of global ones (LDG/STG).
@@ -157,6 +165,11 @@ template <class T, bool ADAPTIVE> struct NormChunk {
   const T* theta;  // read only when ADAPTIVE
 
   GRF_HD bool aligned16() const { return (addr(g) | (ADAPTIVE ? addr(theta) : 0)) % 16 == 0; }
+
+  // the term of element i
+  GRF_HD double term(int64_t i) const {
+    return sq_term(to_c(ADAPTIVE ? theta[i] : g[i]), to_c(g[i]), ADAPTIVE);
+  }
 
   template <int V> GRF_HD void accumulate(int64_t i, double* acc) const {
     const Pack<T, V> gp = ld<V>(g, i);
@@ -226,10 +239,12 @@ GRF_UNROLL
 // θ = backup: restore, and phase 3 of a skipped step or a frozen tensor.
 template <class T> struct RestoreChunk {
   using value_type = T;
+  static constexpr bool kThetaWriteOnly = true;
   T* theta;
   const T* backup;
 
   GRF_HD bool aligned16() const { return (addr(theta) | addr(backup)) % 16 == 0; }
+  RestoreChunk at(int64_t k) const { return RestoreChunk{theta + k, backup + k}; }
   template <int V> GRF_HD void apply(int64_t i) const { st<V>(theta, i, ld<V>(backup, i)); }
 };
 
@@ -237,12 +252,14 @@ template <class T> struct RestoreChunk {
 template <class T> struct NoneChunk {
   using value_type = T;
   using C = compute_t<T>;
+  static constexpr bool kThetaWriteOnly = true;
   T* theta;
   T* G;
   const T* backup;
   C gscale;
 
   GRF_HD bool aligned16() const { return (addr(theta) | addr(G) | addr(backup)) % 16 == 0; }
+  NoneChunk at(int64_t k) const { return NoneChunk{theta + k, G + k, backup + k, gscale}; }
 
   template <int V> GRF_HD void apply(int64_t i) const {
     st<V>(theta, i, ld<V>(backup, i));
@@ -257,6 +274,7 @@ GRF_UNROLL
 template <class T, int MODE> struct SgdChunk {
   using value_type = T;
   using C = compute_t<T>;
+  static constexpr bool kThetaWriteOnly = true;
   T* theta;
   const T* G;
   const T* backup;
@@ -266,6 +284,9 @@ template <class T, int MODE> struct SgdChunk {
 
   GRF_HD bool aligned16() const {
     return (addr(theta) | addr(G) | addr(backup) | (MODE != kNoMomentum ? addr(buf) : 0)) % 16 == 0;
+  }
+  SgdChunk at(int64_t k) const {
+    return SgdChunk{theta + k, G + k, backup + k, MODE != kNoMomentum ? buf + k : buf, gscale, h};
   }
 
   template <int V> GRF_HD void apply(int64_t i) const {
@@ -288,6 +309,7 @@ GRF_UNROLL
 template <class T> struct AdamChunk {
   using value_type = T;
   using C = compute_t<T>;
+  static constexpr bool kThetaWriteOnly = true;
   T* theta;
   const T* G;
   const T* backup;
@@ -299,6 +321,9 @@ template <class T> struct AdamChunk {
 
   GRF_HD bool aligned16() const {
     return (addr(theta) | addr(G) | addr(backup) | addr(m) | addr(v)) % 16 == 0;
+  }
+  AdamChunk at(int64_t k) const {
+    return AdamChunk{theta + k, G + k, backup + k, m + k, v + k, gscale, h, bias};
   }
 
   template <int V> GRF_HD void apply(int64_t i) const {

@@ -59,12 +59,14 @@ template <int V, class Ch> void chunk_loop(const Ch& ch, int64_t len) {
   for (; i < len; ++i) ch.template apply<1>(i);
 }
 
-// A chunk with a buffer it only writes with a copy (perturb's backup ← θ) runs in blocks
-// of kCopyBlock elements: the block's copy as non-temporal stores (copy_streamed), then the
-// rest of the op on the block, whose source is still in L1. So the source is read from
-// memory once and the copy's destination is never read. Only for tables of at least
-// kStreamBytes: smaller ones stay in the caches between the phases, where plain stores win
-// (a non-temporal store evicts the line, and the update reads the backup back).
+// The buffers a phase only writes go out as non-temporal stores (AVX2), which do not read
+// the destination's lines into the cache first, in blocks of kCopyBlock elements:
+// * perturb's backup ← θ: the block's copy (copy_streamed), then the rest of the op on the
+//   block, whose θ is still in L1; so θ is read from memory once;
+// * the updates' θ (a function of the backup, G and the state): the block's new θ into an
+//   L1 buffer by the usual loop, then that buffer out to θ when θ is 32-byte aligned.
+// Only for tables of at least kStreamBytes: smaller ones stay in the caches between the
+// phases, where plain stores win (a non-temporal store evicts the line).
 constexpr int64_t kCopyBlock = 512;
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
@@ -84,6 +86,21 @@ template <class Ch> void run_chunk(const Ch& view, int64_t len, bool packs, bool
         for (int64_t i = begin; i < end; ++i) ch.template apply_rest<1>(i);
       }
       _mm_sfence();  // this thread's streamed stores, in order before what follows
+      return;
+    }
+  }
+  if constexpr (theta_write_only_v<Ch>) {
+    if (stream && addr(ch.theta) % 32 == 0) {
+      alignas(64) T stage[kCopyBlock];
+      for (int64_t begin = 0; begin < len; begin += kCopyBlock) {
+        const int64_t n = std::min(len - begin, kCopyBlock);
+        Ch block = ch.at(begin);
+        T* const theta = block.theta;
+        block.theta = stage;
+        chunk_loop<1>(block, n);
+        copy_streamed(theta, stage, sizeof(T) * n);
+      }
+      _mm_sfence();
       return;
     }
   }
@@ -117,16 +134,22 @@ template <int V, class Ch> double chunk_sum_v(const Ch& ch, int64_t len) {
   using T = typename Ch::value_type;
   const int64_t part = len / (kParts * kLanes) * kLanes;  // a multiple of kLanes
   double acc[kParts][kLanes] = {};
-  if constexpr (parts_at_once<T>()) {
-    for (int64_t i = 0; i < part; i += kLanes)  // (an unroll pragma on s: 1.6× slower)
+  if constexpr (V == 1) {  // the element's term straight into its lane: GCC vectorizes over k
+    if constexpr (parts_at_once<T>()) {
+      for (int64_t i = 0; i < part; i += kLanes)
+        for (int s = 0; s < kParts; ++s)
+          for (int k = 0; k < kLanes; ++k) acc[s][k] += ch.term(i + s * part + k);
+    } else {
       for (int s = 0; s < kParts; ++s)
-        for (int k = 0; k < kLanes; k += V) ch.template accumulate<V>(i + s * part + k, &acc[s][k]);
-  } else {
+        for (int64_t i = s * part; i < (s + 1) * part; i += kLanes)
+          for (int k = 0; k < kLanes; ++k) acc[s][k] += ch.term(i + k);
+    }
+  } else {  // the CUDA kernels' packs (tests)
     for (int s = 0; s < kParts; ++s)
       for (int64_t i = s * part; i < (s + 1) * part; i += kLanes)
         for (int k = 0; k < kLanes; k += V) ch.template accumulate<V>(i + k, &acc[s][k]);
   }
-  for (int64_t i = kParts * part; i < len; ++i) ch.template accumulate<1>(i, &acc[0][i % kLanes]);
+  for (int64_t i = kParts * part; i < len; ++i) acc[0][i % kLanes] += ch.term(i);
   double sum = 0;
   for (int s = 0; s < kParts; ++s)
     for (int k = 0; k < kLanes; ++k) sum += acc[s][k];
