@@ -297,6 +297,9 @@ template <class C> GRF_HD void record_skip(C found_inf, int64_t* count, bool* la
 GRF_HD void advance_step(const int64_t* ptrs, int64_t tensors, int64_t t, bool skipped) {
   if (skipped || (ptrs[kFlags * tensors + t] & kFrozen)) return;
   float* step = reinterpret_cast<float*>(ptrs[kStep * tensors + t]);
+#ifdef __CUDA_ARCH__
+  __builtin_assume(__isGlobal(step));  // a tensor's address: global memory (LDG/STG)
+#endif
   *step += 1.0f;
 }
 
