@@ -354,6 +354,7 @@ template <class T, bool ADAPTIVE> struct NormOp {
 
 template <class T, bool ADAPTIVE> struct PerturbOp {
   using value_type = T;
+  static constexpr bool kBackward = true;  // after a norm (host.cpp: walks_backward)
   using C = compute_t<T>;
   const C* eps_at;
   const C* fold_at;
@@ -400,6 +401,7 @@ template <class T> struct UpdateScalars {
 
 template <class T> struct UpdateNoneOp {
   using value_type = T;
+  static constexpr bool kBackward = true;  // after a norm (host.cpp: walks_backward)
   UpdateScalars<T> s;
 
   GRF_HD void prepare() { s.read(); }
@@ -414,6 +416,7 @@ template <class T> struct UpdateNoneOp {
 
 template <class T> struct UpdateSgdOp {
   using value_type = T;
+  static constexpr bool kBackward = true;  // after a norm (host.cpp: walks_backward)
   using C = compute_t<T>;
   UpdateScalars<T> s;
   Lr lr;
@@ -445,6 +448,7 @@ template <class T> struct UpdateSgdOp {
 
 template <class T> struct UpdateAdamwOp {
   using value_type = T;
+  static constexpr bool kBackward = true;  // after a norm (host.cpp: walks_backward)
   using C = compute_t<T>;
   UpdateScalars<T> s;
   Lr lr;

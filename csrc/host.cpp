@@ -108,6 +108,15 @@ template <class Ch> void run_chunk(const Ch& view, int64_t len, bool packs, bool
   chunk_loop<1>(ch, len);
 }
 
+// Whether an op walks the chunks from the last to the first (`static constexpr bool
+// kBackward`; perturb and the updates): each follows a norm over the same gradients, which
+// walks them forward, so it starts where the norm's last chunks are still in the L2/L3
+// caches (in a C++ loop, a pass over 40 MB right after one over the same memory took 0.82×
+// the time backward and 1.0× forward, on a 32 MiB L3; the whole step about 0.96×).
+template <class Op, class = void> struct walks_backward : std::false_type {};
+template <class Op>
+struct walks_backward<Op, std::void_t<decltype(Op::kBackward)>> : std::bool_constant<Op::kBackward> {};
+
 // Runs op over every chunk of the table.
 template <class Op> void foreach_chunk(Op op, const Table& table, const Where& w) {
   if (table.num_chunks <= 0) return;
@@ -118,8 +127,8 @@ template <class Op> void foreach_chunk(Op op, const Table& table, const Where& w
   const bool packs = w.host_packs;
   const bool stream = numel * int64_t(sizeof(typename Op::value_type)) >= kStreamBytes;
 #pragma omp parallel for num_threads(team) schedule(dynamic, 1) if (team > 1)
-  for (int64_t c = 0; c < tb.num_chunks; ++c) {
-    const Span s = tb.span(c);
+  for (int64_t k = 0; k < tb.num_chunks; ++k) {
+    const Span s = tb.span(walks_backward<Op>::value ? tb.num_chunks - 1 - k : k);
     op.visit(tb, s, [&](const auto& ch) { run_chunk(ch, s.len, packs, stream); });
   }
 }
