@@ -172,7 +172,8 @@ template <int V, bool CHECK, class Ch> __device__ double block_chunk_sum(const C
   int64_t i0 = 0;
   if (V > 1 && (!CHECK || ch.aligned16())) {
     const int64_t packs = len / V;
-    for (int64_t j = threadIdx.x; j < packs; j += blockDim.x)
+#pragma unroll 4
+    for (int64_t j = threadIdx.x; j < packs; j += blockDim.x)  // (loads in flight: no stores)
       ch.template accumulate<V>(j * V, lanes);
     i0 = packs * V;
   }

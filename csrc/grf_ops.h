@@ -141,7 +141,7 @@ struct TableView {
   }
   GRF_HD int64_t flags(const Span& s) const { return ptrs[kFlags * num_tensors + s.t]; }
   template <class X> GRF_HD X* backup_at(const Span& s) const {
-    return reinterpret_cast<X*>(backup) + s.backup_offset + s.start;
+    return global(reinterpret_cast<X*>(backup) + s.backup_offset + s.start);
   }
   // Σ numel over the tensors (the host decides its team size from it)
   int64_t numel() const {
