@@ -576,6 +576,19 @@ def test_cuda_first_and_second_step_on_different_streams(lib):
 
 
 @NEEDS_GPU
+def test_cuda_norm_is_deterministic_and_exact_in_double(lib):
+    """A float64 partial per chunk (a fixed tree per block), added in a fixed order by one
+    block: the same bits on every call, within 1e-12 of the exact sum."""
+    be = kernel_backend("cuda")
+    for misalign in (False, True):
+        b = E.prepared(be, bucket("sgd-plain", torch.float32, "cuda", misalign=misalign,
+                                  sizes=[(3_000_017,), (70001,), (1,), (0,)]))
+        want = float(sum(g.double().square().sum() for g in b.grads))
+        got = {float(be.sq_norm(b, False)) for _ in range(5)}
+        assert len(got) == 1 and abs(got.pop() - want) <= 1e-12 * want
+
+
+@NEEDS_GPU
 def test_cuda_step_syncs_nothing_with_a_tensor_lr(lib):
     params = [torch.randn(s, device="cuda", requires_grad=True) for s in (7, 300, 4099)]
     opt = gr_fused.GRAdamW(params, lr=torch.tensor(1e-2, device="cuda"), gamma=0.05,
