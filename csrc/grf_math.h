@@ -1,6 +1,7 @@
 // The per-element math of a GR step, written once for the CUDA kernels (cuda.cu) and the
-// host loops (host.cpp). It follows gr_fused/backends/torch_backend.py operation by
-// operation, so that every rounding happens where the torch reference rounds. Where torch
+// host loops (host.cpp). It follows the reference phases (tests/reference_phases.py, the
+// torch backend's math written out op by op) operation by operation, so that every rounding
+// happens where the reference rounds. Where torch
 // fuses a multiply and an add (add(..., alpha=s) and addcmul run as one FMA in ATen's
 // vectorized CPU kernels and on GPUs) these call grf_fma; nothing else is fused (the host is
 // compiled with -ffp-contract=off, nvcc with --fmad=false), so the host build and the CUDA
