@@ -45,20 +45,22 @@ void check(cudaError_t err, const char* what) {
 bool has_primary_context(int device) {
   using GetDevice = int (*)(int*, int);                   // cuDeviceGet
   using GetState = int (*)(int, unsigned int*, int*);     // cuDevicePrimaryCtxGetState
-  static GetDevice get_device = nullptr;
-  static GetState get_state = nullptr;
-  static std::atomic<bool> looked{false};
-  if (!looked.load()) {
-    if (void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD)) {
-      get_device = reinterpret_cast<GetDevice>(dlsym(lib, "cuDeviceGet"));
-      get_state = reinterpret_cast<GetState>(dlsym(lib, "cuDevicePrimaryCtxGetState"));
+  struct Driver {
+    GetDevice get_device = nullptr;
+    GetState get_state = nullptr;
+    Driver() {
+      if (void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD)) {
+        get_device = reinterpret_cast<GetDevice>(dlsym(lib, "cuDeviceGet"));
+        get_state = reinterpret_cast<GetState>(dlsym(lib, "cuDevicePrimaryCtxGetState"));
+      }
     }
-    looked.store(true);
-  }
-  if (get_device == nullptr || get_state == nullptr) return true;
+  };
+  static const Driver driver;  // looked up once (thread-safe)
+  if (driver.get_device == nullptr || driver.get_state == nullptr) return true;
   int handle = 0, active = 0;
   unsigned int flags = 0;
-  if (get_device(&handle, device) != 0 || get_state(handle, &flags, &active) != 0) return true;
+  if (driver.get_device(&handle, device) != 0 || driver.get_state(handle, &flags, &active) != 0)
+    return true;
   return active != 0;
 }
 
