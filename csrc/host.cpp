@@ -142,6 +142,13 @@ template <int V, class Ch> double chunk_sum_v(const Ch& ch, int64_t len) {
   static_assert(kLanes % V == 0, "a pack must not straddle two rounds of lanes");
   using T = typename Ch::value_type;
   const int64_t part = len / (kParts * kLanes) * kLanes;  // a multiple of kLanes
+  if (part == 0) {  // a short chunk: only part 0's lanes get terms (the others add +0: same bits)
+    double lanes[kLanes] = {};
+    for (int64_t i = 0; i < len; ++i) lanes[i % kLanes] += ch.term(i);
+    double sum = 0;
+    for (int k = 0; k < kLanes; ++k) sum += lanes[k];
+    return sum;
+  }
   double acc[kParts][kLanes] = {};
   if constexpr (V == 1) {  // the element's term straight into its lane: GCC vectorizes over k
     if constexpr (parts_at_once<T>()) {

@@ -153,11 +153,13 @@ class _CompiledBackend(MultiTensorBackend):
         self._update_at(b, gscale_t.data_ptr(), found_t.data_ptr(), False)
         self._hold(b, gscale_t, found_t)
 
-    def _update_at(self, b: Bucket, gscale_at: int, found_inf_at: int,
-                   steps_advanced: bool) -> None:
+    def _update_at(self, b: Bucket, gscale_at: int, found_inf_at: int, steps_advanced: bool,
+                   where=None, handle=None) -> None:
         """update, with gscale and found_inf given as addresses of compute-dtype scalars;
         ``steps_advanced``: update_finalize advanced this AdamW table's step counts."""
-        lib, where, handle, group = _lib(), self._where(b.device), self._handle(b), b.group
+        lib, group = _lib(), b.group
+        where = self._where(b.device) if where is None else where
+        handle = self._handle(b) if handle is None else handle
         if b.algo == "none":
             lib.update_none(*where, handle, gscale_at, found_inf_at)
             return
@@ -279,7 +281,8 @@ class _CompiledBackend(MultiTensorBackend):
         k = 0
         for g, (_, members) in enumerate(runs):
             for b in members:
-                self._update_at(b, out.data_ptr() + size * g, found_at, k == one_adamw)
+                self._update_at(b, out.data_ptr() + size * g, found_at, k == one_adamw, where,
+                                handles[k])
                 k += 1
         self._hold(b0, partials, scale, rows, out)
         return found_inf
