@@ -13,7 +13,8 @@ The per-element math of each phase:
   sgd       g = gscale·G (+ wd·backup);  buf = g on the first step else μ·buf + (1−damp)·g;
             d = g + μ·buf (nesterov) or buf;  θ = backup − lr·d
   adamw     step += 1;  θ = backup·(1 − lr·wd);  m = m + (1−β1)·(g − m);
-            v = β2·v + (1−β2)·g²;  θ = θ − (lr/(1−β1^step))·m/(√v/√(1−β2^step) + eps)
+            v = β2·v + (1−β2)·g²;  θ = θ − (lr/(1−β1^step))·m/(√v/√(1−β2^step) + eps),
+            lr/(1−β1^step) and √(1−β2^step) computed in float64 and rounded once
   none      θ = backup;  G = g
 When found_inf is set, every phase-3 path leaves θ = backup and all state unchanged; a
 tensor flagged FROZEN gets θ = backup only.
@@ -172,11 +173,13 @@ class ReferencePhases(Backend):
         torch._foreach_addcmul_(new_v, g, g, value=1 - beta2)
         out = []
         for th, mm, vv, st in zip(theta, new_m, new_v, steps):
-            step = st.to(device=th.device, dtype=th.dtype)
-            bc1 = 1 - torch.pow(beta1, step)
-            bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
+            # the bias corrections in float64, as torch.optim.AdamW computes them (from the
+            # step count, with Python numbers or in its fused kernels), each rounded once
+            step = st.to(device=th.device, dtype=torch.float64)
+            step_size = (lr / (1 - torch.pow(beta1, step))).to(th.dtype)
+            bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, step)).to(th.dtype)
             denom = vv.sqrt() / bc2_sqrt + eps
-            out.append(th - (lr / bc1) * mm / denom)
+            out.append(th - step_size * mm / denom)
         new_state = list(zip(state_tensors(b, "exp_avg"), new_m, keep))
         new_state += list(zip(state_tensors(b, "exp_avg_sq"), new_v, keep))
         return out, new_state

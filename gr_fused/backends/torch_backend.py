@@ -1,24 +1,34 @@
-"""The pure-PyTorch backend: runs everywhere, and is the reference every kernel is tested
-against. It uses ``torch._foreach_*`` over the bucket's tensor lists and computes in float32
-for bf16/fp16 tensors (float64 for float64), rounding once on the way back, as the kernels do.
+"""The pure-PyTorch backend: what runs where no kernel does (Apple MPS, Intel XPU, CUDA
+without Triton, any machine without the compiled extension), and the one every kernel
+backend is held to.
 
-The per-element math of each phase, in the order every backend follows:
+It moves as few bytes as PyTorch allows: in-place ``torch._foreach_*`` ops on the user's
+tensors, no copies for dtypes that need no upcast (reduced-precision tensors are computed in
+float32 inside the ops), the step scalars folded into the ops that read the tensors, and
+torch's own fused optimizer kernels (``torch._fused_sgd_``, ``torch._fused_adamw_``) for the
+base update, which read the skip flag on the device: no phase reads a tensor back to the host.
+On a device whose torch has no fused kernels the update takes torch's foreach optimizers and
+reads the skip flag once; where a device lacks a foreach op, that op runs tensor by tensor,
+said once in a warning.
+
+The math of each phase (the kernels compute the same; tests/reference_phases.py writes it out
+in their operation order):
 
   perturb   backup = θ;  θ = θ + eps·w·g (w = θ² if adaptive else 1);  g = fold·g
   reflect   θ = 2·backup − θ;  g = −g
-  sgd       g = gscale·G (+ wd·backup);  buf = g on the first step else μ·buf + (1−damp)·g;
-            d = g + μ·buf (nesterov) or buf;  θ = backup − lr·d
-  adamw     step += 1;  θ = backup·(1 − lr·wd);  m = m + (1−β1)·(g − m);
-            v = β2·v + (1−β2)·g²;  θ = θ − (lr/(1−β1^step))·m/(√v/√(1−β2^step) + eps)
-  none      θ = backup;  G = g
-When found_inf is set, every phase-3 path leaves θ = backup and all state unchanged; a
-tensor flagged FROZEN gets θ = backup only.
+  update    θ = backup;  g = gscale·G;  then torch.optim.SGD's or AdamW's step with g
+            ("none": θ = backup and G = g, for a base optimizer that steps afterwards)
+When found_inf is set, θ = backup and all state is unchanged; a tensor flagged FROZEN gets
+θ = backup only.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch.optim.adamw import adamw as torch_adamw
+from torch.optim.sgd import sgd as torch_sgd
 
 from .base import DIRECTION, FLAG_FROZEN, FLAG_NEW_STATE, Backend, Bucket, state_tensors
 
@@ -32,6 +42,49 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _up(ts: List[torch.Tensor]) -> List[torch.Tensor]:
     """Tensors in their compute dtype (the same tensors when already there)."""
     return [t.to(compute_dtype(t.dtype)) if t.dtype in _LOW else t for t in ts]
+
+
+# ------------------------------------------------------------------ foreach, or tensor by tensor
+_PER_TENSOR: Dict[tuple, bool] = {}  # (op, device type) -> the device lacks the foreach op
+
+
+def foreach(op: str, *lists: Sequence, **kwargs):
+    """``torch._foreach_<op>(*lists, **kwargs)``, or, where the device has no such foreach op,
+    the same op tensor by tensor (said once per op and device type in a warning). Each list
+    argument is a list of tensors or of scalars; ``op`` ending in ``_`` is in place."""
+    tensors = lists[0]
+    if not tensors:
+        return None if op.endswith("_") else []
+    key = (op, tensors[0].device.type)
+    if not _PER_TENSOR.get(key):
+        try:
+            return getattr(torch, f"_foreach_{op}")(*lists, **kwargs)
+        except (NotImplementedError, RuntimeError) as exc:
+            if not _missing_op(exc):
+                raise
+            _PER_TENSOR[key] = True
+            warnings.warn(f"gr_fused backend 'torch': {tensors[0].device.type} tensors have no "
+                          f"torch._foreach_{op}; it runs tensor by tensor ({exc})", stacklevel=3)
+    fn = getattr(torch.Tensor, op)
+    out = [fn(*args, **kwargs) for args in zip(*lists)]
+    return None if op.endswith("_") else out
+
+
+def _missing_op(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, NotImplementedError) or "not implemented" in text or \
+        "not supported" in text or "could not run" in text
+
+
+def _fused_devices() -> List[str]:
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        return list(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - torch versions before fused optimizers
+        return ["cuda"]
+
+
+_FUSED_DEVICES = _fused_devices()
 
 
 class TorchBackend(Backend):
@@ -51,16 +104,17 @@ class TorchBackend(Backend):
             b.extra["backup"] = backups
         return backups
 
+    # ------------------------------------------------------------------ phases 1 and 2
     def sq_norm(self, b: Bucket, adaptive: bool) -> torch.Tensor:
-        ts = _up(b.grads)
+        ts = b.grads
         if adaptive:
-            ts = torch._foreach_mul(_up(b.params), ts)
-        # per-tensor norms in float64 (the same terms the kernels sum in fp64), squared and
-        # summed in float64: no overflow for any finite fp32/bf16/fp16 gradient
-        norms = torch._foreach_norm(ts, 2, dtype=torch.float64)
+            ts = foreach("mul", _up(b.params), _up(b.grads))
+        # per-tensor norms summed in float64 (reduced precision is read as is): a finite
+        # fp32/bf16/fp16 gradient cannot overflow, and an inf/NaN element shows
+        norms = foreach("norm", ts, 2, dtype=torch.float64)
         return torch.stack(norms).square().sum()
 
-    def dots(self, b, key):
+    def dots(self, b: Bucket, key: str) -> torch.Tensor:
         g = [t.double() for t in b.grads]
         s = [t.double() for t in state_tensors(b, key)]
         sums = [torch.stack([(x * x).sum(), (x * y).sum(), (y * y).sum()]) for x, y in zip(g, s)]
@@ -68,115 +122,134 @@ class TorchBackend(Backend):
 
     def perturb(self, b, eps, fold, adaptive, save=False):
         backups = self._backups(b)
-        torch._foreach_copy_(backups, b.params)
+        foreach("copy_", backups, b.params)
         if save:  # interval=k refresh: g1 into the direction state, for the update
-            torch._foreach_copy_(state_tensors(b, DIRECTION), b.grads)
-        theta, g = _up(b.params), _up(b.grads)
-        step = torch._foreach_mul(g, eps)
-        if adaptive:
-            step = torch._foreach_mul(step, torch._foreach_mul(theta, theta))
-        new_theta = torch._foreach_add(theta, step)
-        torch._foreach_copy_(b.params, new_theta)
-        torch._foreach_copy_(b.grads, torch._foreach_mul(g, fold))
+            foreach("copy_", state_tensors(b, DIRECTION), b.grads)
+        n = len(b.params)
+        if adaptive:  # θ + (g·eps)·θ², computed in the compute dtype
+            theta = _up(b.params)
+            step = foreach("mul", _up(b.grads), [eps] * n)
+            foreach("mul_", step, foreach("mul", theta, theta))
+            foreach("add_", b.params, step)
+        else:
+            foreach("addcmul_", b.params, b.grads, [eps] * n)
+        foreach("mul_", b.grads, [fold] * n)
 
     def reflect(self, b):
-        backups = _up(self._backups(b))
-        theta = _up(b.params)
-        new_theta = torch._foreach_sub(torch._foreach_mul(backups, 2.0), theta)
-        torch._foreach_copy_(b.params, new_theta)
-        torch._foreach_neg_(b.grads)
+        foreach("mul_", b.params, -1.0)
+        foreach("add_", b.params, self._backups(b), alpha=2.0)
+        foreach("neg_", b.grads)
 
     def restore(self, b):
-        torch._foreach_copy_(b.params, self._backups(b))
+        foreach("copy_", b.params, self._backups(b))
 
+    # ------------------------------------------------------------------ phase 3
     def update(self, b, gscale, found_inf, direction=None):
         backups = self._backups(b)
-        skip = found_inf != 0
-        always = torch.ones_like(skip)
-        # per tensor: whether it keeps its old values (a skipped step, or a frozen tensor)
-        keep = [always if b.flag(i, FLAG_FROZEN) else skip for i in range(len(b.params))]
+        live = [i for i in range(len(b.params)) if not b.flag(i, FLAG_FROZEN)]
         if direction is not None:  # interval=k refresh: v̂ = a·G + c·g1 into the direction
             a, c = direction
-            for d, G, k in zip(state_tensors(b, DIRECTION), _up(b.grads), keep):
-                new = G * a + _up([d])[0] * c
-                d.copy_(torch.where(k, d, new.to(d.dtype)))
-        self._step(b, torch._foreach_mul(_up(b.grads), gscale), _up(backups), backups, keep)
+            dirs = [state_tensors(b, DIRECTION)[i] for i in live]
+            grads = [b.grads[i] for i in live]
+            kept = [d.clone() for d in dirs]
+            foreach("mul_", dirs, [c] * len(dirs))
+            foreach("addcmul_", dirs, grads, [a] * len(dirs))
+            self._where_skipped(dirs, kept, found_inf)
+        foreach("copy_", b.params, backups)  # θ restored (and left so when skipped or frozen)
+        self._step(b, live, found_inf, gscale)
 
     def reuse_update(self, b, u, v, found_inf):
         """interval=k between refreshes: g = u·g1 + v·v̂, then the base update of θ in
         place (there is no backup); nothing changes when ``found_inf``."""
-        skip = found_inf != 0
-        keep = [skip] * len(b.params)
-        g = [x * u + _up([d])[0] * v for x, d in zip(_up(b.grads), state_tensors(b, DIRECTION))]
-        self._step(b, g, _up(b.params), b.params, keep)
-
-    def _step(self, b, g, theta, origin, keep):
-        """The base update with g from θ (``theta``, of the compute dtype; ``origin`` the
-        tensors it was read from, written back where a tensor ``keep``s its values)."""
-        group = b.group
+        live = list(range(len(b.params)))
+        g = b.grads
+        if b.algo == "none":  # G stays as it is when skipped
+            kept = [x.clone() for x in g]
+        foreach("mul_", g, [u] * len(g))
+        foreach("addcmul_", g, state_tensors(b, DIRECTION), [v] * len(g))
         if b.algo == "none":
-            torch._foreach_copy_(b.params, origin)
-            for grad, new, k in zip(b.grads, g, keep):
-                grad.copy_(torch.where(k, grad, new.to(grad.dtype)))
+            self._where_skipped(g, kept, found_inf)
+            return
+        self._step(b, live, found_inf, None)
+
+    @staticmethod
+    def _where_skipped(tensors, kept, found_inf) -> None:
+        """Put ``kept`` back into ``tensors`` where the step is skipped (no host read)."""
+        skip = found_inf != 0
+        for t, k in zip(tensors, kept):
+            torch.where(skip, k, t, out=t)
+
+    def _step(self, b: Bucket, live: List[int], found_inf, gscale) -> None:
+        """The base update of the ``live`` tensors with g = gscale·G (G as is when ``gscale``
+        is None), by torch's optimizers; the other tensors keep θ and their state.
+
+        fp32/fp64 tensors are updated in place by torch's fused kernels, which skip on the
+        device flag. bf16/fp16 tensors go through float32 working copies, rounded back once
+        (the kernels' fp32 math; a skipped step rounds back the same bits); torch's fused
+        SGD kernel is not used on them (on the CPU it rounds them wrongly in torch 2.13)."""
+        params = [b.params[i] for i in live]
+        grads = [b.grads[i] for i in live]
+        if not params:
+            return
+        if b.algo == "none":  # G = gscale·G, or G kept when skipped (×1 keeps inf/NaN as is)
+            if gscale is not None:
+                factor = torch.where(found_inf != 0, torch.ones_like(gscale), gscale)
+                foreach("mul_", grads, [factor] * len(grads))
             return
         if b.algo == "sgd":
-            new_theta, new_state = self._sgd(b, g, theta, group, keep)
-        elif b.algo == "adamw":
-            new_theta, new_state = self._adamw(b, g, theta, group, keep)
+            keys: tuple = ("momentum_buffer",) if b.group["momentum"] else ()
         else:
-            raise ValueError(f"unknown base update {b.algo!r}")
-        for p, old, new, k in zip(b.params, origin, new_theta, keep):
-            p.copy_(torch.where(k, old, new.to(p.dtype)))
-        for old, new, k in new_state:
-            old.copy_(torch.where(k, old, new.to(old.dtype)))
+            keys = ("exp_avg", "exp_avg_sq")
+        states = {k: [state_tensors(b, k)[i] for i in live] for k in keys}
+        low = params[0].dtype in _LOW
+        if low:
+            work = [p.float() for p in params]
+            wgrads = [g.float() for g in grads]
+            wstates = {k: [t.float() for t in ts] for k, ts in states.items()}
+        else:
+            work, wgrads, wstates = params, grads, states
+        if gscale is not None:
+            foreach("mul_", wgrads, [gscale] * len(wgrads))
+        # torch's fused kernels walk contiguous memory: anything else takes its foreach ops
+        fused = (params[0].device.type in _FUSED_DEVICES and not params[0].is_complex()
+                 and all(t.is_contiguous() for ts in (work, wgrads, *wstates.values())
+                         for t in ts))
+        if not fused and bool(found_inf):  # no fused kernel here: one host read
+            return
+        kw = dict(fused=True, found_inf=found_inf.to(torch.float32)) if fused else \
+            dict(foreach=True)
+        group = b.group
+        if b.algo == "sgd":
+            self._sgd(b, live, work, wgrads, wstates.get("momentum_buffer"), group, kw,
+                      found_inf)
+        else:
+            beta1, beta2 = group["betas"]
+            torch_adamw(work, wgrads, wstates["exp_avg"], wstates["exp_avg_sq"], [],
+                        [state_tensors(b, "step")[i] for i in live], capturable=False,
+                        differentiable=False, amsgrad=False, beta1=beta1, beta2=beta2,
+                        lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                        maximize=False, **kw)
+        if low:  # round back once (a skipped step gives back the same bits)
+            foreach("copy_", params, work)
+            for k in keys:
+                foreach("copy_", states[k], wstates[k])
 
     @staticmethod
-    def _sgd(b, g, theta, group, keep):
-        lr, mu, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
-        if wd != 0:
-            g = torch._foreach_add(g, theta, alpha=wd)
-        new_state = []
-        if mu != 0:
-            bufs = state_tensors(b, "momentum_buffer")
-            new_bufs = []
-            for i, (x, gi) in enumerate(zip(bufs, g)):
-                if b.flag(i, FLAG_NEW_STATE):  # created for this step: buf = g
-                    new_bufs.append(gi.clone())
-                else:
-                    nb = _up([x])[0].mul(mu)
-                    nb.add_(gi, alpha=1 - damp)
-                    new_bufs.append(nb)
-            new_state = list(zip(bufs, new_bufs, keep))
-            d = torch._foreach_add(g, new_bufs, alpha=mu) if group["nesterov"] else new_bufs
-        else:
-            d = g
-        return torch._foreach_add(theta, d, alpha=-_number(lr)), new_state
-
-    @staticmethod
-    def _adamw(b, g, theta, group, keep):
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        lr = _number(lr)
-        steps = state_tensors(b, "step")
-        for st, k in zip(steps, keep):  # the step count moves only when the step is taken
-            st.add_((~k).to(st.dtype).to(st.device))
-        m = _up(state_tensors(b, "exp_avg"))
-        v = _up(state_tensors(b, "exp_avg_sq"))
-        theta = torch._foreach_mul(theta, 1 - lr * wd)
-        new_m = torch._foreach_add(m, torch._foreach_sub(g, m), alpha=1 - beta1)
-        new_v = torch._foreach_mul(v, beta2)
-        torch._foreach_addcmul_(new_v, g, g, value=1 - beta2)
-        out = []
-        for th, mm, vv, st in zip(theta, new_m, new_v, steps):
-            step = st.to(device=th.device, dtype=th.dtype)
-            bc1 = 1 - torch.pow(beta1, step)
-            bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
-            denom = vv.sqrt() / bc2_sqrt + eps
-            out.append(th - (lr / bc1) * mm / denom)
-        new_state = list(zip(state_tensors(b, "exp_avg"), new_m, keep))
-        new_state += list(zip(state_tensors(b, "exp_avg_sq"), new_v, keep))
-        return out, new_state
-
-
-def _number(x) -> float:
-    """A hyperparameter as a Python float (a tensor lr costs one read, as in torch.optim)."""
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+    def _sgd(b, live, params, grads, bufs, group, kw, found_inf) -> None:
+        common = dict(weight_decay=group["weight_decay"], momentum=group["momentum"],
+                      lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                      maximize=False, has_sparse_grad=False)
+        if bufs is None:  # no momentum
+            torch_sgd(params, grads, [None] * len(params), **common, **kw)
+            return
+        first = [j for j, i in enumerate(live) if b.flag(i, FLAG_NEW_STATE)]
+        rest = [j for j, i in enumerate(live) if not b.flag(i, FLAG_NEW_STATE)]
+        if rest:
+            torch_sgd([params[j] for j in rest], [grads[j] for j in rest],
+                      [bufs[j] for j in rest], **common, **kw)
+        if first:  # torch's first step: buf = g; the zeros created for it stay if skipped
+            new: List[Optional[torch.Tensor]] = [None] * len(first)
+            torch_sgd([params[j] for j in first], [grads[j] for j in first], new, **common, **kw)
+            skip = found_inf != 0
+            for j, buf in zip(first, new):
+                bufs[j].copy_(torch.where(skip, torch.zeros_like(buf), buf))
