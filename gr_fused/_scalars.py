@@ -12,6 +12,9 @@ squared norm of about 1e40·n, which float64 holds. Each norm is the float64 squ
 its sum, rounded once to the compute dtype. A step is skipped (``found_inf``) exactly when
 a sum is not finite, i.e. when an element of G is inf or NaN (for float64 parameters also
 when the sum of squares passes 1.8e308).
+
+With ``interval=k`` two more sets of scalars: ``direction_scalars`` at a refresh (the cached
+direction's coefficients) and ``reuse_scalars`` at the steps in between.
 """
 from __future__ import annotations
 
@@ -71,3 +74,53 @@ def update_scalars(sq_norms_G: List[torch.Tensor], combines: List[torch.Tensor],
         gscales = [s if m is None else s * torch.clamp(m / (total + CLIP_EPS), max=1.0)
                    for s, m in zip(gscales, max_grad_norms)]
     return gscales, found_inf
+
+
+# ------------------------------------------------------------------ interval=k
+def direction_scalars(sums: List[torch.Tensor], combines: List[torch.Tensor],
+                      combine_signs: List[float], inv: Optional[torch.Tensor]):
+    """interval=k, at a refresh: the coefficients (a_g, c_g) of each group with which the
+    update caches v̂ = a·G + c·g1 (g1 saved by perturb in the direction state), the unit
+    vector along the component of the combined gradient g orthogonal to g1, over every
+    group; and whether there is one (1., or 0. when g is parallel to g1).
+    ``sums[g]`` = [Σ G², Σ G·g1, Σ g1²] (float64, scaled by the AMP scale S like the grads).
+    In the frame of the update, g = A_g·G with A_g = combine_g/S and g1 = B_g·(saved g1)
+    with B_g = sign_g/S, so v = g − β·g1 with β = (g·g1)/‖g1‖² has
+    ‖v‖² = Σ_g A_g²·ΣG² − 2β·A_g·B_g·ΣGg1 + β²·B_g²·Σg1²."""
+    scale = 1.0 if inv is None else inv.double()
+    A = [c.double() * scale for c in combines]
+    B = [s * scale if inv is not None else torch.full_like(A[0], s) for s in combine_signs]
+    P = sum(a * b * t[1] for a, b, t in zip(A, B, sums))
+    Q = sum(b * b * t[2] for b, t in zip(B, sums))
+    beta = torch.where(Q > 0, P / Q, torch.zeros_like(P))
+    v2 = sum(a * a * t[0] - 2 * beta * a * b * t[1] + beta * beta * b * b * t[2]
+             for a, b, t in zip(A, B, sums))
+    ok = torch.isfinite(v2) & (v2 > 0)
+    inv_norm = torch.where(ok, v2.clamp_min(1e-300).rsqrt(), torch.zeros_like(v2))
+    dtype = combines[0].dtype
+    coefs = [((a * inv_norm).to(dtype), (-beta * b * inv_norm).to(dtype)) for a, b in zip(A, B)]
+    return coefs, ok.to(dtype)
+
+
+def reuse_scalars(sums: List[torch.Tensor], grs: List[dict], inv: Optional[torch.Tensor],
+                  valid: torch.Tensor):
+    """interval=k, between refreshes: each group's (u, v) with g = u·g1 + v·v̂, and
+    found_inf. ``sums[g]`` = [Σ g1², Σ g1·v̂, Σ v̂²] (g1 scaled by the AMP scale S);
+    u = sign/S, v = reuse_scale·‖g1‖·valid with ‖g1‖ the global unscaled norm; clipping
+    (clip_grad_norm_ over all groups) scales both by one factor."""
+    dtype = valid.dtype
+    scale = torch.ones((), dtype=torch.float64, device=valid.device) if inv is None else inv.double()
+    total_sq = sum(t[0] for t in sums)
+    found_inf = (~torch.isfinite(total_sq)).to(dtype)
+    norm = total_sq.sqrt() * scale
+    u = [gr["combine_sign"] * scale for gr in grs]
+    v = [gr["reuse_scale"] * norm * valid.double() for gr in grs]
+    limits = [gr["max_grad_norm"] for gr in grs]
+    if any(m is not None for m in limits):
+        g_sq = sum(a * a * t[0] + 2 * a * b * t[1] + b * b * t[2] for a, b, t in zip(u, v, sums))
+        total = g_sq.sqrt().to(dtype)
+        coefs = [torch.ones((), dtype=dtype, device=valid.device) if m is None
+                 else torch.clamp(m / (total + CLIP_EPS), max=1.0) for m in limits]
+        u = [a * c for a, c in zip(u, coefs)]
+        v = [b * c for b, c in zip(v, coefs)]
+    return [(a.to(dtype), b.to(dtype)) for a, b in zip(u, v)], found_inf

@@ -215,17 +215,27 @@ class Backend:
         raise NotImplementedError
 
     # --- interval=k (a backend with ``supports_reuse``) -----------------------------------
+    # The DIRECTION state (one per tensor, like the param) holds the cached unit direction
+    # v̂ between refreshes, and g1 during a refresh step. The scalars are _scalars.py's
+    # direction_scalars and reuse_scalars.
     supports_reuse = False
 
     def dots(self, b: Bucket, key: str) -> torch.Tensor:
         """[Σ g², Σ g·s, Σ s²] over the bucket, s its ``key`` state tensors: a float64
-        tensor of 3 on the device."""
+        tensor of 3 on the device (each term in float64)."""
         raise NotImplementedError
 
     # perturb(..., save=True) also copies g (before folding) into the DIRECTION state;
     # update(..., direction=(a, c)) first sets DIRECTION ← a·G + c·DIRECTION (not when
     # skipped or frozen); reuse_update(b, u, v, found_inf) applies the base update of θ in
-    # place with g = u·G + v·DIRECTION (nothing changes when found_inf).
+    # place (no backup) with g = u·G + v·DIRECTION; nothing changes when found_inf.
+
+    def reuse(self, buckets: List[Bucket], grad_scale: Optional[torch.Tensor],
+              valid: torch.Tensor, skips: SkipRecord) -> torch.Tensor:
+        """Fused (``can_fuse``) step between refreshes: [Σ G², Σ G·v̂, Σ v̂²] of each group,
+        ``reuse_scalars`` (``valid``: 0-dim, 1. when a direction is cached) and the skip
+        records in the finalize, then ``reuse_update`` of every bucket. Returns found_inf."""
+        raise NotImplementedError
 
     # --- a whole step with its scalars fused into the norms (optional) ------------------
     # The driver computes the step scalars (ε_t, fold, gscale, found_inf, ...) with the
@@ -238,15 +248,21 @@ class Backend:
         sharded, and no tensor is frozen)."""
         return False
 
-    def ascend(self, buckets: List[Bucket], grad_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    def ascend(self, buckets: List[Bucket], grad_scale: Optional[torch.Tensor],
+               save: bool = False) -> torch.Tensor:
         """The global norm of g1, each param group's ascent scalars, and :meth:`perturb` of
-        every bucket. ``grad_scale`` is the AMP scale S (0-dim float32) or None. Returns the
-        rows [eps, fold, combine] of each group of ``group_runs(buckets)`` (a [G, 3] tensor
-        of the compute dtype on the device)."""
+        every bucket (with ``save``: an interval=k refresh). ``grad_scale`` is the AMP scale
+        S (0-dim float32) or None. Returns the rows [eps, fold, combine] of each group of
+        ``group_runs(buckets)`` (a [G, 3] tensor of the compute dtype on the device)."""
         raise NotImplementedError
 
     def combine_update(self, buckets: List[Bucket], ascent: torch.Tensor,
-                       grad_scale: Optional[torch.Tensor], skips: SkipRecord) -> torch.Tensor:
+                       grad_scale: Optional[torch.Tensor], skips: SkipRecord,
+                       direction_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The norms of G, the update scalars (unscale, clip, found_inf) into ``skips``,
-        and :meth:`update` of every bucket. Returns found_inf (0-dim float, 0. or 1.)."""
+        and :meth:`update` of every bucket. Returns found_inf (0-dim float, 0. or 1.).
+        ``direction_valid`` (an interval=k refresh; a 0-dim tensor of the compute dtype):
+        the norm pass reads the DIRECTION state too ([Σ G², Σ G·g1, Σ g1²] per group), the
+        finalize adds ``direction_scalars`` and writes (1 − found_inf)·ok into it, and the
+        update caches the direction (``update(..., direction=...)``)."""
         raise NotImplementedError

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from .. import backends as _backends
 from .._bn import FreezeRunningStats
-from .._scalars import CLIP_EPS, ascent_scalars, update_scalars
+from .._scalars import ascent_scalars, direction_scalars, reuse_scalars, update_scalars
 from ..backends.base import DIRECTION, FLAG_FROZEN, FLAG_NEW_STATE, group_runs, real
 from ..backends.tensor_table import STATE_ROWS
 from ..backends.torch_backend import compute_dtype
@@ -444,8 +444,8 @@ class GROptimizer(Optimizer):
         main = buckets[0].device
         scale = self._grad_scale(main)
         fused = self._fusing_backend(buckets)
-        if fused is not None and not refresh:  # the scalars come out of the norms' kernels
-            rows = fused.ascend(buckets, scale)
+        if fused is not None:  # the scalars come out of the norms' kernels
+            rows = fused.ascend(buckets, scale, save=True) if refresh else fused.ascend(buckets, scale)
         else:
             rows = self._ascend_general(buckets, main, scale, save=refresh)
         for b in buckets:  # to tell, later, whether a backward wrote into these grads
@@ -548,10 +548,15 @@ class GROptimizer(Optimizer):
             b.backend.refresh(b)
         main = buckets[0].device
         scale = self._grad_scale(main)
+        valid = self._gr_valid.to(main)
+        fused = self._fusing_backend(buckets)
+        if fused is not None:  # the norms, the scalars and the update: three launches
+            found_inf = fused.reuse(buckets, scale, valid, self._skip_record(main))
+            self._after_update(found_inf)
+            return
         inv = None if scale is None else scale.reciprocal()
         runs = group_runs(buckets)
         sums = [_global_sums(main, members, DIRECTION) for _, members in runs]
-        valid = self._gr_valid.to(main)
         coefs, found_inf = reuse_scalars(sums, [gr for gr, _ in runs], inv, valid)
         for (u, v), (_, members) in zip(coefs, runs):
             for b in members:
@@ -602,9 +607,14 @@ class GROptimizer(Optimizer):
                 skips = self._skip_record(main)
                 fused = pending.fused
                 refresh = self._interval() > 1
-                if (fused is not None and not refresh
-                        and self._fusing_backend(buckets, update=True) is fused):
-                    found_inf = fused.combine_update(buckets, pending.rows, scale, skips)
+                if fused is not None and self._fusing_backend(buckets, update=True) is fused:
+                    if refresh:
+                        valid = torch.empty_like(pending.rows[0, 0])
+                        found_inf = fused.combine_update(buckets, pending.rows, scale, skips,
+                                                         direction_valid=valid)
+                        self._gr_valid = valid
+                    else:
+                        found_inf = fused.combine_update(buckets, pending.rows, scale, skips)
                 else:
                     found_inf = self._update_general(buckets, pending.rows, main, scale,
                                                      refresh=refresh)
@@ -813,53 +823,6 @@ def create_direction_state(b: _backends.Bucket) -> None:
             src = b.sources[i]
             like = src if type(src) in (torch.Tensor, torch.nn.Parameter) else local_shard(src)[0]
             st[DIRECTION] = torch.zeros_like(like, memory_format=torch.preserve_format)
-
-
-def direction_scalars(sums, combines, combine_signs, inv):
-    """interval=k, at a refresh: the coefficients (a_g, c_g) of each group with which the
-    update caches v̂ = a·G + c·g1 (g1 saved by perturb in the direction state), the unit
-    vector along the component of the combined gradient g orthogonal to g1, over every
-    group; and whether there is one (1., or 0. when g is parallel to g1).
-    ``sums[g]`` = [Σ G², Σ G·g1, Σ g1²] (float64, scaled by the AMP scale S like the grads).
-    In the frame of the update, g = A_g·G with A_g = combine_g/S and g1 = B_g·(saved g1)
-    with B_g = sign_g/S, so v = g − β·g1 with β = (g·g1)/‖g1‖² has
-    ‖v‖² = Σ_g A_g²·ΣG² − 2β·A_g·B_g·ΣGg1 + β²·B_g²·Σg1²."""
-    scale = 1.0 if inv is None else inv.double()
-    A = [c.double() * scale for c in combines]
-    B = [s * scale if inv is not None else torch.full_like(A[0], s) for s in combine_signs]
-    P = sum(a * b * t[1] for a, b, t in zip(A, B, sums))
-    Q = sum(b * b * t[2] for b, t in zip(B, sums))
-    beta = torch.where(Q > 0, P / Q, torch.zeros_like(P))
-    v2 = sum(a * a * t[0] - 2 * beta * a * b * t[1] + beta * beta * b * b * t[2]
-             for a, b, t in zip(A, B, sums))
-    ok = torch.isfinite(v2) & (v2 > 0)
-    inv_norm = torch.where(ok, v2.clamp_min(1e-300).rsqrt(), torch.zeros_like(v2))
-    dtype = combines[0].dtype
-    coefs = [((a * inv_norm).to(dtype), (-beta * b * inv_norm).to(dtype)) for a, b in zip(A, B)]
-    return coefs, ok.to(dtype)
-
-
-def reuse_scalars(sums, grs, inv, valid):
-    """interval=k, between refreshes: each group's (u, v) with g = u·g1 + v·v̂, and
-    found_inf. ``sums[g]`` = [Σ g1², Σ g1·v̂, Σ v̂²] (g1 scaled by the AMP scale S);
-    u = sign/S, v = reuse_scale·‖g1‖·valid with ‖g1‖ the global unscaled norm; clipping
-    (clip_grad_norm_ over all groups) scales both by one factor."""
-    dtype = valid.dtype
-    scale = torch.ones((), dtype=torch.float64, device=valid.device) if inv is None else inv.double()
-    total_sq = sum(t[0] for t in sums)
-    found_inf = (~torch.isfinite(total_sq)).to(dtype)
-    norm = total_sq.sqrt() * scale
-    u = [gr["combine_sign"] * scale for gr in grs]
-    v = [gr["reuse_scale"] * norm * valid.double() for gr in grs]
-    limits = [gr["max_grad_norm"] for gr in grs]
-    if any(m is not None for m in limits):
-        g_sq = sum(a * a * t[0] + 2 * a * b * t[1] + b * b * t[2] for a, b, t in zip(u, v, sums))
-        total = g_sq.sqrt().to(dtype)
-        coefs = [torch.ones((), dtype=dtype, device=valid.device) if m is None
-                 else torch.clamp(m / (total + CLIP_EPS), max=1.0) for m in limits]
-        u = [a * c for a, c in zip(u, coefs)]
-        v = [b * c for b, c in zip(v, coefs)]
-    return [(a.to(dtype), b.to(dtype)) for a, b in zip(u, v)], found_inf
 
 
 def _global_sums(main, buckets: List[_backends.Bucket], key: str) -> torch.Tensor:
