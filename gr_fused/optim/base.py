@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from operator import attrgetter, is_
+from itertools import compress, repeat
+from operator import attrgetter, is_, is_not
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -34,6 +35,10 @@ GR_DEFAULTS = dict(gamma=0.05, rho=0.05, normalize=True, difference="forward", a
 DIFFERENCES = ("forward", "central")
 _grad_of = attrgetter("grad")
 _version_of = attrgetter("_version")
+_is_sparse = attrgetter("is_sparse")
+_device_of = attrgetter("device")
+_dtype_of = attrgetter("dtype")
+_PLAIN = {torch.Tensor, torch.nn.Parameter}
 
 
 def _is_number(x) -> bool:
@@ -273,27 +278,11 @@ class GROptimizer(Optimizer):
             gr["eps_sign"], gr["combine_sign"] = self._signs(group)
             needs_state = ((stateful and not (self._algo == "sgd" and group["momentum"] == 0))
                            or gr["interval"] > 1)
-            split: Dict[tuple, Tuple[list, list, list, list]] = {}
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
-                                       f"(param of shape {tuple(p.shape)} in group {gi})")
-                local_p, local_g, shards = local_shard(p)  # DTensor (FSDP2): its shard
-                if local_p.is_complex():
-                    local_p, local_g = torch.view_as_real(local_p), torch.view_as_real(local_g)
-                lists = split.get((local_p.device, local_p.dtype, shards))
-                if lists is None:
-                    lists = split[(local_p.device, local_p.dtype, shards)] = ([], [], [], [])
-                lists[0].append(local_p)
-                lists[1].append(local_g)
-                lists[2].append(self._state_of(p) if needs_state else {})
-                lists[3].append(p)
-            for (device, dtype, shards), (ps, gs, sts, sources) in split.items():
-                sharded = any(type(s) is not torch.Tensor and type(s) is not torch.nn.Parameter
-                              for s in sources)
+            for (device, dtype, shards), (ps, gs, sts, sources) in \
+                    self._collect(gi, group, needs_state).items():
+                sharded = ps is not sources and any(
+                    type(s) is not torch.Tensor and type(s) is not torch.nn.Parameter
+                    for s in sources)
                 backend = (_backends.get_backend("torch", device) if sharded
                            else self.backend_for(device))
                 if gr["interval"] > 1 and not backend.supports_reuse:
@@ -306,6 +295,42 @@ class GROptimizer(Optimizer):
                     part.group_index, part.shard_groups = gi, shards
                     buckets.append(part)
         return buckets
+
+    def _collect(self, gi: int, group: Dict[str, Any], needs_state: bool) -> Dict[tuple, tuple]:
+        """A param group's params that have a grad, as ``{(device, dtype, shard groups):
+        (params, grads, states, sources)}``, the lists parallel; params and grads are the
+        tensors the math runs on (local shards, real views), sources the user's params."""
+        params = group["params"]
+        grads = list(map(_grad_of, params))
+        if not all(map(is_not, grads, repeat(None))):
+            has = list(map(is_not, grads, repeat(None)))
+            params, grads = list(compress(params, has)), list(compress(grads, has))
+        if not params:
+            return {}
+        if any(map(_is_sparse, grads)):
+            p = next(p for p, g in zip(params, grads) if g.is_sparse)
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                               f"(param of shape {tuple(p.shape)} in group {gi})")
+        # the common case, at C speed: plain tensors of one device and one real dtype
+        if set(map(type, params)) <= _PLAIN:
+            devices, dtypes = set(map(_device_of, params)), set(map(_dtype_of, params))
+            if len(devices) == 1 and len(dtypes) == 1 and not next(iter(dtypes)).is_complex:
+                states = (list(map(self._state_of, params)) if needs_state
+                          else [{} for _ in params])
+                return {(devices.pop(), dtypes.pop(), ()): (params, grads, states, params)}
+        split: Dict[tuple, Tuple[list, list, list, list]] = {}
+        for p in params:
+            local_p, local_g, shards = local_shard(p)  # DTensor (FSDP2): its shard
+            if local_p.is_complex():
+                local_p, local_g = torch.view_as_real(local_p), torch.view_as_real(local_g)
+            lists = split.get((local_p.device, local_p.dtype, shards))
+            if lists is None:
+                lists = split[(local_p.device, local_p.dtype, shards)] = ([], [], [], [])
+            lists[0].append(local_p)
+            lists[1].append(local_g)
+            lists[2].append(self._state_of(p) if needs_state else {})
+            lists[3].append(p)
+        return split
 
     # ------------------------------------------------------------------ AMP
     def _grad_scale(self, device) -> Optional[torch.Tensor]:
@@ -464,11 +489,8 @@ class GROptimizer(Optimizer):
         if not self._fuse_scalars or (self.skipped_steps is not None
                                       and self.skipped_steps.device != device):
             return None
-        for b in buckets:
-            if (b.backend is not backend or b.device != device or b.shard_groups
-                    or b.sources is not b.params and any(
-                        type(s) is not torch.Tensor and type(s) is not torch.nn.Parameter
-                        for s in b.sources)):
+        for b in buckets:  # (sharded params run on the torch backend, which does not fuse)
+            if b.backend is not backend or b.device != device or b.shard_groups:
                 return None
             if update and b.flags is not None and any(f & FLAG_FROZEN for f in b.flags):
                 return None
