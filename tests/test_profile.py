@@ -45,7 +45,7 @@ def test_flops_match_hand_count_for_mlp(mlp_report):
     r = by_method(mlp_report)
     assert mlp_report["forward_flops"] == forward
     assert r["sgd"]["flops"] == sgd
-    for method in ("fd-gr", "bd-gr", "sam-ref"):
+    for method in ("fd-gr", "bd-gr", "sam", "sam-ref"):
         assert r[method]["flops"] == 2 * sgd, method
     assert r["central-gr"]["flops"] == 3 * sgd
     assert r["db-gr"]["flops"] > r["fd-gr"]["flops"]
@@ -103,7 +103,8 @@ def test_json_and_csv_schema(mlp_report, tmp_path):
     assert data["torch_version"] == torch.__version__ and data["batch_size"] == BATCH
     assert [(r["method"], r["backend"]) for r in data["results"]] == [
         ("sgd", "torch.optim"), ("fd-gr", "torch"), ("fd-gr-k5", "torch"), ("bd-gr", "torch"),
-        ("central-gr", "torch"), ("db-gr", "torch.optim"), ("sam-ref", "torch.optim")]
+        ("central-gr", "torch"), ("db-gr", "torch.optim"), ("sam", "torch"),
+        ("sam-ref", "torch.optim")]
     for r in data["results"]:
         assert r["step_time_ms"] > 0 and r["peak_memory_bytes"] > 0
         # an fd-gr-kN cycle's FLOPs per step are an average

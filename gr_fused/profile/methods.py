@@ -9,6 +9,8 @@ backward(s) and the optimizer update, on SGD with momentum.
   over whole cycles of N steps).
 * ``db-gr``: the exact GR gradient by double backpropagation
   (:func:`gr_fused.db_gr_backward`), then torch.optim.SGD.
+* ``sam``: :class:`gr_fused.SAM` around torch.optim.SGD, on a given gr_fused backend (its
+  step: the first backward, then ``step(closure)`` for the second, as with the popular SAM).
 * ``sam-ref``: SAM as it is commonly written by hand, per parameter tensor in a Python loop
   (old_p = p.clone(); p.add_(e_w); second forward/backward; p.data = old_p), then
   torch.optim.SGD. It is the baseline a fused GR step should beat.
@@ -21,16 +23,17 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ..db import db_gr_backward
-from ..optim import GRSGD
+from ..optim import GRSGD, SAM
 
-METHODS = ("sgd", "fd-gr", "fd-gr-k5", "bd-gr", "central-gr", "db-gr", "sam-ref")
-GR_METHODS = ("fd-gr", "fd-gr-k5", "bd-gr", "central-gr")  # profiled once per gr_fused backend
+METHODS = ("sgd", "fd-gr", "fd-gr-k5", "bd-gr", "central-gr", "db-gr", "sam", "sam-ref")
+# profiled once per gr_fused backend
+GR_METHODS = ("fd-gr", "fd-gr-k5", "bd-gr", "central-gr", "sam")
 BASELINE_BACKEND = "torch.optim"  # what the "backend" column says for the other methods
 
 # Matrix products per step as a multiple of the forward pass's (the paper's Section 3.2,
 # for an L-layer network: forward L, one gradient 3L, FD 2·3L, central 3·3L, DB 9L).
 ANALYTIC_FORWARD_MULTIPLE = {"sgd": 3, "fd-gr": 6, "bd-gr": 6, "central-gr": 9, "db-gr": 9,
-                             "sam-ref": 6}
+                             "sam": 6, "sam-ref": 6}
 
 
 def interval_of(method: str) -> int:
@@ -86,6 +89,8 @@ def make_step(method: str, params: List[torch.Tensor], compute_loss: LossFn,
 
 
 def _gr_step(method, params, compute_loss, hp, backend):
+    if method == "sam":
+        return _sam_step(params, compute_loss, hp, backend)
     optimizer = GRSGD(params, lr=hp.lr, momentum=hp.momentum, gamma=hp.gamma,
                       rho=-hp.rho if method == "bd-gr" else hp.rho,
                       difference="central" if method == "central-gr" else "forward",
@@ -98,6 +103,19 @@ def _gr_step(method, params, compute_loss, hp, backend):
         return loss
 
     return (lambda: optimizer.step(closure)), optimizer
+
+
+def _sam_step(params, compute_loss, hp, backend):
+    optimizer = SAM(params, torch.optim.SGD, rho=hp.rho, lr=hp.lr, momentum=hp.momentum,
+                    backend=backend)
+
+    def step():
+        optimizer.zero_grad()
+        loss = compute_loss()
+        loss.backward()
+        optimizer.step(lambda: compute_loss().backward())
+        return loss
+    return step, optimizer
 
 
 def _sgd_step(optimizer, params, compute_loss, hp):
