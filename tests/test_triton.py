@@ -408,23 +408,78 @@ def test_to_storage_rounds_like_torch_bit_for_bit(dtype):
 
 
 @triton.jit
-def _powi_kernel(exponent_ptr, out_ptr, base):
+def _powi_kernel(exponent_ptr, out_ptr, base_bits):
     pid = tl.program_id(0)
+    base = triton_common.from_f64_bits(base_bits)
     tl.store(out_ptr + pid, triton_common.powi(base, tl.load(exponent_ptr + pid)))
 
 
+POWI_STEPS = [float(k) for k in list(range(0, 100)) + [4095, 65537, 2 ** 24]]
+
+
 @pytest.mark.parametrize("beta", [0.9, 0.999, 0.0])
-def test_powi_is_the_correctly_rounded_fp32_power(beta):
-    """AdamW's bias corrections: β^step for integer steps, from the fp32 β as torch.pow
-    takes it, rounded once (torch.pow agrees up to its own rare last-bit errors)."""
-    steps = torch.cat([torch.arange(0, 120), torch.tensor([4095, 65537, 2 ** 24])]).float()
-    out = torch.empty(steps.shape, device=DEVICE)
-    _powi_kernel[(steps.numel(),)](steps.to(DEVICE), out, triton_common.f32(beta))
-    base = float(torch.tensor(beta, dtype=torch.float32))
-    exact = torch.tensor([base ** int(k) for k in steps.tolist()], dtype=torch.float64)
-    assert torch.equal(out.cpu(), exact.float())
-    close = (exact.float() == torch.pow(beta, steps)).float().mean()
-    assert close > 0.95
+def test_powi_is_the_float64_power_within_its_error_bound(beta):
+    """β^step for integer steps in float64 from the float64 β (square-and-multiply): within
+    step·2⁻⁵³ relative of the exact power (to 50 digits)."""
+    import decimal
+    steps = torch.tensor(POWI_STEPS)
+    out = torch.empty(steps.shape, dtype=torch.float64, device=DEVICE)
+    _powi_kernel[(steps.numel(),)](steps.to(DEVICE), out, triton_common.f64_bits(beta))
+    with decimal.localcontext() as context:
+        context.prec = 50
+        for k, got in zip(POWI_STEPS, out.cpu().tolist()):
+            exact = decimal.Decimal(beta) ** int(k) if k else decimal.Decimal(1)
+            bound = exact * decimal.Decimal(max(k, 1) * 2.0 ** -53) + decimal.Decimal(1e-300)
+            assert abs(decimal.Decimal(got) - exact) <= bound, (beta, k, got, exact)
+    assert out[0] == 1.0 and out[1] == beta
+
+
+@triton.jit
+def _bias_corrections_kernel(step_ptr, out_ptr, lr_bits, beta1_bits, beta2_bits):
+    pid = tl.program_id(0)
+    step_size, bc2_sqrt = triton_common.adamw_bias_corrections(
+        triton_common.from_f64_bits(lr_bits), triton_common.from_f64_bits(beta1_bits),
+        triton_common.from_f64_bits(beta2_bits), tl.load(step_ptr + pid))
+    tl.store(out_ptr + 2 * pid, step_size)
+    tl.store(out_ptr + 2 * pid + 1, bc2_sqrt)
+
+
+@pytest.mark.parametrize("lr,beta1,beta2", [(1e-2, 0.9, 0.999), (3e-4, 0.95, 0.98),
+                                            (0.1, 0.0, 0.5)])
+def test_adamw_bias_corrections_are_torchs_float64_values(lr, beta1, beta2):
+    """lr/(1 − β1^step) and √(1 − β2^step) as torch.optim.AdamW computes them (float64
+    from the step count, rounded once to fp32; tests/reference_phases.py): bit for bit,
+    from the float64 hyperparameters, not their fp32 roundings (at step 1 with β2 = 0.999
+    those differ by 1.3e-5 relative)."""
+    steps = torch.tensor([float(k) for k in range(1, 161)] + [1000.0, 4095.0, 65537.0])
+    out = torch.empty(2 * steps.numel(), device=DEVICE)
+    _bias_corrections_kernel[(steps.numel(),)](
+        steps.to(DEVICE), out, triton_common.f64_bits(lr), triton_common.f64_bits(beta1),
+        triton_common.f64_bits(beta2))
+    step = steps.double()
+    want_step_size = (lr / (1 - torch.pow(beta1, step))).float()
+    want_bc2 = torch.sqrt(1 - torch.pow(beta2, step)).float()
+    got = out.cpu().view(-1, 2)
+    assert torch.equal(got[:, 0], want_step_size)
+    assert torch.equal(got[:, 1], want_bc2)
+    if beta2 == 0.999:  # what fp32 powers gave: not torch's values
+        fp32 = torch.sqrt(1 - torch.pow(torch.tensor(beta2), steps[:1]))
+        assert not torch.equal(fp32, want_bc2[:1])
+
+
+@triton.jit(do_not_specialize=["bits"])
+def _f64_kernel(out_ptr, bits):
+    tl.store(out_ptr, triton_common.from_f64_bits(bits))
+
+
+def test_float64_arguments_keep_every_bit():
+    """``f64_bits``/``from_f64_bits``: zeros (an i32 argument), signs, the extremes."""
+    values = [0.0, -0.0, 1e-2, 0.999, -3.5, 1e300, 5e-324, -2.2250738585072014e-308]
+    out = torch.empty(len(values), dtype=torch.float64, device=DEVICE)
+    for i, x in enumerate(values):
+        _f64_kernel[(1,)](out[i:], triton_common.f64_bits(x))
+    want = torch.tensor(values, dtype=torch.float64)
+    assert torch.equal(out.cpu().view(torch.int64), want.view(torch.int64))
 
 
 @triton.jit

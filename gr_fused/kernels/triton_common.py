@@ -144,12 +144,28 @@ def fma_rn_fp64(x, y, z):
 fma = fma_rn_fp64 if INTERPRETED else fma_native
 
 
+def f64_bits(x: float) -> int:
+    """``x`` as the bits of a float64, read as a signed int64: how a kernel receives a scalar
+    it needs with all 53 bits (Triton passes Python floats to compiled kernels as fp32). The
+    kernel turns it back with :func:`from_f64_bits`; mark such arguments ``do_not_specialize``
+    (their divisibility by 16 would otherwise select variants)."""
+    return struct.unpack("q", struct.pack("d", float(x)))[0]
+
+
+@triton.jit
+def from_f64_bits(bits):
+    """The float64 whose bits :func:`f64_bits` passed (an i32 argument, for 0.0, is widened
+    with its sign first)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
 @triton.jit
 def powi(base, exponent):
-    """``base ** exponent`` for a scalar argument ``base`` and an integer-valued fp32 scalar
-    tensor ``exponent`` in [0, 2^32), as torch.pow's fp32 result: square-and-multiply in fp64
-    (as many rounds as the exponent has bits), then one rounding (the interpreter has no
-    libdevice pow)."""
+    """``base ** exponent`` in float64, for a float64 scalar ``base`` and an integer-valued
+    fp32 scalar tensor ``exponent`` in [0, 2^32): square-and-multiply (as many rounds as the
+    exponent has bits; the interpreter has no libdevice pow), not rounded any further. Each
+    product rounds once, so the relative error is below exponent·2^-53: within an ulp or two
+    of float64 for the step counts of training runs."""
     n = exponent.to(tl.int64)
     result = exponent.to(tl.float64) * 0.0 + 1.0
     square = result * base
@@ -157,7 +173,20 @@ def powi(base, exponent):
         result = tl.where((n & 1) != 0, result * square, result)
         square = square * square
         n = n >> 1
-    return result.to(tl.float32)
+    return result
+
+
+@triton.jit
+def adamw_bias_corrections(lr, beta1, beta2, step):
+    """``(lr / (1 − β1^step), √(1 − β2^step))`` as torch.optim.AdamW computes them (its
+    default, foreach and fused paths): in float64 from the step count, each rounded once to
+    fp32. ``lr``, ``beta1``, ``beta2``: float64 scalars (the hyperparameters' exact values,
+    see :func:`f64_bits`); ``step``: the fp32 step count, already advanced. The float64
+    division and square root are IEEE-rounded, compiled (``div.rn.f64``, ``sqrt.rn.f64``)
+    and interpreted alike."""
+    step_size = (lr / (1.0 - powi(beta1, step))).to(tl.float32)
+    bias_correction2_sqrt = tl.sqrt(1.0 - powi(beta2, step)).to(tl.float32)
+    return step_size, bias_correction2_sqrt
 
 
 @triton.jit

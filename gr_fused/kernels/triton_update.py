@@ -14,8 +14,10 @@ When ``found_inf`` is set, or for a tensor flagged FROZEN, the kernel only store
 nothing else is read or written (a state buffer created for this step keeps its zeros).
 Host-side coefficients (1 − damp, 1 − lr·wd, ...) are computed in Python double precision
 and passed as fp32, as torch passes its scalars; where torch rounds once (``add(alpha=s)``,
-``addcmul``: an FMA) the kernels use ``fma``, and β^step is torch.pow's fp32 value
-(``powi``), from each tensor's own ``step``.
+``addcmul``: an FMA) the kernels use ``fma``. AdamW's bias corrections lr/(1 − β1^step) and
+√(1 − β2^step) are computed in float64 from each tensor's own ``step`` and the float64
+hyperparameters, rounded once to fp32, as torch.optim.AdamW computes them
+(``adamw_bias_corrections``).
 
 Bytes per fp32 element: sgd with momentum reads backup, G, buf (12 B) and writes θ, buf
 (8 B); adamw reads 16 B and writes 12 B; none reads 8 B and writes 8 B.
@@ -28,8 +30,9 @@ import triton.language as tl
 
 from .triton_common import (FINALIZE_BLOCK, FLAG_FROZEN, FLAG_NEW_STATE, LAUNCH_OPTIONS,
                             ROW_FLAGS, ROW_GRAD, ROW_PARAM, ROW_STATE, SMALL_LAUNCH_OPTIONS,
-                            advance_steps, chunk_of, device_functions, f32, finalize_iters, fma,
-                            load, powi, row_pointer, store, to_storage)
+                            adamw_bias_corrections, advance_steps, chunk_of, device_functions, f32,
+                            f64_bits, finalize_iters, fma, from_f64_bits, load, row_pointer, store,
+                            to_storage)
 from .triton_perturb import copy_chunk
 from ..backends.tensor_table import rows_of
 
@@ -111,11 +114,11 @@ def _adamw_chunk(param, grad, backup, exp_avg, exp_avg_sq, mask, gscale, step_si
     store(exp_avg_sq, to_storage(v, dtype), mask, MASKED)
 
 
-@triton.jit(do_not_specialize=["C", "T"],
+@triton.jit(do_not_specialize=["C", "T", "lr_bits", "beta1_bits", "beta2_bits"],
             do_not_specialize_on_alignment=SCALAR_POINTERS)
-def _adamw_kernel(layout_ptr, ptrs_ptr, backup_ptr, gscale_ptr, found_inf_ptr, C, T, lr, decay,
-                  beta1, one_minus_beta1, beta2, one_minus_beta2, eps, ALIGNED: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _adamw_kernel(layout_ptr, ptrs_ptr, backup_ptr, gscale_ptr, found_inf_ptr, C, T, lr_bits,
+                  beta1_bits, beta2_bits, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
+                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     t, start, n, offset = chunk_of(layout_ptr, C, T, BLOCK)
     dtype = backup_ptr.dtype.element_ty
     flags = tl.load(ptrs_ptr + ROW_FLAGS * T + t)
@@ -133,9 +136,8 @@ def _adamw_kernel(layout_ptr, ptrs_ptr, backup_ptr, gscale_ptr, found_inf_ptr, C
         exp_avg = row_pointer(ptrs_ptr, ROW_STATE, T, t, dtype, ALIGNED)
         exp_avg_sq = row_pointer(ptrs_ptr, ROW_STATE + 1, T, t, dtype, ALIGNED)
         step = tl.load(row_pointer(ptrs_ptr, ROW_STATE + 2, T, t, tl.float32, False))
-        bias_correction1 = 1.0 - powi(beta1, step)      # the step was advanced before
-        bias_correction2_sqrt = tl.sqrt_rn(1.0 - powi(beta2, step))
-        step_size = tl.div_rn(1.0, bias_correction1) * lr  # torch's lr / bc1 is bc1⁻¹·lr
+        step_size, bias_correction2_sqrt = adamw_bias_corrections(  # the step was advanced
+            from_f64_bits(lr_bits), from_f64_bits(beta1_bits), from_f64_bits(beta2_bits), step)
         gscale = tl.load(gscale_ptr).to(tl.float32)
         if full:
             _adamw_chunk(param + offs, grad + offs, backup + offs, exp_avg + offs,
@@ -225,8 +227,9 @@ def adamw_update(table, gscale: torch.Tensor, found_inf: torch.Tensor, *, lr: fl
     if table.num_chunks:
         _adamw_kernel[(table.num_chunks,)](
             table.layout, table.ptrs, table.backup, gscale, found_inf, table.num_chunks,
-            table.num_tensors, f32(lr), f32(1 - lr * weight_decay), f32(beta1), f32(1 - beta1),
-            f32(beta2), f32(1 - beta2), f32(eps), ALIGNED=table.aligned, BLOCK=table.chunk,
+            table.num_tensors, f64_bits(lr), f64_bits(beta1), f64_bits(beta2),
+            f32(1 - lr * weight_decay), f32(1 - beta1), f32(beta2), f32(1 - beta2), f32(eps),
+            ALIGNED=table.aligned, BLOCK=table.chunk,
             **LAUNCH_OPTIONS)
 
 
