@@ -7,9 +7,10 @@ tensors, no copies for dtypes that need no upcast (reduced-precision tensors are
 float32 inside the ops), the step scalars folded into the ops that read the tensors, and
 torch's own fused optimizer kernels (``torch._fused_sgd_``, ``torch._fused_adamw_``) for the
 base update, which read the skip flag on the device: no phase reads a tensor back to the host.
-On a device whose torch has no fused kernels the update takes torch's foreach optimizers and
-reads the skip flag once; where a device lacks a foreach op, that op runs tensor by tensor,
-said once in a warning.
+On a CPU (where torch's foreach optimizers are much faster than its fused kernels, and
+reading a flag costs nothing) and on a device without fused kernels, the update takes torch's
+foreach optimizers after one read of the skip flag; where a device lacks a foreach op, that
+op runs tensor by tensor, said once in a warning.
 
 The math of each phase (the kernels compute the same; tests/reference_phases.py writes it out
 in their operation order):
@@ -70,6 +71,10 @@ def foreach(op: str, *lists: Sequence, **kwargs):
     return None if op.endswith("_") else out
 
 
+def _pick(items: Sequence, idx: List[int]) -> list:
+    return list(items) if len(idx) == len(items) else [items[i] for i in idx]
+
+
 def _missing_op(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, NotImplementedError) or "not implemented" in text or \
@@ -109,8 +114,16 @@ class TorchBackend(Backend):
         ts = b.grads
         if adaptive:
             ts = foreach("mul", _up(b.params), _up(b.grads))
-        # per-tensor norms summed in float64 (reduced precision is read as is): a finite
-        # fp32/bf16/fp16 gradient cannot overflow, and an inf/NaN element shows
+        # per-tensor norms, squared and summed in float64: a finite fp32/bf16/fp16 gradient
+        # cannot overflow, and an inf/NaN element shows. On a CPU the norms are taken in the
+        # compute dtype first (a float64 norm is ~30x slower there) and again in float64
+        # only if that sum is not finite (an inf/NaN, or a huge finite gradient).
+        if ts[0].device.type == "cpu":
+            low = ts[0].dtype in _LOW
+            norms = foreach("norm", ts, 2, dtype=torch.float32) if low else foreach("norm", ts, 2)
+            total = torch.stack(norms).double().square().sum()
+            if bool(torch.isfinite(total)):
+                return total
         norms = foreach("norm", ts, 2, dtype=torch.float64)
         return torch.stack(norms).square().sum()
 
@@ -149,8 +162,8 @@ class TorchBackend(Backend):
         live = [i for i in range(len(b.params)) if not b.flag(i, FLAG_FROZEN)]
         if direction is not None:  # interval=k refresh: v̂ = a·G + c·g1 into the direction
             a, c = direction
-            dirs = [state_tensors(b, DIRECTION)[i] for i in live]
-            grads = [b.grads[i] for i in live]
+            dirs = _pick(state_tensors(b, DIRECTION), live)
+            grads = _pick(b.grads, live)
             kept = [d.clone() for d in dirs]
             foreach("mul_", dirs, [c] * len(dirs))
             foreach("addcmul_", dirs, grads, [a] * len(dirs))
@@ -183,12 +196,11 @@ class TorchBackend(Backend):
         """The base update of the ``live`` tensors with g = gscale·G (G as is when ``gscale``
         is None), by torch's optimizers; the other tensors keep θ and their state.
 
-        fp32/fp64 tensors are updated in place by torch's fused kernels, which skip on the
-        device flag. bf16/fp16 tensors go through float32 working copies, rounded back once
-        (the kernels' fp32 math; a skipped step rounds back the same bits); torch's fused
-        SGD kernel is not used on them (on the CPU it rounds them wrongly in torch 2.13)."""
-        params = [b.params[i] for i in live]
-        grads = [b.grads[i] for i in live]
+        fp32/fp64 tensors are updated in place (by torch's fused kernels off the CPU, which
+        skip on the device flag). bf16/fp16 tensors go through float32 working copies,
+        rounded back once (the kernels' fp32 math; a skipped step rounds back the same bits;
+        torch 2.13's fused CPU SGD rounds reduced-precision tensors wrongly)."""
+        params, grads = _pick(b.params, live), _pick(b.grads, live)
         if not params:
             return
         if b.algo == "none":  # G = gscale·G, or G kept when skipped (×1 keeps inf/NaN as is)
@@ -200,7 +212,7 @@ class TorchBackend(Backend):
             keys: tuple = ("momentum_buffer",) if b.group["momentum"] else ()
         else:
             keys = ("exp_avg", "exp_avg_sq")
-        states = {k: [state_tensors(b, k)[i] for i in live] for k in keys}
+        states = {k: _pick(state_tensors(b, k), live) for k in keys}
         low = params[0].dtype in _LOW
         if low:
             work = [p.float() for p in params]
@@ -210,11 +222,13 @@ class TorchBackend(Backend):
             work, wgrads, wstates = params, grads, states
         if gscale is not None:
             foreach("mul_", wgrads, [gscale] * len(wgrads))
-        # torch's fused kernels walk contiguous memory: anything else takes its foreach ops
-        fused = (params[0].device.type in _FUSED_DEVICES and not params[0].is_complex()
+        # torch's fused kernels, where a device has them (on a CPU its foreach ops are much
+        # faster, and reading the flag costs nothing there); they walk contiguous memory
+        device = params[0].device.type
+        fused = (device != "cpu" and device in _FUSED_DEVICES and not params[0].is_complex()
                  and all(t.is_contiguous() for ts in (work, wgrads, *wstates.values())
                          for t in ts))
-        if not fused and bool(found_inf):  # no fused kernel here: one host read
+        if not fused and bool(found_inf):  # skipped (a host read, free on a CPU)
             return
         kw = dict(fused=True, found_inf=found_inf.to(torch.float32)) if fused else \
             dict(foreach=True)
@@ -225,7 +239,7 @@ class TorchBackend(Backend):
         else:
             beta1, beta2 = group["betas"]
             torch_adamw(work, wgrads, wstates["exp_avg"], wstates["exp_avg_sq"], [],
-                        [state_tensors(b, "step")[i] for i in live], capturable=False,
+                        _pick(state_tensors(b, "step"), live), capturable=False,
                         differentiable=False, amsgrad=False, beta1=beta1, beta2=beta2,
                         lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
                         maximize=False, **kw)
