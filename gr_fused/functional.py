@@ -84,7 +84,7 @@ def fd_penalty_grad(loss_fn: LossFn, params: Sequence[torch.Tensor], eps: float,
 
 def fd_gr_grad(loss_fn: LossFn, params: Sequence[torch.Tensor], gamma: float, rho: float,
                normalize: bool = True, difference: str = "forward") -> List[torch.Tensor]:
-    """The FD-GR gradient g1 + γ·H g1 of SPEC §1 with ε = ρ/(‖g1‖ + 1e-12) (``normalize``)
+    """The FD-GR gradient g1 + γ·H g1 of docs/design.md §1 with ε = ρ/(‖g1‖ + 1e-12) (``normalize``)
     or ε = ρ. Equal to what the optimizers combine, computed out of place."""
     params = list(params)
     g1 = gradient(loss_fn, params)

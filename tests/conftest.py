@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _seeded():
-    """Fresh random inputs every run (SPEC §4), reproducible from the printed seed."""
+    """Fresh random inputs every run (docs/design.md §5), reproducible from the printed seed."""
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     yield seed

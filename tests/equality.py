@@ -1,5 +1,5 @@
 """Shared equality harness: every backend is checked against the torch backend with these
-cases (SPEC §4), so the Triton, CUDA, host-C++ and flat-buffer suites share one definition.
+cases (docs/design.md §5), so the Triton, CUDA, host-C++ and flat-buffer suites share one definition.
 
 A case builds fresh random parameters (sizes that are not multiples of a block, 1-element
 tensors, many tiny tensors, mixed dtypes, several groups, params without grads), an
@@ -117,7 +117,7 @@ def gr_step(opt, closure, scaler=None):
 
 def compare_backends(case: Case, backend: str, reference: str = "torch", device="cpu"):
     """Run ``case`` on both backends from identical inputs; compare all parameters of each
-    dtype as one vector (‖a − b‖/‖b‖, SPEC §4), and each state key likewise."""
+    dtype as one vector (‖a − b‖/‖b‖, docs/design.md §5), and each state key likewise."""
     inputs = make_inputs(case, device)
     got_p, got_s, _ = run_case(case, backend, inputs)
     ref_p, ref_s, _ = run_case(case, reference, inputs)

@@ -1,7 +1,8 @@
-"""An independent float64 reference of SPEC §1, written from the math (not from gr_fused).
+"""An independent float64 reference of the method (docs/design.md §1), written from the
+math (not from gr_fused).
 
 Everything is out of place and explicit: θ is a list of tensors per param group, the loss is
-a function of all of them, and each formula reads like the SPEC.
+a function of all of them, and each formula reads like docs/design.md.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input and faults (SPEC §2): a clear error or a visible skip, and nothing lost."""
+"""Bad input and faults (docs/design.md §2): a clear error or a visible skip, and nothing lost."""
 import copy
 
 import pytest

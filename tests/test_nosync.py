@@ -1,4 +1,4 @@
-"""The step path makes no host sync (SPEC §2/§3): no .item(), bool() or float() of a tensor
+"""The step path makes no host sync (docs/design.md §2, §4): no .item(), bool() or float() of a tensor
 while GRSGD/GRAdamW step. On a GPU, torch.cuda.set_sync_debug_mode checks the same."""
 import contextlib
 

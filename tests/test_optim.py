@@ -1,5 +1,5 @@
 """The optimizers against the independent float64 reference (tests/reference.py), against
-torch.optim when GR is off, against SAM, and against exact DB-GR as ε → 0 (SPEC §1, §4)."""
+torch.optim when GR is off, against SAM, and against exact DB-GR as ε → 0 (docs/design.md §1, §5)."""
 import copy
 import io
 

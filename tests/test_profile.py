@@ -70,7 +70,7 @@ def test_ratios_and_memory(mlp_report):
     for result in r.values():
         assert result["ratio_to_sgd"] == pytest.approx(result["step_time_ms"]
                                                        / r["sgd"]["step_time_ms"])
-    # The GR optimizer and the SAM pattern both keep a copy of θ (SPEC §3).
+    # The GR optimizer and the SAM pattern both keep a copy of θ (docs/design.md §3).
     param_bytes = 4 * sum(n_in * n_out + n_out for n_in, n_out in zip(SIZES[:-1], SIZES[1:]))
     for method in ("fd-gr", "sam-ref"):
         assert r[method]["peak_memory_bytes"] >= r["sgd"]["peak_memory_bytes"] + param_bytes
