@@ -154,6 +154,7 @@ def plot(out: Dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     r, cfg = out["results"], out["config"]
     ks = cfg["intervals"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -167,9 +168,11 @@ def plot(out: Dict, path: str) -> None:
     ax.set_xscale("log")
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("interval k (second gradient every k steps)")
     ax.set_ylabel("test accuracy − SGD's (paired, mean ± std)")
-    ax.set_ylim(max(ax.get_ylim()[0], -0.02), ax.get_ylim()[1])
+    full = r["F-GR"]["delta_vs_sgd"]
+    ax.set_ylim(-max(0.01, 2.5 * abs(full)), max(0.01, 2.5 * abs(full)))  # off the scale: below
     ax.legend(fontsize=8)
     ax.set_title(f"digits, γ={cfg['gamma']}, ρ={cfg['rho']}, {len(cfg['seeds'])} seeds",
                  fontsize=10)
@@ -200,4 +203,8 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--replot":  # interval.json -> interval.png
+        with open(sys.argv[2]) as f:
+            plot(json.load(f), os.path.join(os.path.dirname(sys.argv[2]), "interval.png"))
+    else:
+        main()
