@@ -112,24 +112,39 @@ PYBIND11_MODULE(_C, m) {
           "(device, stream, threads, table, adaptive, partials): one double per chunk");
   GRF_DEF(sq_norm, "(device, stream, threads, table, adaptive, partials_scratch, out): "
                    "out (a double) = Σ g² (Σ (θ·g)² if adaptive)");
-  GRF_DEF(perturb, "(device, stream, threads, table, eps, fold, adaptive)");
+  GRF_DEF(dots_partials,
+          "(device, stream, threads, table, dirs, partials): interval=k's [Σ g², Σ g·d, Σ d²] "
+          "(d the direction row dirs) of each chunk, three doubles per chunk");
+  GRF_DEF(dots, "(device, stream, threads, table, dirs, partials_scratch, out): out (three "
+                "doubles) = [Σ g², Σ g·d, Σ d²]");
+  GRF_DEF(perturb, "(device, stream, threads, table, eps, fold, adaptive, dirs_or_0): with "
+                   "dirs, also direction ← g (before the fold)");
   GRF_DEF(reflect, "(device, stream, threads, table)");
   GRF_DEF(restore, "(device, stream, threads, table)");
-  GRF_DEF(update_none, "(device, stream, threads, table, gscale, found_inf)");
+  GRF_DEF(update_none, "(device, stream, threads, table, s0, found_inf, kind, dirs, s1, s2): "
+                       "kind 0 (s0 = gscale), 1 (also caches the direction: s1 = a, s2 = c), "
+                       "2 (interval=k reuse: s0 = u, s1 = v)");
   GRF_DEF(update_sgd,
-          "(device, stream, threads, table, gscale, found_inf, lr, lr_at, lr_dtype, momentum, "
-          "dampening, weight_decay, nesterov)");
+          "(device, stream, threads, table, s0, found_inf, lr, lr_at, lr_dtype, momentum, "
+          "dampening, weight_decay, nesterov, kind, dirs, s1, s2)");
   GRF_DEF(update_adamw,
-          "(device, stream, threads, table, gscale, found_inf, lr, lr_at, lr_dtype, beta1, "
-          "beta2, eps, weight_decay, steps_advanced)");
+          "(device, stream, threads, table, s0, found_inf, lr, lr_at, lr_dtype, beta1, "
+          "beta2, eps, weight_decay, steps_advanced, kind, dirs, s1, s2)");
   GRF_DEF(ascent_finalize,
           "(device, stream, threads, compute_dtype, partials, count, scale_or_0, out, rho, "
           "gamma, alpha, normalize, fixed_alpha, central, eps_sign, combine_sign): "
           "out = {eps, fold, combine}");
   GRF_DEF(update_finalize,
           "(device, stream, threads, compute_dtype, partials, bounds, ascent, scale_or_0, out, "
-          "count, last, scaler_flag_or_0, adam_ptrs_or_0, adam_tensors, clip, max_norm): "
-          "out = {gscale per group..., found_inf}, the skip records and AdamW's step counts");
+          "count, last, scaler_flag_or_0, adam_ptrs_or_0, adam_tensors, clip, max_norm, "
+          "signs, valid_or_0): out = {gscale per group..., found_inf}, the skip records and "
+          "AdamW's step counts; with signs (interval=k, partials from dots_partials) also "
+          "{a, c} per group after found_inf and *valid");
+  GRF_DEF(reuse_finalize,
+          "(device, stream, threads, compute_dtype, partials, bounds, signs, reuse_scales, "
+          "scale_or_0, valid, out, count, last, scaler_flag_or_0, adam_ptrs_or_0, "
+          "adam_tensors, clip, max_norm): out = {u, v per group..., found_inf}, the skip "
+          "records and AdamW's step counts");
   m.def("host_isa", &host_isa, py::arg("name") = "",
         "The host code in use ('avx2' or 'baseline'); pass a name to switch (for tests).");
   m.def("set_host_packs", [](bool on) { host_packs = on; },
@@ -141,6 +156,11 @@ PYBIND11_MODULE(_C, m) {
   codes["float64"] = int(grf::kF64);
   m.attr("dtype_codes") = codes;
   m.attr("max_groups") = grf::kMaxGroups;
+  py::dict kinds;
+  kinds["plain"] = int(grf::kPlain);
+  kinds["cache"] = int(grf::kCache);
+  kinds["reuse"] = int(grf::kReuse);
+  m.attr("update_kinds") = kinds;
   m.attr("source_hash") = GRF_SOURCE_HASH;
 #ifdef GRF_WITH_CUDA
   m.attr("with_cuda") = true;

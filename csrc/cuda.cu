@@ -10,15 +10,16 @@
 // * Step scalars and a tensor learning rate are read by the kernels from device memory: no
 //   host sync anywhere.
 // * The norm is deterministic: each block sums a chunk in double (a fixed tree of warp
-//   shuffles) into one partial per chunk, and one-block finalize kernels add the partials
-//   in a fixed order and compute the step scalars there. No atomics; the partials depend on
-//   the table only, not on the grid.
+//   shuffles) into one partial per chunk (three for interval=k's dots), and one-block
+//   finalize kernels add the partials in a fixed order and compute the step scalars there.
+//   No atomics; the partials depend on the table only, not on the grid.
 // * Every CUDA call and launch is checked; a failure throws std::runtime_error with the CUDA
 //   error string, which pybind11 turns into a Python RuntimeError.
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <atomic>
 #include <stdexcept>
 #include <string>
@@ -168,22 +169,30 @@ GRF_UNROLL
   return x;
 }
 
-template <int V, bool CHECK, class Ch> __device__ double block_chunk_sum(const Ch& ch,
-                                                                         int64_t len) {
-  double lanes[V] = {};
+// The chunk's Ch::kSums sums (1, or 3 for interval=k's dots) by the whole block, into
+// out[0..kSums) (valid in thread 0).
+template <int V, bool CHECK, class Ch> __device__ void block_chunk_sums(const Ch& ch,
+                                                                       int64_t len,
+                                                                       double* out) {
+  constexpr int S = Ch::kSums;
+  double lanes[S][V] = {};
   int64_t i0 = 0;
   if (V > 1 && (!CHECK || ch.aligned16())) {
     const int64_t packs = len / V;
 #pragma unroll 4
     for (int64_t j = threadIdx.x; j < packs; j += blockDim.x)  // (loads in flight: no stores)
-      ch.template accumulate<V>(j * V, lanes);
+      ch.template accumulate<V>(j * V, &lanes[0][0], V);
     i0 = packs * V;
   }
-  for (int64_t i = i0 + threadIdx.x; i < len; i += blockDim.x) ch.template accumulate<1>(i, lanes);
-  double x = 0;
+  for (int64_t i = i0 + threadIdx.x; i < len; i += blockDim.x)
+    ch.template accumulate<1>(i, &lanes[0][0], V);
 GRF_UNROLL
-  for (int k = 0; k < V; ++k) x += lanes[k];
-  return block_sum<kThreads>(x);
+  for (int s = 0; s < S; ++s) {
+    double x = 0;
+GRF_UNROLL
+    for (int k = 0; k < V; ++k) x += lanes[s][k];
+    out[s] = block_sum<kThreads>(x);
+  }
 }
 
 template <class Op, int V, bool CHECK> __global__ void __launch_bounds__(kThreads)
@@ -191,31 +200,40 @@ norm_kernel(Op op, TableView tb, double* partials) {
   for (int64_t c = blockIdx.x; c < tb.num_chunks; c += gridDim.x) {
     const Span s = tb.span(c);
     op.visit(tb, s, [&](const auto& ch) {
-      const double x = block_chunk_sum<V, CHECK>(ch, s.len);
-      if (threadIdx.x == 0) partials[c] = x;
+      constexpr int S = std::decay_t<decltype(ch)>::kSums;
+      double x[S];
+      block_chunk_sums<V, CHECK>(ch, s.len, x);
+      if (threadIdx.x == 0) {
+GRF_UNROLL
+        for (int k = 0; k < S; ++k) partials[S * c + k] = x[k];
+      }
     });
   }
 }
 
-// partials[0:count] added in a fixed order by one block; valid in thread 0.
-__device__ double sum_partials(const double* partials, int64_t count) {
+// partials[0], partials[stride], ... (count of them) added in a fixed order by one block;
+// valid in thread 0.
+__device__ double sum_partials(const double* partials, int64_t count, int stride = 1) {
   const int64_t step = blockDim.x;
   double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
   int64_t i = threadIdx.x;
   for (; i + 3 * step < count; i += 4 * step) {
-    a0 += partials[i];
-    a1 += partials[i + step];
-    a2 += partials[i + 2 * step];
-    a3 += partials[i + 3 * step];
+    a0 += partials[stride * i];
+    a1 += partials[stride * (i + step)];
+    a2 += partials[stride * (i + 2 * step)];
+    a3 += partials[stride * (i + 3 * step)];
   }
-  for (; i < count; i += step) a0 += partials[i];
+  for (; i < count; i += step) a0 += partials[stride * i];
   return block_sum<kFinalizeThreads>((a0 + a1) + (a2 + a3));
 }
 
-__global__ void __launch_bounds__(kFinalizeThreads)
+// out[0..S) = the S interleaved sums of partials (S per chunk, count chunks).
+template <int S> __global__ void __launch_bounds__(kFinalizeThreads)
 sum_kernel(const double* partials, int64_t count, double* out) {
-  const double x = sum_partials(partials, count);
-  if (threadIdx.x == 0) *out = x;
+  for (int k = 0; k < S; ++k) {
+    const double x = sum_partials(partials + k, count, S);
+    if (threadIdx.x == 0) out[k] = x;
+  }
 }
 
 // One group's ascent row (grf_math.h) from the sum of all partials.
@@ -226,29 +244,81 @@ ascent_finalize_kernel(const double* partials, int64_t count, const float* scale
   if (threadIdx.x == 0) ascent_scalars_of(x, scale, h, out);
 }
 
-// The group ranges of update_finalize, passed by value.
+// The group ranges of a finalize and its per-group numbers, passed by value.
 struct GroupBounds {
   int64_t at[kMaxGroups + 1];
   int groups;
 };
+struct GroupValues {
+  double v[kMaxGroups];
+};
+
+GroupValues group_values(const std::vector<double>& values) {
+  GroupValues out{};
+  for (size_t g = 0; g < values.size() && g < size_t(kMaxGroups); ++g) out.v[g] = values[g];
+  return out;
+}
+
+// Each group's S sums (S = 1: ‖G‖²; S = 3: the dots) from its range of partials, into
+// sums[g][0..S) in shared memory (then the block is synchronized).
+__device__ void group_sums(const double* partials, const GroupBounds& b, int S,
+                           double (*sums)[3]) {
+  for (int g = 0; g < b.groups; ++g)
+    for (int k = 0; k < S; ++k) {
+      const double x = sum_partials(partials + S * b.at[g] + k, b.at[g + 1] - b.at[g], S);
+      if (threadIdx.x == 0) sums[g][k] = x;
+    }
+  __syncthreads();
+}
 
 // Every group's ‖G‖² from its range of partials, then gscale, found_inf, the skip records
-// and the step counts of one AdamW table (adam_ptrs, or null).
+// and the step counts of one AdamW table (adam_ptrs, or null). `direction` (an interval=k
+// refresh): the partials are the dots [Σ G², Σ G·g1, Σ g1²], and each group's direction
+// coefficients follow found_inf in `out`, (1 − found_inf)·ok goes to *valid.
 template <class C> __global__ void __launch_bounds__(kFinalizeThreads)
 update_finalize_kernel(const double* partials, GroupBounds b, const C* ascent,
                        const float* scale, C* out, int64_t* skip_count, bool* last,
                        float* scaler_flag, const int64_t* adam_ptrs, int64_t adam_tensors,
-                       bool clip, double max_norm) {
-  __shared__ double sq[kMaxGroups];
+                       bool clip, double max_norm, bool direction, GroupValues signs,
+                       C* valid) {
+  __shared__ double sums[kMaxGroups][3];
   __shared__ bool skipped;
-  for (int g = 0; g < b.groups; ++g) {
-    const double x = sum_partials(partials + b.at[g], b.at[g + 1] - b.at[g]);
-    if (threadIdx.x == 0) sq[g] = x;
-  }
+  group_sums(partials, b, direction ? 3 : 1, sums);
   if (threadIdx.x == 0) {
+    double sq[kMaxGroups];
+    for (int g = 0; g < b.groups; ++g) sq[g] = sums[g][0];
     update_scalars_of(sq, ascent, b.groups, scale, clip, max_norm, out);
-    record_skip(out[b.groups], skip_count, last, scaler_flag);
-    skipped = out[b.groups] != C(0);
+    const C found = out[b.groups];
+    if (direction) {
+      const C ok = direction_scalars_of(sums, ascent, signs.v, b.groups, scale,
+                                        out + b.groups + 1);
+      *valid = ok * (C(1) - found);
+    }
+    record_skip(found, skip_count, last, scaler_flag);
+    skipped = found != C(0);
+  }
+  __syncthreads();
+  for (int64_t t = threadIdx.x; t < adam_tensors; t += blockDim.x)
+    advance_step(adam_ptrs, adam_tensors, t, skipped);
+}
+
+// interval=k between refreshes: each group's dots, reuse_scalars, the skip records and the
+// step counts of one AdamW table.
+template <class C> __global__ void __launch_bounds__(kFinalizeThreads)
+reuse_finalize_kernel(const double* partials, GroupBounds b, GroupValues signs,
+                      GroupValues reuse_scales, const float* scale, const C* valid, C* out,
+                      int64_t* skip_count, bool* last, float* scaler_flag,
+                      const int64_t* adam_ptrs, int64_t adam_tensors, bool clip,
+                      double max_norm) {
+  __shared__ double sums[kMaxGroups][3];
+  __shared__ bool skipped;
+  group_sums(partials, b, 3, sums);
+  if (threadIdx.x == 0) {
+    reuse_scalars_of(sums, b.groups, signs.v, reuse_scales.v, scale, *valid, clip, max_norm,
+                     out);
+    const C found = out[2 * b.groups];
+    record_skip(found, skip_count, last, scaler_flag);
+    skipped = found != C(0);
   }
   __syncthreads();
   for (int64_t t = threadIdx.x; t < adam_tensors; t += blockDim.x)
@@ -323,40 +393,54 @@ void norm_partials(const Where& w, const Table& t, bool adaptive, ptr partials) 
 void sq_norm(const Where& w, const Table& t, bool adaptive, ptr partials, ptr out) {
   run_norm(CudaRun{w, t}, t.dtype, adaptive, partials);
   DeviceGuard guard(w.device);
-  sum_kernel<<<1, kFinalizeThreads, 0, stream_of(w)>>>(
+  sum_kernel<1><<<1, kFinalizeThreads, 0, stream_of(w)>>>(
       reinterpret_cast<const double*>(partials), t.num_chunks, reinterpret_cast<double*>(out));
   check(cudaGetLastError(), "sq_norm (finalize)");
 }
 
-void perturb(const Where& w, const Table& t, ptr eps, ptr fold, bool adaptive) {
-  run_perturb(CudaRun{w, t}, t.dtype, eps, fold, adaptive);
+void dots_partials(const Where& w, const Table& t, ptr dirs, ptr partials) {
+  run_dots(CudaRun{w, t}, t.dtype, dirs, partials);
+}
+
+void dots(const Where& w, const Table& t, ptr dirs, ptr partials, ptr out) {
+  run_dots(CudaRun{w, t}, t.dtype, dirs, partials);
+  DeviceGuard guard(w.device);
+  sum_kernel<3><<<1, kFinalizeThreads, 0, stream_of(w)>>>(
+      reinterpret_cast<const double*>(partials), t.num_chunks, reinterpret_cast<double*>(out));
+  check(cudaGetLastError(), "dots (finalize)");
+}
+
+void perturb(const Where& w, const Table& t, ptr eps, ptr fold, bool adaptive, ptr dirs) {
+  run_perturb(CudaRun{w, t}, t.dtype, eps, fold, adaptive, dirs);
 }
 
 void reflect(const Where& w, const Table& t) { run_reflect(CudaRun{w, t}, t.dtype); }
 
 void restore(const Where& w, const Table& t) { run_restore(CudaRun{w, t}, t.dtype); }
 
-void update_none(const Where& w, const Table& t, ptr gscale, ptr found_inf) {
-  run_update_none(CudaRun{w, t}, t.dtype, gscale, found_inf);
+void update_none(const Where& w, const Table& t, ptr s0, ptr found_inf, int kind, ptr dirs,
+                 ptr s1, ptr s2) {
+  run_update_none(CudaRun{w, t}, t.dtype, UpdateArgs{s0, found_inf, kind, dirs, s1, s2});
 }
 
-void update_sgd(const Where& w, const Table& t, ptr gscale, ptr found_inf, double lr,
+void update_sgd(const Where& w, const Table& t, ptr s0, ptr found_inf, double lr,
                 ptr lr_at, int lr_dtype, double momentum, double dampening,
-                double weight_decay, bool nesterov) {
-  run_update_sgd(CudaRun{w, t}, t.dtype, gscale, found_inf, make_lr(lr, lr_at, lr_dtype),
-                 momentum, dampening, weight_decay, nesterov);
+                double weight_decay, bool nesterov, int kind, ptr dirs, ptr s1, ptr s2) {
+  run_update_sgd(CudaRun{w, t}, t.dtype, UpdateArgs{s0, found_inf, kind, dirs, s1, s2},
+                 make_lr(lr, lr_at, lr_dtype), momentum, dampening, weight_decay, nesterov);
 }
 
-void update_adamw(const Where& w, const Table& t, ptr gscale, ptr found_inf, double lr,
+void update_adamw(const Where& w, const Table& t, ptr s0, ptr found_inf, double lr,
                   ptr lr_at, int lr_dtype, double beta1, double beta2, double eps,
-                  double weight_decay, bool steps_advanced) {
+                  double weight_decay, bool steps_advanced, int kind, ptr dirs, ptr s1,
+                  ptr s2) {
   const Lr rate = make_lr(lr, lr_at, lr_dtype);
+  const UpdateArgs args{s0, found_inf, kind, dirs, s1, s2};
   dispatch_dtype(t.dtype, [&](auto tag) {
     using C = compute_t<decltype(tag)>;
     if (!steps_advanced) launch_advance_steps<C>(w, t, found_inf);  // the pass reads the new one
   });
-  run_update_adamw(CudaRun{w, t}, t.dtype, gscale, found_inf, rate, beta1, beta2, eps,
-                   weight_decay);
+  run_update_adamw(CudaRun{w, t}, t.dtype, args, rate, beta1, beta2, eps, weight_decay);
 }
 
 void ascent_finalize(const Where& w, int ctype, ptr partials, int64_t count, ptr scale, ptr out,
@@ -373,12 +457,23 @@ void ascent_finalize(const Where& w, int ctype, ptr partials, int64_t count, ptr
   });
 }
 
+namespace {
+GroupBounds group_bounds(const std::vector<int64_t>& bounds, int groups) {
+  GroupBounds b{};
+  b.groups = groups;
+  for (int g = 0; g <= groups; ++g) b.at[g] = bounds[g];
+  return b;
+}
+}  // namespace
+
 void update_finalize(const Where& w, int ctype, ptr partials, const std::vector<int64_t>& bounds,
                      ptr ascent, ptr scale, ptr out, ptr count, ptr last, ptr scaler_flag,
-                     ptr adam_ptrs, int64_t adam_tensors, bool clip, double max_norm) {
-  GroupBounds b{};
-  b.groups = check_groups(bounds);
-  for (int g = 0; g <= b.groups; ++g) b.at[g] = bounds[g];
+                     ptr adam_ptrs, int64_t adam_tensors, bool clip, double max_norm,
+                     const std::vector<double>& signs, ptr valid) {
+  const GroupBounds b = group_bounds(bounds, check_groups(bounds, "update_finalize", {&signs}));
+  const bool direction = !signs.empty();
+  if (direction && valid == 0)
+    throw std::invalid_argument("gr_fused._C.update_finalize: signs without valid");
   dispatch_compute(ctype, [&](auto tag) {
     using C = decltype(tag);
     DeviceGuard guard(w.device);
@@ -387,8 +482,31 @@ void update_finalize(const Where& w, int ctype, ptr partials, const std::vector<
         reinterpret_cast<const float*>(scale), reinterpret_cast<C*>(out),
         reinterpret_cast<int64_t*>(count), reinterpret_cast<bool*>(last),
         reinterpret_cast<float*>(scaler_flag), reinterpret_cast<const int64_t*>(adam_ptrs),
-        adam_ptrs != 0 ? adam_tensors : 0, clip, max_norm);
+        adam_ptrs != 0 ? adam_tensors : 0, clip, max_norm, direction, group_values(signs),
+        reinterpret_cast<C*>(valid));
     check(cudaGetLastError(), "update_finalize");
+  });
+}
+
+void reuse_finalize(const Where& w, int ctype, ptr partials, const std::vector<int64_t>& bounds,
+                    const std::vector<double>& signs, const std::vector<double>& reuse_scales,
+                    ptr scale, ptr valid, ptr out, ptr count, ptr last, ptr scaler_flag,
+                    ptr adam_ptrs, int64_t adam_tensors, bool clip, double max_norm) {
+  const int groups = check_groups(bounds, "reuse_finalize", {&signs, &reuse_scales});
+  if (int64_t(signs.size()) != groups || int64_t(reuse_scales.size()) != groups)
+    throw std::invalid_argument("gr_fused._C.reuse_finalize: one sign and reuse scale per group");
+  const GroupBounds b = group_bounds(bounds, groups);
+  dispatch_compute(ctype, [&](auto tag) {
+    using C = decltype(tag);
+    DeviceGuard guard(w.device);
+    reuse_finalize_kernel<C><<<1, kFinalizeThreads, 0, stream_of(w)>>>(
+        reinterpret_cast<const double*>(partials), b, group_values(signs),
+        group_values(reuse_scales), reinterpret_cast<const float*>(scale),
+        reinterpret_cast<const C*>(valid), reinterpret_cast<C*>(out),
+        reinterpret_cast<int64_t*>(count), reinterpret_cast<bool*>(last),
+        reinterpret_cast<float*>(scaler_flag), reinterpret_cast<const int64_t*>(adam_ptrs),
+        adam_ptrs != 0 ? adam_tensors : 0, clip, max_norm);
+    check(cudaGetLastError(), "reuse_finalize");
   });
 }
 

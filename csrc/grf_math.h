@@ -12,8 +12,13 @@
 //   sgd       g = gscale·G (+ wd·backup);  buf = g on the first step else μ·buf + (1−damp)·g;
 //             d = g + μ·buf (nesterov) or buf;  θ = backup − lr·d
 //   adamw     step += 1;  θ = backup·(1 − lr·wd);  m = m + (1−β1)·(g − m);
-//             v = β2·v + (1−β2)·g²;  θ = θ − (lr/(1−β1^step))·m/(√v/√(1−β2^step) + eps)
+//             v = β2·v + (1−β2)·g²;  θ = θ − (lr/(1−β1^step))·m/(√v/√(1−β2^step) + eps),
+//             lr/(1−β1^step) and √(1−β2^step) in double from the step count, each rounded
+//             once (as torch.optim.AdamW computes them)
 //   none      θ = backup;  G = g
+// interval=k (grf_api.h's UpdateKind): a refresh's update first caches the direction
+// d = G·a + d·c (d held g1); between refreshes g = G·u + d·v and the base update starts from
+// θ itself instead of the backup.
 //
 // Storage types are float, double and two 16-bit types (half_t, bf16_t); the math runs in
 // float (double for double), and each result is rounded once, to nearest even, on store.
@@ -126,11 +131,6 @@ GRF_HD double grf_sqrt(double x) { return sqrt(x); }
 GRF_HD float grf_fma(float a, float b, float c) { return fmaf(a, b, c); }
 GRF_HD double grf_fma(double a, double b, double c) { return fma(a, b, c); }
 
-// a^b rounded once to C: in double for float (libm's and CUDA's double pow are accurate to
-// within an ulp of double, so both round to the same, correctly rounded, float).
-GRF_HD float grf_pow(float a, float b) { return float(pow(double(a), double(b))); }
-GRF_HD double grf_pow(double a, double b) { return pow(a, b); }
-
 // ---------------------------------------------------------------- phase 1: the norm
 // Σ g² (Σ (θ·g)² when adaptive): the term of one element. θ·g is a product in the compute
 // type (as torch's _foreach_mul), its square and the sum are in double, so no finite fp32
@@ -157,6 +157,12 @@ template <class C> GRF_HD C reflect_theta(C theta, C backup) { return backup * C
 // folded into gscale by gr_fused/_scalars.py; inf/NaN was found by the norm of G).
 template <class C> GRF_HD C combined_grad(C G, C gscale) { return G * gscale; }
 
+// interval=k, a refresh: the direction to cache, G·a + g1·c (d holds g1 saved by perturb).
+template <class C> GRF_HD C cache_direction(C G, C d, C a, C c) { return G * a + d * c; }
+
+// interval=k between refreshes: g = G·u + v̂·v (G holds g1, d the cached direction v̂).
+template <class C> GRF_HD C reuse_grad(C G, C d, C u, C v) { return G * u + d * v; }
+
 // A learning rate as torch.optim reads it: a Python float, or the value of a 0-dim tensor
 // (read here, in the kernel: no host sync), as a double.
 GRF_HD double lr_value(const Lr& lr) {
@@ -179,46 +185,51 @@ template <class C> GRF_HD SgdHp<C> make_sgd_hp(double lr, double momentum, doubl
   return SgdHp<C>{C(-lr), C(momentum), C(1.0 - dampening), C(weight_decay), nesterov};
 }
 
-// Returns the new θ. MODE (a MomentumMode): buf is read only with kWithMomentum and written
-// unless kNoMomentum (kFirstMomentum: the step that creates the buffer, buf = g).
+// Returns the new θ from the combined gradient g and the θ it starts from (the backup, or θ
+// itself between interval=k refreshes). MODE (a MomentumMode): buf is read only with
+// kWithMomentum and written unless kNoMomentum (kFirstMomentum: the step that creates the
+// buffer, buf = g).
 template <int MODE, class C>
-GRF_HD C sgd_elem(C G, C gscale, C backup, C& buf, const SgdHp<C>& h) {
-  C g = combined_grad(G, gscale);
-  if (h.weight_decay != C(0)) g = grf_fma(backup, h.weight_decay, g);  // g.add(θ, alpha=wd)
+GRF_HD C sgd_elem(C g, C theta0, C& buf, const SgdHp<C>& h) {
+  if (h.weight_decay != C(0)) g = grf_fma(theta0, h.weight_decay, g);  // g.add(θ, alpha=wd)
   C d = g;
   if (MODE != kNoMomentum) {
     // buf.mul(μ).add_(g, alpha=1−damp), and g.add(buf, alpha=μ) for nesterov
     buf = MODE == kFirstMomentum ? g : grf_fma(g, h.one_minus_dampening, buf * h.momentum);
     d = h.nesterov ? grf_fma(buf, h.momentum, g) : buf;
   }
-  return grf_fma(d, h.neg_lr, backup);  // θ.add(d, alpha=−lr)
+  return grf_fma(d, h.neg_lr, theta0);  // θ.add(d, alpha=−lr)
 }
 
 template <class C> struct AdamHp {
-  C lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay;  // decay = 1 − lr·wd
+  C beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay;  // decay = 1 − lr·wd
 };
 
 template <class C> GRF_HD AdamHp<C> make_adam_hp(double lr, double beta1, double beta2,
                                                  double eps, double weight_decay) {
-  return AdamHp<C>{C(lr), C(beta1), C(beta2), C(1.0 - beta1), C(1.0 - beta2), C(eps),
+  return AdamHp<C>{C(beta1), C(beta2), C(1.0 - beta1), C(1.0 - beta2), C(eps),
                    C(1.0 - lr * weight_decay)};
 }
 
-// The bias corrections of the step count `step` (already incremented), as torch computes
-// them on a step tensor: lr/bc1 is reciprocal(bc1)·lr (Tensor.__rtruediv__).
+// The bias corrections of the step count `step` (already incremented) as torch.optim.AdamW
+// computes them (its single-tensor and foreach code with Python numbers, its fused kernels
+// in double): β^step, 1 − β^step, lr/(1 − β1^step) and √(1 − β2^step) in double, each result
+// rounded once to C. (libm's pow is correctly rounded; CUDA's double pow is within 2 ulps of
+// double, so the rounded results agree but where a value falls within 2⁻⁵⁰ of a rounding
+// boundary of C.)
 template <class C> struct AdamStep { C step_size, bc2_sqrt; };
 
-template <class C> GRF_HD AdamStep<C> adam_step(C step, const AdamHp<C>& h) {
-  C bc1 = C(1) - grf_pow(h.beta1, step);
-  C bc2 = C(1) - grf_pow(h.beta2, step);
-  return AdamStep<C>{(C(1) / bc1) * h.lr, grf_sqrt(bc2)};
+template <class C> GRF_HD AdamStep<C> adam_step(double step, double lr, double beta1,
+                                                double beta2) {
+  const double bc1 = 1.0 - pow(beta1, step);
+  const double bc2 = 1.0 - pow(beta2, step);
+  return AdamStep<C>{C(lr / bc1), C(sqrt(bc2))};
 }
 
-// Returns the new θ; updates m and v.
-template <class C> GRF_HD C adamw_elem(C G, C gscale, C backup, C& m, C& v, const AdamHp<C>& h,
+// Returns the new θ from the combined gradient g and the θ it starts from; updates m and v.
+template <class C> GRF_HD C adamw_elem(C g, C theta0, C& m, C& v, const AdamHp<C>& h,
                                        const AdamStep<C>& s) {
-  C g = combined_grad(G, gscale);
-  C theta = backup * h.decay;
+  C theta = theta0 * h.decay;
   m = grf_fma(g - m, h.one_minus_beta1, m);               // m.add(g − m, alpha=1−β1)
   v = grf_fma(h.one_minus_beta2 * g, g, v * h.beta2);     // (v·β2).addcmul(g, g, 1−β2)
   C denom = grf_sqrt(v) / s.bc2_sqrt + h.eps;
@@ -281,6 +292,78 @@ template <class C> GRF_HD void update_scalars_of(const double* sq, const C* asce
     for (int g = 0; g < groups; ++g) out[g] = out[g] * coef;
   }
   out[groups] = is_finite(total) ? C(0) : C(1);
+}
+
+// interval=k, at a refresh: _scalars.direction_scalars over `groups` param groups. sums[g] =
+// {Σ G², Σ G·g1, Σ g1²} of group g (double; g1 as perturb saved it), ascent its row {eps,
+// fold, combine}, signs[g] its combine sign, `scale` the AMP scale S or null. In the frame
+// of the update g = A·G, g1 = B·(saved g1) with A = combine/S, B = sign/S (double); v = g −
+// β·g1, β = P/Q, P = Σ A·B·ΣGg1, Q = Σ B²·Σg1², ‖v‖² = Σ A²·ΣG² − 2β·A·B·ΣGg1 + β²·B²·Σg1².
+// coefs[2g], coefs[2g + 1] = (a, c) = (A, −β·B)/‖v‖ rounded to C; returns whether there is a
+// direction (‖v‖² finite and > 0: 1, else 0 and the coefficients 0). Every operation in
+// _scalars.py's order.
+template <class C> GRF_HD C direction_scalars_of(const double (*sums)[3], const C* ascent,
+                                                 const double* signs, int groups,
+                                                 const float* scale, C* coefs) {
+  const double sc = scale != nullptr ? double(1.0f / *scale) : 1.0;
+  double A[kMaxGroups], B[kMaxGroups], P = 0, Q = 0;
+  for (int g = 0; g < groups; ++g) {
+    A[g] = double(ascent[3 * g + 2]) * sc;
+    B[g] = signs[g] * sc;
+    P += A[g] * B[g] * sums[g][1];
+    Q += B[g] * B[g] * sums[g][2];
+  }
+  const double beta = Q > 0 ? P / Q : 0.0;
+  double v2 = 0;
+  for (int g = 0; g < groups; ++g)
+    v2 += A[g] * A[g] * sums[g][0] - 2 * beta * A[g] * B[g] * sums[g][1] +
+          beta * beta * B[g] * B[g] * sums[g][2];
+  const bool ok = is_finite(v2) && v2 > 0;
+  const double inv_norm = ok ? 1.0 / sqrt(v2 < 1e-300 ? 1e-300 : v2) : 0.0;  // rsqrt
+  for (int g = 0; g < groups; ++g) {
+    coefs[2 * g] = C(A[g] * inv_norm);
+    coefs[2 * g + 1] = C(-beta * B[g] * inv_norm);
+  }
+  return ok ? C(1) : C(0);
+}
+
+// interval=k between refreshes: _scalars.reuse_scalars over `groups` param groups. sums[g] =
+// {Σ g1², Σ g1·v̂, Σ v̂²} (g1 scaled by S like the grads), signs[g] and reuse_scales[g] the
+// group's combine sign and reuse_scale, `valid` 1 when a direction is cached. u = sign/S,
+// v = reuse_scale·‖g1‖·valid with ‖g1‖ the global unscaled norm (double); clipping scales
+// both by one factor from ‖g‖² = Σ u²·Σg1² + 2u·v·Σg1v̂ + v²·Σv̂². out[2g], out[2g + 1] =
+// (u, v) rounded to C; out[2·groups] = found_inf (Σ g1² not finite).
+template <class C> GRF_HD void reuse_scalars_of(const double (*sums)[3], int groups,
+                                                const double* signs, const double* reuse_scales,
+                                                const float* scale, C valid, bool clip,
+                                                double max_norm, C* out) {
+  const double sc = scale != nullptr ? double(1.0f / *scale) : 1.0;
+  double total = 0;
+  for (int g = 0; g < groups; ++g) total += sums[g][0];
+  const double norm = sqrt(total) * sc;
+  double u[kMaxGroups], v[kMaxGroups];
+  for (int g = 0; g < groups; ++g) {
+    u[g] = signs[g] * sc;
+    v[g] = reuse_scales[g] * norm * double(valid);
+  }
+  if (clip) {  // min(max_norm / (‖g‖ + 1e-6), 1) in C; NaN stays NaN
+    double g_sq = 0;
+    for (int g = 0; g < groups; ++g)
+      g_sq += u[g] * u[g] * sums[g][0] + 2 * u[g] * v[g] * sums[g][1] +
+              v[g] * v[g] * sums[g][2];
+    const C norm_g = C(sqrt(g_sq));
+    C coef = (C(1) / (norm_g + C(kClipEps))) * C(max_norm);
+    coef = coef > C(1) ? C(1) : coef;
+    for (int g = 0; g < groups; ++g) {
+      u[g] = u[g] * double(coef);
+      v[g] = v[g] * double(coef);
+    }
+  }
+  for (int g = 0; g < groups; ++g) {
+    out[2 * g] = C(u[g]);
+    out[2 * g + 1] = C(v[g]);
+  }
+  out[2 * groups] = is_finite(total) ? C(0) : C(1);
 }
 
 // The optimizer's skip records (SkipRecord in gr_fused/backends/base.py): the count grows by

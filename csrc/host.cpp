@@ -61,8 +61,9 @@ template <int V, class Ch> void chunk_loop(const Ch& ch, int64_t len) {
 
 // The buffers a phase only writes go out as non-temporal stores (AVX2), which do not read
 // the destination's lines into the cache first, in blocks of kCopyBlock elements:
-// * perturb's backup ← θ: the block's copy (copy_streamed), then the rest of the op on the
-//   block, whose θ is still in L1; so θ is read from memory once;
+// * perturb's backup ← θ (and, saving an interval=k direction, direction ← g): the block's
+//   copies (copy_streamed), then the rest of the op on the block, whose θ and g are still in
+//   L1; so each is read from memory once;
 // * the updates' θ (a function of the backup, G and the state): the block's new θ into an
 //   L1 buffer by the usual loop, then that buffer out to θ when θ is 32-byte aligned.
 // Only for tables of at least kStreamBytes: smaller ones stay in the caches between the
@@ -82,7 +83,7 @@ template <class Ch> void run_chunk(const Ch& view, int64_t len, bool packs, bool
     if (stream && ch.stream_aligned()) {
       for (int64_t begin = 0; begin < len; begin += kCopyBlock) {
         const int64_t end = std::min(len, begin + kCopyBlock);
-        copy_streamed(ch.copy_dst() + begin, ch.copy_src() + begin, sizeof(T) * (end - begin));
+        ch.copy_block(begin, end);
         for (int64_t i = begin; i < end; ++i) ch.template apply_rest<1>(i);
       }
       _mm_sfence();  // this thread's streamed stores, in order before what follows
@@ -178,7 +179,37 @@ template <class Ch> double chunk_sum(const Ch& view, int64_t len, bool packs) {
   return chunk_sum_v<1>(ch, len);
 }
 
-// The partial sum of every chunk into partials[0:num_chunks].
+// The kSums (3) sums of interval=k's dots over one chunk into out[0..kSums): element j in
+// lane j % kLanes of each sum, whether read in packs of V or alone (the same bits).
+template <int V, class Ch> void chunk_sums_v(const Ch& ch, int64_t len, double* out) {
+  static_assert(kLanes % V == 0, "a pack must not straddle two rounds of lanes");
+  constexpr int S = Ch::kSums;
+  double acc[S][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int k = 0; k < kLanes; k += V) ch.template accumulate<V>(i + k, &acc[0][k], kLanes);
+  for (; i < len; ++i) ch.template accumulate<1>(i, &acc[0][i % kLanes], kLanes);
+  for (int s = 0; s < S; ++s) {
+    double sum = 0;
+    for (int k = 0; k < kLanes; ++k) sum += acc[s][k];
+    out[s] = sum;
+  }
+}
+
+// The kSums partial sums of one chunk into out[0..kSums).
+template <class Ch> void chunk_sums(const Ch& view, int64_t len, bool packs, double* out) {
+  const Ch ch = view;
+  if constexpr (Ch::kSums == 1) {
+    out[0] = chunk_sum(ch, len, packs);
+  } else if (packs && ch.aligned16()) {
+    chunk_sums_v<vec_width<typename Ch::value_type>()>(ch, len, out);
+  } else {
+    chunk_sums_v<1>(ch, len, out);
+  }
+}
+
+// The partial sums of every chunk into partials[0:num_chunks] (kSums of them per chunk:
+// partials[kSums·c + k]).
 template <class Op> void norm_chunks(const Op& op, const Table& table, const Where& w,
                                      double* partials) {
   if (table.num_chunks <= 0) return;
@@ -188,7 +219,10 @@ template <class Op> void norm_chunks(const Op& op, const Table& table, const Whe
 #pragma omp parallel for num_threads(team) schedule(dynamic, 1) if (team > 1)
   for (int64_t c = 0; c < tb.num_chunks; ++c) {
     const Span s = tb.span(c);
-    op.visit(tb, s, [&](const auto& ch) { partials[c] = chunk_sum(ch, s.len, packs); });
+    op.visit(tb, s, [&](const auto& ch) {
+      constexpr int S = std::decay_t<decltype(ch)>::kSums;
+      chunk_sums(ch, s.len, packs, partials + S * c);
+    });
   }
 }
 
@@ -204,11 +238,24 @@ struct HostRun {
   }
 };
 
-// partials[begin:end] added in index order.
-double sum_range(const double* partials, int64_t begin, int64_t end) {
+// partials[begin:end] added in index order (every `stride`-th: partials[stride·i]).
+double sum_range(const double* partials, int64_t begin, int64_t end, int stride = 1) {
   double sum = 0;
-  for (int64_t i = begin; i < end; ++i) sum += partials[i];
+  for (int64_t i = begin; i < end; ++i) sum += partials[stride * i];
   return sum;
+}
+
+// The three sums of each group's range of dots partials.
+void group_sums3(const double* partials, const std::vector<int64_t>& bounds, int groups,
+                 double (*sums)[3]) {
+  for (int g = 0; g < groups; ++g)
+    for (int k = 0; k < 3; ++k) sums[g][k] = sum_range(partials + k, bounds[g], bounds[g + 1], 3);
+}
+
+// AdamW's step counts of one table (adam_ptrs: its address rows, or 0), unless skipped.
+void advance_steps(ptr adam_ptrs, int64_t adam_tensors, bool skipped) {
+  for (int64_t i = 0; adam_ptrs != 0 && i < adam_tensors; ++i)
+    advance_step(reinterpret_cast<const int64_t*>(adam_ptrs), adam_tensors, i, skipped);
 }
 
 template <class C> bool found_inf_at(ptr found_inf) {
@@ -227,38 +274,49 @@ void sq_norm(const Where& w, const Table& t, bool adaptive, ptr, ptr out) {
   *reinterpret_cast<double*>(out) = sum_range(partials.data(), 0, t.num_chunks);
 }
 
-void perturb(const Where& w, const Table& t, ptr eps, ptr fold, bool adaptive) {
-  run_perturb(HostRun{w, t}, t.dtype, eps, fold, adaptive);
+void dots_partials(const Where& w, const Table& t, ptr dirs, ptr partials) {
+  run_dots(HostRun{w, t}, t.dtype, dirs, partials);
+}
+
+void dots(const Where& w, const Table& t, ptr dirs, ptr, ptr out) {
+  std::vector<double> partials(size_t(3 * std::max<int64_t>(t.num_chunks, 1)));
+  run_dots(HostRun{w, t}, t.dtype, dirs, reinterpret_cast<ptr>(partials.data()));
+  double* result = reinterpret_cast<double*>(out);
+  for (int k = 0; k < 3; ++k) result[k] = sum_range(partials.data() + k, 0, t.num_chunks, 3);
+}
+
+void perturb(const Where& w, const Table& t, ptr eps, ptr fold, bool adaptive, ptr dirs) {
+  run_perturb(HostRun{w, t}, t.dtype, eps, fold, adaptive, dirs);
 }
 
 void reflect(const Where& w, const Table& t) { run_reflect(HostRun{w, t}, t.dtype); }
 
 void restore(const Where& w, const Table& t) { run_restore(HostRun{w, t}, t.dtype); }
 
-void update_none(const Where& w, const Table& t, ptr gscale, ptr found_inf) {
-  run_update_none(HostRun{w, t}, t.dtype, gscale, found_inf);
+void update_none(const Where& w, const Table& t, ptr s0, ptr found_inf, int kind, ptr dirs,
+                 ptr s1, ptr s2) {
+  run_update_none(HostRun{w, t}, t.dtype, UpdateArgs{s0, found_inf, kind, dirs, s1, s2});
 }
 
-void update_sgd(const Where& w, const Table& t, ptr gscale, ptr found_inf, double lr,
+void update_sgd(const Where& w, const Table& t, ptr s0, ptr found_inf, double lr,
                 ptr lr_at, int lr_dtype, double momentum, double dampening,
-                double weight_decay, bool nesterov) {
-  run_update_sgd(HostRun{w, t}, t.dtype, gscale, found_inf, make_lr(lr, lr_at, lr_dtype),
-                 momentum, dampening, weight_decay, nesterov);
+                double weight_decay, bool nesterov, int kind, ptr dirs, ptr s1, ptr s2) {
+  run_update_sgd(HostRun{w, t}, t.dtype, UpdateArgs{s0, found_inf, kind, dirs, s1, s2},
+                 make_lr(lr, lr_at, lr_dtype), momentum, dampening, weight_decay, nesterov);
 }
 
-void update_adamw(const Where& w, const Table& t, ptr gscale, ptr found_inf, double lr,
+void update_adamw(const Where& w, const Table& t, ptr s0, ptr found_inf, double lr,
                   ptr lr_at, int lr_dtype, double beta1, double beta2, double eps,
-                  double weight_decay, bool steps_advanced) {
+                  double weight_decay, bool steps_advanced, int kind, ptr dirs, ptr s1,
+                  ptr s2) {
   const Lr rate = make_lr(lr, lr_at, lr_dtype);
+  const UpdateArgs args{s0, found_inf, kind, dirs, s1, s2};
   if (!steps_advanced) {  // each tensor's step count first: the pass reads the new one
     dispatch_dtype(t.dtype, [&](auto tag) {
-      const bool skipped = found_inf_at<compute_t<decltype(tag)>>(found_inf);
-      const int64_t* ptrs = reinterpret_cast<const int64_t*>(t.ptrs);
-      for (int64_t i = 0; i < t.num_tensors; ++i) advance_step(ptrs, t.num_tensors, i, skipped);
+      advance_steps(t.ptrs, t.num_tensors, found_inf_at<compute_t<decltype(tag)>>(found_inf));
     });
   }
-  run_update_adamw(HostRun{w, t}, t.dtype, gscale, found_inf, rate, beta1, beta2, eps,
-                   weight_decay);
+  run_update_adamw(HostRun{w, t}, t.dtype, args, rate, beta1, beta2, eps, weight_decay);
 }
 
 void ascent_finalize(const Where&, int ctype, ptr partials, int64_t count, ptr scale, ptr out,
@@ -274,21 +332,53 @@ void ascent_finalize(const Where&, int ctype, ptr partials, int64_t count, ptr s
 
 void update_finalize(const Where&, int ctype, ptr partials, const std::vector<int64_t>& bounds,
                      ptr ascent, ptr scale, ptr out, ptr count, ptr last, ptr scaler_flag,
-                     ptr adam_ptrs, int64_t adam_tensors, bool clip, double max_norm) {
-  const int groups = check_groups(bounds);
+                     ptr adam_ptrs, int64_t adam_tensors, bool clip, double max_norm,
+                     const std::vector<double>& signs, ptr valid) {
+  const int groups = check_groups(bounds, "update_finalize", {&signs});
+  const bool direction = !signs.empty();
+  if (direction && valid == 0)
+    throw std::invalid_argument("gr_fused._C.update_finalize: signs without valid");
+  const double* parts = reinterpret_cast<const double*>(partials);
   dispatch_compute(ctype, [&](auto tag) {
     using C = decltype(tag);
-    double sq[kMaxGroups];
+    double sq[kMaxGroups], sums[kMaxGroups][3];
+    if (direction) group_sums3(parts, bounds, groups, sums);
     for (int g = 0; g < groups; ++g)
-      sq[g] = sum_range(reinterpret_cast<const double*>(partials), bounds[g], bounds[g + 1]);
+      sq[g] = direction ? sums[g][0] : sum_range(parts, bounds[g], bounds[g + 1]);
     C* result = reinterpret_cast<C*>(out);
-    update_scalars_of(sq, reinterpret_cast<const C*>(ascent), groups,
-                      reinterpret_cast<const float*>(scale), clip, max_norm, result);
-    record_skip(result[groups], reinterpret_cast<int64_t*>(count), reinterpret_cast<bool*>(last),
+    const float* s = reinterpret_cast<const float*>(scale);
+    const C* rows = reinterpret_cast<const C*>(ascent);
+    update_scalars_of(sq, rows, groups, s, clip, max_norm, result);
+    const C found = result[groups];
+    if (direction) {
+      const C ok = direction_scalars_of(sums, rows, signs.data(), groups, s, result + groups + 1);
+      *reinterpret_cast<C*>(valid) = ok * (C(1) - found);
+    }
+    record_skip(found, reinterpret_cast<int64_t*>(count), reinterpret_cast<bool*>(last),
                 reinterpret_cast<float*>(scaler_flag));
-    const bool skipped = result[groups] != C(0);
-    for (int64_t i = 0; i < adam_tensors; ++i)
-      advance_step(reinterpret_cast<const int64_t*>(adam_ptrs), adam_tensors, i, skipped);
+    advance_steps(adam_ptrs, adam_tensors, found != C(0));
+  });
+}
+
+void reuse_finalize(const Where&, int ctype, ptr partials, const std::vector<int64_t>& bounds,
+                    const std::vector<double>& signs, const std::vector<double>& reuse_scales,
+                    ptr scale, ptr valid, ptr out, ptr count, ptr last, ptr scaler_flag,
+                    ptr adam_ptrs, int64_t adam_tensors, bool clip, double max_norm) {
+  const int groups = check_groups(bounds, "reuse_finalize", {&signs, &reuse_scales});
+  if (int64_t(signs.size()) != groups || int64_t(reuse_scales.size()) != groups)
+    throw std::invalid_argument("gr_fused._C.reuse_finalize: one sign and reuse scale per group");
+  dispatch_compute(ctype, [&](auto tag) {
+    using C = decltype(tag);
+    double sums[kMaxGroups][3];
+    group_sums3(reinterpret_cast<const double*>(partials), bounds, groups, sums);
+    C* result = reinterpret_cast<C*>(out);
+    reuse_scalars_of(sums, groups, signs.data(), reuse_scales.data(),
+                     reinterpret_cast<const float*>(scale), *reinterpret_cast<const C*>(valid),
+                     clip, max_norm, result);
+    const C found = result[2 * groups];
+    record_skip(found, reinterpret_cast<int64_t*>(count), reinterpret_cast<bool*>(last),
+                reinterpret_cast<float*>(scaler_flag));
+    advance_steps(adam_ptrs, adam_tensors, found != C(0));
   });
 }
 

@@ -32,7 +32,7 @@ import torch
 
 import gr_fused
 from gr_fused import _ext, backends
-from gr_fused.backends.base import Bucket, SkipRecord
+from gr_fused.backends.base import DIRECTION, Bucket, SkipRecord, group_runs
 from gr_fused.backends.torch_backend import compute_dtype
 from gr_fused.optim.base import create_missing_state
 import equality as E
@@ -225,8 +225,511 @@ def test_fused_step_is_these_calls_into_C(lib, monkeypatch):
                 + ["norm_partials"] * k + ["update_finalize"] + [update] * k)
         assert names == want, names
         if algo == "adamw":  # steps_advanced: True only for the one table of a one-table step
-            advanced = [a[-1] for n, a in calls if n == "update_adamw"]
+            advanced = [a[13] for n, a in calls if n == "update_adamw"]
             assert advanced == ([True] if k == 1 else [False] * k)
+
+
+# ----------------------------------------------------------------------- interval=k
+INTERVAL_GR = dict(interval=3, reuse_scale=0.7)
+
+
+def interval_bucket(algo, dtype, device="cpu", sizes=E.SIZES, gr=None, misalign=False, **kw):
+    """``bucket`` with interval=k's DIRECTION state: random values, the param's layout
+    (``misalign``: off 16 bytes, like the params)."""
+    b = bucket(algo, dtype, device, sizes=sizes, gr=dict(gr or E.scalar_group(), **INTERVAL_GR),
+               misalign=misalign, **kw)
+    for p_, st in zip(b.params, b.states):
+        d = torch.empty_like(p_)
+        if misalign:
+            d = torch.empty(p_.numel() + 1, dtype=dtype, device=device)[1:].view(p_.shape)
+        st[DIRECTION] = d.copy_(torch.randn(p_.shape, device=device))
+    return b
+
+
+def directions(b):
+    return [st[DIRECTION] for st in b.states]
+
+
+def assert_dots_close(got, want, what):
+    """[Σ g², Σ g·d, Σ d²] within 1e-12 (the cross term relative to √(Σg²·Σd²))."""
+    assert got.dtype == torch.float64 and got.shape == (3,), what
+    g, w = got.double().cpu(), want.double().cpu()
+    scale = torch.stack([w[0].abs(), (w[0] * w[2]).sqrt(), w[2].abs()])
+    assert bool(((g - w).abs() <= 1e-12 * scale).all()), f"{what}: {g.tolist()} vs {w.tolist()}"
+
+
+def assert_updated_like(kb, ref, dtype, keep, old, what):
+    """θ, the grads and every state tensor of ``kb`` against ``ref`` within KERNEL_ULPS (0-dim
+    state exactly); the tensors in ``keep`` have ``old``'s θ and state bit for bit."""
+    E.assert_same_tensors(kb.params, ref.params, dtype, f"{what} theta")
+    for i, (g, w) in enumerate(zip(kb.grads, ref.grads)):
+        if torch.isfinite(w).all():
+            E.ulp_close(g, w, E.KERNEL_ULPS[dtype], f"{what}: grads[{i}]")
+        else:  # a poisoned gradient, kept as it is
+            assert torch.equal(g, w), f"{what}: grads[{i}]"
+    for i, (st, want) in enumerate(zip(kb.states, ref.states)):
+        assert set(st) == set(want), f"{what}: state keys of tensor {i}"
+        if i in keep:
+            assert torch.equal(kb.params[i], old[i]["theta"]), f"{what}: theta[{i}] changed"
+        for key, w in want.items():
+            got = st[key]
+            if i in keep and key in old[i]:
+                assert torch.equal(got, old[i][key]), f"{what}: {key}[{i}] changed"
+            elif w.dim() == 0:
+                assert torch.equal(got, w), f"{what}: {key}[{i}]: {got} vs {w}"
+            else:
+                E.ulp_close(got, w, E.KERNEL_ULPS[dtype], f"{what}: {key}[{i}]")
+
+
+def snapshot(b, theta=None):
+    """Each tensor's state and θ (or ``theta``: θ before the perturbation) as they are."""
+    theta = b.params if theta is None else theta
+    return [dict({k: v.clone() for k, v in st.items()}, theta=t.clone())
+            for t, st in zip(theta, b.states)]
+
+
+def check_interval_phases(backend, b, adaptive=False, skip=False, frozen=()):
+    """interval=k's phases of ``backend`` against the reference phases on a clone: a refresh
+    (perturb saving g1 into the direction, the dots of G and g1, the update caching the
+    direction a·G + c·g1, with ``skip`` and the ``frozen`` tensors), then a step between
+    refreshes (the dots of a fresh g1 and the direction, the reuse update g = u·g1 + v·v̂ of
+    θ in place, with ``skip``)."""
+    dtype = b.dtype
+    ref = E.clone_bucket(b)
+    kb = E.prepared(backend, b)
+    theta0 = [p_.clone() for p_ in kb.params]
+    eps, fold = E.device_scalar(0.0371, kb), E.device_scalar(-0.42, kb)
+    backend.perturb(kb, eps, fold, adaptive, save=True)
+    E.TORCH.perturb(ref, eps, fold, adaptive, save=True)
+    E.assert_same_tensors(directions(kb), directions(ref), dtype, "saved g1", exact=True)
+    E.assert_same_tensors(kb.params, ref.params, dtype, "perturbed theta")
+    E.assert_same_tensors(kb.grads, ref.grads, dtype, "fold*g1")
+    for g, r in zip(kb.grads, ref.grads):  # the second backward accumulates onto the grads
+        g2 = torch.randn(g.shape, device=g.device).to(dtype)
+        g.add_(g2)
+        r.add_(g2)
+    assert_dots_close(backend.dots(kb, DIRECTION), E.TORCH.dots(ref, DIRECTION), "dots of G")
+    for bb in (kb, ref):
+        create_missing_state(bb)
+        for i in frozen:
+            bb.flags = bb.flags or [0] * len(bb.params)
+            bb.flags[i] |= 2  # FLAG_FROZEN
+    backend.refresh(kb)
+    old = snapshot(kb, theta0)
+    gscale, found_inf = E.device_scalar(0.8125, kb), E.device_scalar(float(skip), kb)
+    ac = (E.device_scalar(0.61, kb), E.device_scalar(-0.27, kb))
+    backend.update(kb, gscale, found_inf, direction=ac)
+    E.TORCH.update(ref, gscale, found_inf, direction=ac)
+    keep = set(range(len(kb.params))) if skip else set(frozen)
+    assert_updated_like(kb, ref, dtype, keep, old, "refresh")
+    # a step between refreshes: a fresh g1; two tensors' momentum buffers created for it
+    for g, r in zip(kb.grads, ref.grads):
+        g1 = torch.randn(g.shape, device=g.device).to(dtype)
+        g.copy_(g1)
+        r.copy_(g1)
+    for bb in (kb, ref):
+        bb.flags = [1 if i in (1, 4) else 0 for i in range(len(bb.params))]  # FLAG_NEW_STATE
+    backend.refresh(kb)
+    assert_dots_close(backend.dots(kb, DIRECTION), E.TORCH.dots(ref, DIRECTION), "dots of g1")
+    old = snapshot(kb)
+    u, v = E.device_scalar(0.93, kb), E.device_scalar(0.0123, kb)
+    backend.reuse_update(kb, u, v, found_inf)
+    E.TORCH.reuse_update(ref, u, v, found_inf)
+    assert_updated_like(kb, ref, dtype, set(range(len(kb.params))) if skip else set(), old,
+                        "reuse")
+
+
+INTERVAL_VARIANTS = {
+    # name: (interval_bucket options, check_interval_phases options)
+    "fresh-state": (dict(), dict()),
+    "state-adaptive-misaligned": (dict(with_state=True, misalign=True), dict(adaptive=True)),
+    "skip": (dict(with_state=True), dict(skip=True)),
+    "frozen": (dict(with_state=True), dict(frozen=(0, 3, 5))),
+    "channels-last": (dict(with_state=True, channels_last=True, sizes=FOUR_D), dict()),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", list(INTERVAL_VARIANTS))
+@pytest.mark.parametrize("algo", ["sgd-momentum-wd", "sgd-nesterov", "adamw", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_interval_phases_match_reference_phases(device, dtype, algo, variant, lib):
+    """dots, perturb(save=True), update(direction=(a, c)) and reuse_update of the kernels
+    against tests/reference_phases.py (the torch backend's math in the kernels' operation
+    order)."""
+    make, check = INTERVAL_VARIANTS[variant]
+    make = dict(make)
+    b = interval_bucket(algo, dtype, device, sizes=make.pop("sizes", E.SIZES), **make)
+    check_interval_phases(kernel_backend(device), b, **check)
+
+
+def test_interval_direction_of_another_layout_takes_the_torch_path(lib):
+    """A direction state the kernels cannot walk like its parameter (here: another memory
+    layout, as a checkpoint may bring) sends that tensor to the torch backend with one
+    warning; a direction missing at a call is a clear error."""
+    be = kernel_backend("cpu")
+    b = interval_bucket("sgd-momentum-wd", torch.float32, sizes=[(7, 3), (300,), (5,)],
+                        with_state=True)
+    b.states[0][DIRECTION] = torch.randn(3, 7).t()
+    b.backend = be
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parts = be.prepare(b)
+    assert [part.backend.name for part in parts] == ["cpu", "torch"]
+    assert [len(part.params) for part in parts] == [2, 1]
+    assert sum(DIRECTION in str(w.message) for w in caught) == 1
+    kb = parts[0]
+    assert_dots_close(be.dots(kb, DIRECTION), E.TORCH.dots(kb, DIRECTION), "dots")
+    kb.states[1].pop(DIRECTION)
+    with pytest.raises(ValueError, match=DIRECTION):
+        be.dots(kb, DIRECTION)
+
+
+# ------------------------------------------------------------ interval=k: the finalize math
+def _split_sums(gen, sums, chunks):
+    """Each group's three sums as ``chunks`` partials per chunk (interleaved, 3 per chunk)
+    whose sums in chunk order are, in double, exactly the returned sums."""
+    parts, exact = [], []
+    for t in sums:
+        pieces = [[float(x) for x in t]]
+        for _ in range(chunks - 1):
+            pieces.append([float(x) * float(torch.rand((), generator=gen)) * 0.1 for x in t])
+        total = [0.0, 0.0, 0.0]
+        for piece in pieces:
+            parts += piece
+            total = [a + b for a, b in zip(total, piece)]
+        exact.append(torch.tensor(total, dtype=torch.float64))
+    return parts, exact
+
+
+def finalize_cases(gen, ctype):
+    """(G groups' dots sums, signs, reuse scales, ascent rows, scale, max_norm) cases,
+    the edge ones first: g1 parallel to G in every group, no g1 at all, nothing at all, an
+    inf, one group, the most groups."""
+    cases = []
+    for k in range(24):
+        G = [1, 3, 16, 2][k % 4]
+        x = torch.randn(G, 40, generator=gen, dtype=torch.float64)
+        y = torch.randn(G, 40, generator=gen, dtype=torch.float64) + 0.3 * x
+        if k == 0:
+            y = 2 * x                      # parallel in every group: v = 0 up to rounding
+        elif k == 1:
+            y = torch.zeros_like(x)        # Q = 0: β = 0
+        elif k == 2:
+            x, y = torch.zeros_like(x), torch.zeros_like(x)  # no direction: ok = 0
+        sums = torch.stack([(x * x).sum(1), (x * y).sum(1), (y * y).sum(1)], 1) * 1e3
+        if k == 3:
+            sums[0, 0] = float("inf")      # found_inf
+        signs = [1.0 if torch.rand((), generator=gen) < 0.7 else -1.0 for _ in range(G)]
+        reuse = [float(torch.rand((), generator=gen)) for _ in range(G)]
+        rows = torch.rand(G, 3, generator=gen, dtype=torch.float64).to(ctype) + 0.05
+        rows[:, 2] *= torch.tensor(signs, dtype=ctype)
+        scale = torch.tensor(2.0 ** (k % 11)) if k % 3 else None
+        max_norm = [None, 0.05, 3.0][k % 3]
+        cases.append((sums, signs, reuse, rows, scale, max_norm))
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ctype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_interval_finalize_scalars_match_scalars_py(device, ctype, lib):
+    """update_finalize with the direction (a refresh) and reuse_finalize against
+    _scalars.direction_scalars and reuse_scalars (and update_scalars) on the same float64
+    sums: the host build the same bits (the same double operations in the same order, one
+    rounding to the compute dtype), the CUDA kernels (whose sums of partials add in another
+    order) within a few ulps; the skip records."""
+    from gr_fused import _scalars
+    gen = torch.Generator().manual_seed(7)
+    dev = torch.device(device)
+    where = (-1, 0, 1) if device == "cpu" else (dev.index or 0, torch.cuda.current_stream().cuda_stream, 0)
+    code = 3 if ctype == torch.float64 else 0
+
+    def close(got, want, what):
+        if device == "cpu":
+            torch.testing.assert_close(got.cpu(), want.cpu().to(got.dtype), rtol=0, atol=0,
+                                       equal_nan=True, msg=f"{what}: {got.tolist()} vs "
+                                       f"{want.tolist()}")
+        else:
+            E.scalars_close(got.cpu(), want.cpu().to(got.dtype), what)
+
+    for n, (sums, signs, reuse, rows, scale, max_norm) in enumerate(finalize_cases(gen, ctype)):
+        G, chunks = len(signs), 1 + n % 3
+        parts, exact = _split_sums(gen, sums, chunks)
+        partials = torch.tensor(parts, dtype=torch.float64, device=dev)
+        bounds = [chunks * g for g in range(G + 1)]
+        inv = None if scale is None else scale.reciprocal()
+        rows_d, scale_d = rows.to(dev), None if scale is None else scale.to(dev)
+        scale_at = 0 if scale_d is None else scale_d.data_ptr()
+        count = torch.tensor(5, dtype=torch.int64, device=dev)
+        last = torch.empty((), dtype=torch.bool, device=dev)
+        clip = max_norm is not None
+        what = f"case {n} ({G} groups, scale {scale}, max_norm {max_norm})"
+        # a refresh
+        out = torch.empty(3 * G + 1, dtype=ctype, device=dev)
+        valid = torch.empty((), dtype=ctype, device=dev)
+        lib.update_finalize(*where, code, partials.data_ptr(), bounds, rows_d.data_ptr(),
+                            scale_at, out.data_ptr(), count.data_ptr(), last.data_ptr(), 0, 0, 0,
+                            clip, 1.0 if max_norm is None else max_norm, signs, valid.data_ptr())
+        gscales, found = _scalars.update_scalars([t[0] for t in exact], list(rows[:, 2]), inv,
+                                                 [max_norm] * G)
+        coefs, ok = _scalars.direction_scalars(exact, list(rows[:, 2]), signs, inv)
+        # (update_scalars' clipping total is a torch .sum(), in another order: a few ulps)
+        E.scalars_close(out[:G].cpu(), torch.stack(gscales).to(ctype), f"{what}: gscales")
+        close(out[G], found, f"{what}: found_inf")
+        close(out[G + 1:], torch.stack([c for ab in coefs for c in ab]), f"{what}: (a, c)")
+        close(valid, ok * (1 - found), f"{what}: valid")
+        assert int(count) == 5 + int(found) and bool(last) == bool(found)
+        if n == 0:  # g1 parallel to G: no direction, or one from rounding noise
+            assert float(ok) in (0.0, 1.0)
+        if n == 2:
+            assert float(ok) == 0.0 and float(valid) == 0.0 and not out[G + 1:].any()
+        # a step between refreshes, with and without a cached direction
+        for valid_value in (1.0, 0.0):
+            v_t = torch.tensor(valid_value, dtype=ctype, device=dev)
+            out = torch.empty(2 * G + 1, dtype=ctype, device=dev)
+            lib.reuse_finalize(*where, code, partials.data_ptr(), bounds, signs, reuse, scale_at,
+                               v_t.data_ptr(), out.data_ptr(), count.data_ptr(), last.data_ptr(),
+                               0, 0, 0, clip, 1.0 if max_norm is None else max_norm)
+            grs = [dict(combine_sign=s_, reuse_scale=r_, max_grad_norm=max_norm)
+                   for s_, r_ in zip(signs, reuse)]
+            uv, found = _scalars.reuse_scalars(exact, grs, inv, v_t.cpu())
+            close(out[:2 * G], torch.stack([c for ab in uv for c in ab]), f"{what}: (u, v)")
+            close(out[2 * G], found, f"{what}: reuse found_inf")
+
+
+# ------------------------------------------------------------ interval=k: the fused calls
+def exact_dots(buckets):
+    """[Σ g², Σ g·d, Σ d²] of each group of ``buckets`` in float64 (d the direction)."""
+    out = []
+    for _, members in group_runs(buckets):
+        x = [g.double().flatten() for b in members for g in b.grads]
+        y = [d.double().flatten() for b in members for d in directions(b)]
+        out.append(torch.stack([sum((a * a).sum() for a in x), sum((a * c).sum() for a, c in zip(x, y)),
+                                sum((c * c).sum() for c in y)]).cpu())
+    return out
+
+
+def check_fused_interval(backend, buckets, scale=None, poison=None):
+    """A refresh through ``ascend(save=True)`` and ``combine_update(direction_valid=...)``,
+    then a step between refreshes through ``reuse``, against the general path (the scalars
+    of _scalars.py on exact float64 sums, the reference phases with them). ``poison``:
+    "refresh" (an inf in the refresh's second gradient: skipped, no direction cached, the
+    reuse step is plain) or "reuse" (an inf in the reuse step's g1: skipped)."""
+    from gr_fused import _scalars
+    refs = [E.clone_bucket(b) for b in buckets]
+    kbs = [E.prepared(backend, b) for b in buckets]
+    assert backend.can_fuse(kbs)
+    device = kbs[0].device
+    inv = None if scale is None else scale.reciprocal().cpu()
+    runs = group_runs(kbs)
+    theta0 = [[p_.clone() for p_ in kb.params] for kb in kbs]
+    want_rows = E.general_ascent(kbs, scale)
+    rows = backend.ascend(kbs, scale, save=True)
+    E.scalars_close(rows.cpu(), want_rows.to(rows.dtype).cpu(), "ascent rows")
+    for (gr, members), row in zip(group_runs(refs), rows):
+        for r in members:
+            c = compute_dtype(r.dtype)
+            E.TORCH.perturb(r, row[0].to(r.device, c), row[1].to(r.device, c), gr["adaptive"],
+                            save=True)
+    for kb, r in zip(kbs, refs):
+        E.assert_same_tensors(directions(kb), directions(r), kb.dtype, "saved g1", exact=True)
+        E.assert_same_tensors(kb.params, r.params, kb.dtype, "perturbed theta")
+        for g, rg in zip(kb.grads, r.grads):
+            g2 = torch.randn(g.shape, device=g.device).to(g.dtype)
+            g.add_(g2)
+            rg.add_(g2)
+
+    def poison_grads():
+        kb = next(b for b in kbs if b.numel())
+        t = next(g for g in kb.grads if g.numel())
+        rt = refs[kbs.index(kb)].grads[kb.grads.index(t)]
+        for x in (t, rt):
+            x.view(-1)[t.numel() // 2] = float("inf")
+
+    def skip_record():
+        return SkipRecord(torch.tensor(3, dtype=torch.int64, device=device),
+                          torch.empty((), dtype=torch.bool, device=device),
+                          torch.zeros((), dtype=torch.float32, device=device))
+
+    if poison == "refresh":
+        poison_grads()
+    for kb, r in zip(kbs, refs):
+        create_missing_state(kb)
+        create_missing_state(r)
+        backend.refresh(kb)
+    sums = exact_dots(kbs)
+    combines = [rows[i, 2].cpu() for i in range(len(runs))]
+    gscales, found = _scalars.update_scalars([t[0] for t in sums], combines, inv,
+                                             [gr["max_grad_norm"] for gr, _ in runs])
+    coefs, ok = _scalars.direction_scalars(sums, combines, [gr["combine_sign"] for gr, _ in runs],
+                                           inv)
+    want_valid = ok * (1 - found)
+    valid = torch.empty((), dtype=rows.dtype, device=device)
+    skips = skip_record()
+    old = [snapshot(kb, t0) for kb, t0 in zip(kbs, theta0)]
+    found_inf = backend.combine_update(kbs, rows, scale, skips, direction_valid=valid)
+    assert float(found_inf) == float(found) == float(poison == "refresh")
+    assert int(skips.count) == 3 + int(found) and bool(skips.last) == bool(found)
+    assert float(skips.scaler_found_inf) == float(found)
+    E.scalars_close(valid.cpu().reshape(1), want_valid.reshape(1), "valid")
+    for i, (_, members) in enumerate(group_runs(refs)):
+        for r in members:
+            c = compute_dtype(r.dtype)
+            E.TORCH.update(r, gscales[i].to(r.device, c), found.to(r.device, c),
+                           direction=tuple(x.to(r.device, c) for x in coefs[i]))
+    for kb, r, o in zip(kbs, refs, old):
+        keep = set(range(len(kb.params))) if bool(found) else set()
+        assert_updated_like(kb, r, kb.dtype, keep, o, "refresh")
+    # a step between refreshes
+    for kb, r in zip(kbs, refs):
+        for g, rg in zip(kb.grads, r.grads):
+            g1 = torch.randn(g.shape, device=g.device).to(g.dtype)
+            g.copy_(g1)
+            rg.copy_(g1)
+        kb.flags = r.flags = None
+        backend.refresh(kb)
+    if poison == "reuse":
+        poison_grads()
+    sums = exact_dots(kbs)
+    uv, found = _scalars.reuse_scalars(sums, [gr for gr, _ in runs], inv, valid.cpu())
+    skips = skip_record()
+    old = [snapshot(kb) for kb in kbs]
+    found_inf = backend.reuse(kbs, scale, valid, skips)
+    assert float(found_inf) == float(found) == float(poison == "reuse")
+    assert int(skips.count) == 3 + int(found) and bool(skips.last) == bool(found)
+    for i, (_, members) in enumerate(group_runs(refs)):
+        for r in members:
+            c = compute_dtype(r.dtype)
+            E.TORCH.reuse_update(r, uv[i][0].to(r.device, c), uv[i][1].to(r.device, c),
+                                 found.to(r.device, c))
+    for kb, r, o in zip(kbs, refs, old):
+        keep = set(range(len(kb.params))) if bool(found) else set()
+        assert_updated_like(kb, r, kb.dtype, keep, o, "reuse")
+    return kbs
+
+
+FUSED_INTERVAL = {
+    # name: (dtype, algo, groups, buckets per group, fused_buckets options, scale, poison)
+    "sgd-one-group": (torch.float32, "sgd-momentum-wd", 1, 1, dict(), None, None),
+    "groups-tables-clip-amp": (torch.float32, "sgd-nesterov", 3, 2,
+                               dict(max_grad_norm=0.1, adaptive=True), 1024.0, None),
+    "adamw-one-table-amp": (torch.float32, "adamw", 1, 1, dict(), 256.0, None),
+    "adamw-several-tables": (torch.float32, "adamw", 2, 2, dict(), None, None),
+    "maximize-clip": (torch.float32, "sgd-momentum-wd", 2, 1, dict(sign=-1.0, max_grad_norm=1.0),
+                      None, None),
+    "fp64-groups-clip": (torch.float64, "adamw", 2, 2,
+                         dict(max_grad_norm=0.5, hp=E.SCALAR_HPARAMS[2]), 128.0, None),
+    "bf16-none": (torch.bfloat16, "none", 2, 1, dict(), None, None),
+    "refresh-poisoned": (torch.float32, "sgd-momentum-wd", 2, 1, dict(), 512.0, "refresh"),
+    "reuse-poisoned": (torch.float16, "adamw", 1, 2, dict(), 64.0, "reuse"),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(FUSED_INTERVAL))
+def test_fused_interval_steps(device, name, lib):
+    dtype, algo, groups, per_group, opts, scale, poison = FUSED_INTERVAL[name]
+    bs = fused_buckets(device, dtype, algo, groups, per_group, **opts)
+    for b in bs:
+        b.gr.update(INTERVAL_GR)
+        for p_, st in zip(b.params, b.states):
+            st[DIRECTION] = torch.zeros_like(p_)
+    scale = None if scale is None else torch.tensor(scale, device=device)
+    check_fused_interval(kernel_backend(device), bs, scale=scale, poison=poison)
+
+
+def test_fused_interval_steps_are_these_calls_into_C(lib, monkeypatch):
+    """A refresh: the norm partials, ascent finalizes and perturbs (saving g1) of a step,
+    then dots partials for G, one update finalize, an update per table (caching the
+    direction); a step between refreshes: dots partials, one reuse finalize, an update per
+    table. On CUDA one launch each: for one group in one table 3 + 3 and 3."""
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            attr = getattr(lib, name)
+            if not callable(attr) or name == "Table":
+                return attr
+            return lambda *a: (calls.append((name, a)), attr(*a))[1]
+
+    be = kernel_backend("cpu")
+    for algo, groups, per_group in (("sgd-momentum-wd", 1, 1), ("adamw", 1, 1), ("adamw", 2, 2)):
+        calls.clear()
+        bs = fused_buckets("cpu", torch.float32, algo, groups, per_group)
+        for b in bs:
+            b.gr.update(INTERVAL_GR)
+            for p_, st in zip(b.params, b.states):
+                st[DIRECTION] = torch.zeros_like(p_)
+        monkeypatch.setattr(_ext, "load", lambda: Counting())
+        check_fused_interval(be, bs)
+        monkeypatch.undo()
+        k = groups * per_group
+        update = "update_adamw" if algo == "adamw" else "update_sgd"
+        names = [n for n, _ in calls if n not in ("dots",)]
+        want = (["norm_partials"] * k + (["ascent_finalize"] + ["perturb"] * per_group) * groups
+                + ["dots_partials"] * k + ["update_finalize"] + [update] * k
+                + ["dots_partials"] * k + ["reuse_finalize"] + [update] * k)
+        assert names == want, names
+        assert all(a[-1] != 0 for n, a in calls if n == "perturb")  # saving g1
+        kinds = [a[-4] for n, a in calls if n == update]
+        assert kinds == [1] * k + [2] * k
+        if algo == "adamw":  # the finalize advanced the one table's steps
+            advanced = [a[13] for n, a in calls if n == "update_adamw"]
+            assert advanced == ([True, True] if k == 1 else [False] * (2 * k))
+
+
+def test_interval_optimizer_runs_the_fused_calls(lib, monkeypatch):
+    """GRSGD(interval=3, backend="cpu"): the refresh and the steps between go through ascend,
+    combine_update and reuse (the fused path), not the driver's torch ops."""
+    be = kernel_backend("cpu")
+    seen = []
+    for name in ("ascend", "combine_update", "reuse", "dots", "reuse_update"):
+        method = getattr(type(be), name)
+        monkeypatch.setattr(type(be), name,
+                            lambda self, *a, _m=method, _n=name, **k: (seen.append(_n),
+                                                                       _m(self, *a, **k))[1])
+    params = [torch.randn(s, requires_grad=True) for s in (7, 300, 4099)]
+    opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, interval=3, backend="cpu")
+    for _ in range(4):
+        opt.step(E.closure_for(opt, params))
+    assert seen == ["ascend", "combine_update", "reuse", "reuse", "ascend", "combine_update"]
+
+
+@NEEDS_GPU
+def test_cuda_interval_steps_are_six_and_three_launches(lib):
+    """interval=3 on the CUDA kernels: a refresh is 3 + 3 launches (norm partials, ascent
+    finalize, perturb saving g1; dots partials, update finalize, update caching the
+    direction), a step between refreshes 3 (dots partials, reuse finalize, update)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(fn):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                and not e.name.startswith(("Memcpy", "Memset"))]
+
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in (7, 70001, 300)]
+    for opt in (gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, interval=3,
+                               backend="cuda"),
+                gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, interval=3, backend="cuda")):
+        for p_ in params:
+            p_.grad = torch.randn_like(p_)
+        for step in range(7):
+            for p_ in params:  # "the first backward", into the same grads
+                p_.grad.copy_(torch.randn_like(p_))
+            if opt.refresh_due:
+                first = kernels(opt.first_step)
+                for p_ in params:
+                    p_.grad.add_(torch.ones_like(p_))
+                second = kernels(lambda: opt.second_step(zero_grad=False))
+                if step >= 3:
+                    assert len(first) == 3 and len(second) == 3, (first, second)
+            else:
+                reuse = kernels(opt.step)
+                if step >= 3:
+                    assert len(reuse) == 3, reuse
 
 
 # ----------------------------------------------------------------------- through the optimizer
@@ -290,8 +793,11 @@ def test_tensor_lr_is_read_by_the_kernels_not_the_host(lib):
     def run(name, lr, steps=3):
         torch.manual_seed(3)
         params = [torch.randn(s, requires_grad=True) for s in (7, 300, 4099)]
-        opts = [gr_fused.GRSGD(params, lr=lr, momentum=0.9, gamma=0.05, backend=name),
-                gr_fused.GRAdamW(params, lr=lr, gamma=0.05, backend=name)]
+        # the torch backend's foreach AdamW on a CPU takes no tensor lr: it gets the values
+        # the tensor holds at each optimizer's steps, as numbers
+        lrs = (lr, lr) if name == "cpu" else (float(lr), float(lr * 0.5))
+        opts = [gr_fused.GRSGD(params, lr=lrs[0], momentum=0.9, gamma=0.05, backend=name),
+                gr_fused.GRAdamW(params, lr=lrs[1], gamma=0.05, backend=name)]
         for opt in opts:
             opt.step(E.closure_for(opt, params))  # creates state
             ctx = forbid_host_reads() if name == "cpu" else _nothing()
@@ -349,10 +855,14 @@ def test_scalars_of_another_dtype_are_converted_and_kept_alive(device, lib):
 
 
 # ----------------------------------------------------------------------- the host build's bits
+BIG = [(1_500_007,), (700_001,), (5,), (0,)]
+
+
 def big_bucket(algo="sgd-momentum-wd", dtype=torch.float32, **kw):
     """Enough elements (2.2M) that the host build runs several threads and, for fp32 and
-    fp64, streams perturb's backup (tables of 8 MiB and more)."""
-    return bucket(algo, dtype, sizes=[(1_500_007,), (700_001,), (5,), (0,)], **kw)
+    fp64, streams perturb's backup (and direction) and the updates' θ (tables of 8 MiB and
+    more)."""
+    return bucket(algo, dtype, sizes=BIG, **kw)
 
 
 def all_phases(lib, dtype=torch.float32, seed=1):
@@ -375,7 +885,18 @@ def all_phases(lib, dtype=torch.float32, seed=1):
     create_missing_state(first)
     be.refresh(first)
     be.update(first, torch.tensor(0.7, dtype=c), torch.tensor(0.0, dtype=c))
-    return out + first.params + [st["momentum_buffer"] for st in first.states]
+    out += first.params + [st["momentum_buffer"] for st in first.states]
+    for algo in ("sgd-momentum-wd", "adamw", "none"):  # interval=k: a refresh, then a reuse
+        b = E.prepared(be, interval_bucket(algo, dtype, sizes=BIG, with_state=True))
+        be.perturb(b, torch.tensor(0.01, dtype=c), torch.tensor(0.3, dtype=c), False, save=True)
+        out += [be.dots(b, DIRECTION)] + [d.clone() for d in directions(b)]
+        be.update(b, torch.tensor(0.7, dtype=c), torch.tensor(0.0, dtype=c),
+                  direction=(torch.tensor(0.61, dtype=c), torch.tensor(-0.27, dtype=c)))
+        out += [x.clone() for x in b.params + b.grads + directions(b)] + [be.dots(b, DIRECTION)]
+        be.reuse_update(b, torch.tensor(0.93, dtype=c), torch.tensor(0.0123, dtype=c),
+                        torch.tensor(0.0, dtype=c))
+        out += b.params + b.grads + [v for st in b.states for _, v in sorted(st.items())]
+    return out
 
 
 def assert_same_bits(xs, ys):
@@ -533,9 +1054,11 @@ def test_cuda_kernels_move_16_bytes_per_access_on_sm80_and_sm90(lib):
             assert "STG.E.128" in sass, f"{arch} {name}: no 128-bit store"
         generic = re.findall(r"\b(?:LD|ST)\.E[.\w]*", sass)
         assert not generic, f"{arch} {name}: generic accesses {generic[:3]}"
-    # per arch, for each of 4 storage types and both CHECK variants: 7 element-wise ops
-    # (perturb ×2, reflect, restore, none, sgd, adamw) and 2 norms
-    assert packed == 2 * 4 * 2 * (7 + 2), packed
+    # per arch, for each of 4 storage types and both CHECK variants: 15 element-wise ops
+    # (perturb ×4: adaptive or not, saving the direction or not; reflect, restore; none,
+    # sgd, adamw ×3 kinds: plain, caching the direction, reusing it) and 3 norms (plain,
+    # adaptive, interval=k's dots)
+    assert packed == 2 * 4 * 2 * (15 + 3), packed
 
 
 # ----------------------------------------------------------------------- CUDA only
@@ -677,16 +1200,33 @@ def test_bad_arguments_raise_value_errors(lib):
     with pytest.raises(ValueError, match="64-byte"):
         lib.Table(x.data_ptr(), x.data_ptr(), 1, 1, 4096, x.data_ptr() + 8, True, 0)
     table, _ = _empty_table(lib)
+    p = x.data_ptr()
     with pytest.raises(ValueError, match="tensor lr"):
-        lib.update_sgd(-1, 0, 1, table, x.data_ptr(), x.data_ptr(), 0.0, x.data_ptr(), 1,
-                       0.9, 0.0, 0.0, False)
+        lib.update_sgd(-1, 0, 1, table, p, p, 0.0, p, 1, 0.9, 0.0, 0.0, False, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="update kind 7"):
+        lib.update_sgd(-1, 0, 1, table, p, p, 0.1, 0, 0, 0.9, 0.0, 0.0, False, 7, p, p, p)
+    for kind, dirs, s1, s2 in ((1, 0, p, p), (1, p, p, 0), (2, p, 0, 0)):  # what a kind needs
+        with pytest.raises(ValueError, match="needs the direction"):
+            lib.update_none(-1, 0, 1, table, p, p, kind, dirs, s1, s2)
+    with pytest.raises(ValueError, match="no direction row"):
+        lib.dots(-1, 0, 1, table, 0, 0, p)
     with pytest.raises(ValueError, match="host_isa"):
         lib.host_isa("sse9")
     out = torch.zeros(4)
-    args = (out.data_ptr(), 0, out.data_ptr(), out.data_ptr(), out.data_ptr(), 0, 0, 0, False, 1.0)
+    o = out.data_ptr()
+    args = (o, 0, o, o, o, 0, 0, 0, False, 1.0)
     for bounds in ([0], [0, 3, 2], list(range(lib.max_groups + 2))):
         with pytest.raises(ValueError, match="update_finalize"):
-            lib.update_finalize(-1, 0, 1, 0, out.data_ptr(), bounds, *args)
+            lib.update_finalize(-1, 0, 1, 0, o, bounds, *args, [], 0)
+        with pytest.raises(ValueError, match="reuse_finalize"):
+            lib.reuse_finalize(-1, 0, 1, 0, o, bounds, [1.0], [0.7], 0, o, o, o, o, 0, 0, 0,
+                               False, 1.0)
+    with pytest.raises(ValueError, match="one sign"):  # signs: none or one per group
+        lib.update_finalize(-1, 0, 1, 0, o, [0, 1, 2], *args, [1.0], o)
+    with pytest.raises(ValueError, match="signs without valid"):
+        lib.update_finalize(-1, 0, 1, 0, o, [0, 1], *args, [1.0], 0)
+    with pytest.raises(ValueError, match="one sign"):
+        lib.reuse_finalize(-1, 0, 1, 0, o, [0, 1], [1.0], [], 0, o, o, o, o, 0, 0, 0, False, 1.0)
 
 
 def test_missing_state_is_a_clear_error(lib):

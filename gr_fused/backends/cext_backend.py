@@ -20,21 +20,33 @@ caching allocator cannot hand its memory to other work before the kernels read i
 the caching allocator on the stream the step runs on; when ``second_step`` runs on another
 stream than ``first_step``, the ascent rows are recorded on it (``Tensor.record_stream``).
 The host build keeps its partial sums in the bucket (no streams there).
+
+interval=k (``supports_reuse``): each tensor's cached direction (the state ``DIRECTION``)
+is one more address row, kept apart from the table (``_dirs``: built by this module, since
+the table's rows are the base update's). A refresh saves g1 into it in perturb, reads it in
+the norm pass of G (three sums per chunk: [Σ G², Σ G·g1, Σ g1²]), computes the direction's
+coefficients in the update finalize and caches the new direction in the update pass; a step
+between refreshes is the same three sums over g1 and the direction, ``reuse_scalars`` in a
+finalize, and the base update of θ in place with g = u·g1 + v·v̂.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import _ext
-from .base import Bucket, fusable_groups, fusable_scaler_flag, group_runs, scale_for
+from .base import (DIRECTION, Bucket, fusable_groups, fusable_scaler_flag, group_runs,
+                   scale_for, state_tensors)
 from .multi_tensor import MultiTensorBackend
-from .tensor_table import STATE_ROWS, rows_of
-from .torch_backend import compute_dtype
+from .tensor_table import STATE_ROWS, rows_of, why_not_walkable
+from .torch_backend import TorchBackend, compute_dtype
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _F64 = torch.float64
+# what an update reads its gradient from (csrc/grf_api.h's UpdateKind)
+_PLAIN, _CACHE, _REUSE = 0, 1, 2
 
 
 def _lib():
@@ -44,6 +56,7 @@ def _lib():
 class _CompiledBackend(MultiTensorBackend):
     supported_dtypes = tuple(_CODES)
     device_type = "?"
+    supports_reuse = True
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> Optional[str]:
@@ -54,6 +67,28 @@ class _CompiledBackend(MultiTensorBackend):
     @classmethod
     def _device_reason(cls, device: torch.device) -> Optional[str]:
         return None
+
+    def _walkable(self, b: Bucket) -> Optional[List[int]]:
+        """MultiTensorBackend's choice, with interval=k's direction state checked like the
+        base update's state (the kernels walk it too)."""
+        if b.gr.get("interval", 1) <= 1:
+            return super()._walkable(b)
+        rows = STATE_ROWS[b.algo] + (DIRECTION,)
+        reasons = []
+        for p, g, st in zip(b.params, b.grads, b.states):
+            if p.dtype not in self.supported_dtypes:
+                reasons.append(f"dtype {p.dtype} has no kernel")
+            else:
+                reasons.append(why_not_walkable(p, g, st, rows))
+        if not any(reasons):
+            return None
+        why = sorted({r for r in reasons if r})
+        if not b.extra.get("warned"):
+            b.extra["warned"] = True
+            warnings.warn(f"gr_fused backend {self.name!r}: {sum(map(bool, reasons))} of "
+                          f"{len(reasons)} tensors take the per-tensor torch path because of "
+                          f"{'; '.join(why)}", stacklevel=5)
+        return [i for i, r in enumerate(reasons) if not r]
 
     # ------------------------------------------------------------------ plumbing
     def _where(self, device: torch.device) -> Tuple[int, int, int]:
@@ -84,6 +119,29 @@ class _CompiledBackend(MultiTensorBackend):
                                   table.backup.data_ptr(), table.aligned, _CODES[table.dtype])
             held = b.extra["cext_table"] = (table.ptrs, table.layout, table.backup, handle)
         return held[3]
+
+    @staticmethod
+    def _dirs(b: Bucket) -> torch.Tensor:
+        """interval=k: the direction row, each tensor's DIRECTION state address as an int64
+        tensor in the tables' memory (uploaded again when one moves). The driver creates the
+        state (zeros, the param's layout) before the step needs it."""
+        host = [0 if (d := st.get(DIRECTION)) is None else d.data_ptr() for st in b.states]
+        held = b.extra.get("cext_dirs")
+        if held is not None and held[0] == host:
+            return held[1]
+        for i, (p, d) in enumerate(zip(b.params, state_tensors(b, DIRECTION))):
+            if d is None:
+                if p.numel():
+                    raise ValueError(f"gr_fused: interval=k's {DIRECTION!r} state is missing for "
+                                     f"tensor {i} (gr_fused.optim.base.create_direction_state)")
+            elif d.dtype != p.dtype or d.shape != p.shape or d.stride() != p.stride():
+                raise ValueError(f"gr_fused: the {DIRECTION!r} state of tensor {i} differs from "
+                                 "its parameter in dtype or memory layout")
+        t = torch.tensor(host or [0], dtype=torch.int64)
+        if b.device.type != "cpu":
+            t = t.to(b.device, non_blocking=True)
+        b.extra["cext_dirs"] = (host, t)
+        return t
 
     @staticmethod
     def _scalar(t, b: Bucket) -> torch.Tensor:
@@ -136,11 +194,23 @@ class _CompiledBackend(MultiTensorBackend):
                        0 if partials is None else partials.data_ptr(), out.data_ptr())
         return out
 
-    def perturb(self, b, eps, fold, adaptive):
+    def dots(self, b, key):
+        if key != DIRECTION:  # (the driver asks for the direction only)
+            return TorchBackend.dots(self, b, key)
+        handle, dirs = self._handle(b), self._dirs(b)
+        out = torch.empty(3, dtype=_F64, device=b.device)
+        partials = self._partials(b, 3 * handle.num_chunks) if b.device.type == "cuda" else None
+        _lib().dots(*self._where(b.device), handle, dirs.data_ptr(),
+                    0 if partials is None else partials.data_ptr(), out.data_ptr())
+        self._hold(b, dirs, partials)
+        return out
+
+    def perturb(self, b, eps, fold, adaptive, save=False):
         eps_t, fold_t = self._scalar(eps, b), self._scalar(fold, b)
+        dirs = self._dirs(b) if save else None
         _lib().perturb(*self._where(b.device), self._handle(b), eps_t.data_ptr(),
-                       fold_t.data_ptr(), bool(adaptive))
-        self._hold(b, eps_t, fold_t)
+                       fold_t.data_ptr(), bool(adaptive), 0 if dirs is None else dirs.data_ptr())
+        self._hold(b, eps_t, fold_t, dirs)
 
     def reflect(self, b):
         _lib().reflect(*self._where(b.device), self._handle(b))
@@ -148,34 +218,52 @@ class _CompiledBackend(MultiTensorBackend):
     def restore(self, b):
         _lib().restore(*self._where(b.device), self._handle(b))
 
-    def update(self, b, gscale, found_inf):
+    def update(self, b, gscale, found_inf, direction=None):
         gscale_t, found_t = self._scalar(gscale, b), self._scalar(found_inf, b)
-        self._update_at(b, gscale_t.data_ptr(), found_t.data_ptr(), False)
-        self._hold(b, gscale_t, found_t)
+        if direction is None:
+            self._update_at(b, gscale_t.data_ptr(), found_t.data_ptr(), False)
+            self._hold(b, gscale_t, found_t)
+            return
+        a_t, c_t = (self._scalar(x, b) for x in direction)
+        dirs = self._dirs(b)
+        self._update_at(b, gscale_t.data_ptr(), found_t.data_ptr(), False, kind=_CACHE,
+                        dirs=dirs.data_ptr(), s1=a_t.data_ptr(), s2=c_t.data_ptr())
+        self._hold(b, gscale_t, found_t, a_t, c_t, dirs)
 
-    def _update_at(self, b: Bucket, gscale_at: int, found_inf_at: int, steps_advanced: bool,
-                   where=None, handle=None) -> None:
-        """update, with gscale and found_inf given as addresses of compute-dtype scalars;
-        ``steps_advanced``: update_finalize advanced this AdamW table's step counts."""
+    def reuse_update(self, b, u, v, found_inf):
+        u_t, v_t, found_t = self._scalar(u, b), self._scalar(v, b), self._scalar(found_inf, b)
+        dirs = self._dirs(b)
+        self._update_at(b, u_t.data_ptr(), found_t.data_ptr(), False, kind=_REUSE,
+                        dirs=dirs.data_ptr(), s1=v_t.data_ptr())
+        self._hold(b, u_t, v_t, found_t, dirs)
+
+    def _update_at(self, b: Bucket, s0_at: int, found_inf_at: int, steps_advanced: bool,
+                   where=None, handle=None, kind: int = _PLAIN, dirs: int = 0, s1: int = 0,
+                   s2: int = 0) -> None:
+        """update, with its step scalars given as addresses of compute-dtype scalars (s0 =
+        gscale; interval=k: ``kind``, the direction row ``dirs`` and s1, s2, as
+        csrc/grf_api.h's UpdateKind says); ``steps_advanced``: a finalize advanced this
+        AdamW table's step counts."""
         lib, group = _lib(), b.group
         where = self._where(b.device) if where is None else where
         handle = self._handle(b) if handle is None else handle
         if b.algo == "none":
-            lib.update_none(*where, handle, gscale_at, found_inf_at)
+            lib.update_none(*where, handle, s0_at, found_inf_at, kind, dirs, s1, s2)
             return
         (lr, lr_at, lr_code), lr_t = self._lr(b)
         if b.algo == "sgd":
             momentum = _number(group["momentum"])
             self._check_state(b, momentum != 0)
-            lib.update_sgd(*where, handle, gscale_at, found_inf_at, lr, lr_at, lr_code,
+            lib.update_sgd(*where, handle, s0_at, found_inf_at, lr, lr_at, lr_code,
                            momentum, _number(group["dampening"]),
-                           _number(group["weight_decay"]), bool(group["nesterov"]))
+                           _number(group["weight_decay"]), bool(group["nesterov"]), kind, dirs,
+                           s1, s2)
         elif b.algo == "adamw":
             self._check_state(b, True)
             beta1, beta2 = group["betas"]
-            lib.update_adamw(*where, handle, gscale_at, found_inf_at, lr, lr_at, lr_code,
+            lib.update_adamw(*where, handle, s0_at, found_inf_at, lr, lr_at, lr_code,
                              _number(beta1), _number(beta2), _number(group["eps"]),
-                             _number(group["weight_decay"]), steps_advanced)
+                             _number(group["weight_decay"]), steps_advanced, kind, dirs, s1, s2)
         else:
             raise ValueError(f"unknown base update {b.algo!r}")
         if lr_t is not None:
@@ -190,28 +278,36 @@ class _CompiledBackend(MultiTensorBackend):
                 and all("table" in b.extra for b in buckets))
 
     def _norm_partials(self, buckets: Sequence[Bucket], handles, adaptive: Sequence[bool],
-                       where) -> Tuple[torch.Tensor, List[int]]:
+                       where, dirs: Optional[Sequence[torch.Tensor]] = None
+                       ) -> Tuple[torch.Tensor, List[int]]:
         """Stage one of a norm over several tables into one float64 buffer, one partial sum
-        per chunk; returns it and where each table's partials start (and the total)."""
+        per chunk (with ``dirs``, interval=k's dots: three per chunk); returns it and where
+        each table's chunks start (and the total)."""
         lib = _lib()
         starts = [0]
         for h in handles:
             starts.append(starts[-1] + h.num_chunks)
-        partials = self._partials(buckets[0], starts[-1])
+        per = 1 if dirs is None else 3
+        partials = self._partials(buckets[0], per * starts[-1])
         at = partials.data_ptr()
-        for h, a, start in zip(handles, adaptive, starts):
-            lib.norm_partials(*where, h, a, at + 8 * start)
+        for k, (h, start) in enumerate(zip(handles, starts)):
+            if dirs is None:
+                lib.norm_partials(*where, h, adaptive[k], at + 8 * start)
+            else:
+                lib.dots_partials(*where, h, dirs[k].data_ptr(), at + 24 * start)
         return partials, starts
 
-    def ascend(self, buckets, grad_scale):
+    def ascend(self, buckets, grad_scale, save=False):
         """The global norm of g1 (a partial sum per chunk of every table), each group's
         ascent row from it (one finalize per group: on CUDA a one-block kernel), then
-        perturb per table with that row's eps and fold."""
+        perturb per table with that row's eps and fold (``save``: and g1 into the
+        direction)."""
         lib = _lib()
         b0 = buckets[0]
         device, c = b0.device, compute_dtype(b0.dtype)
         where = self._where(device)
         handles = [self._handle(b) for b in buckets]
+        dirs = [self._dirs(b).data_ptr() for b in buckets] if save else [0] * len(buckets)
         partials, starts = self._norm_partials(
             buckets, handles, [bool(b.gr["adaptive"]) for b in buckets], where)
         runs = group_runs(buckets)
@@ -228,43 +324,48 @@ class _CompiledBackend(MultiTensorBackend):
                 bool(gr["normalize"]), alpha is not None, gr["difference"] == "central",
                 float(gr.get("eps_sign", 1.0)), float(gr.get("combine_sign", 1.0)))
             for _ in members:
-                lib.perturb(*where, handles[k], row, row + size, bool(gr["adaptive"]))
+                lib.perturb(*where, handles[k], row, row + size, bool(gr["adaptive"]), dirs[k])
                 k += 1
         self._hold(b0, partials, scale, rows)
         b0.extra["cext_stream"] = where[1]
         return rows  # [eps, fold, combine] of each group
 
-    def combine_update(self, buckets, ascent, grad_scale, skips):
+    def combine_update(self, buckets, ascent, grad_scale, skips, direction_valid=None):
         """The norms of G (a partial sum per chunk), one finalize for every group's gscale,
         found_inf, the skip records and, with one AdamW table, its step counts; then the
-        update per table."""
+        update per table. ``direction_valid`` (an interval=k refresh): the norm pass is the
+        dots [Σ G², Σ G·g1, Σ g1²], the finalize adds each group's direction coefficients
+        and writes (1 − found_inf)·ok into it, and the updates cache the direction."""
         lib = _lib()
         b0 = buckets[0]
         device, c = b0.device, compute_dtype(b0.dtype)
         where = self._where(device)
         runs = group_runs(buckets)
+        G = len(runs)
         rows = ascent
         if rows.dtype != c or rows.device != device or not rows.is_contiguous():
             rows = rows.to(device=device, dtype=c).contiguous()
         elif device.type == "cuda" and b0.extra.get("cext_stream") != where[1]:
             rows.record_stream(torch.cuda.current_stream(device))  # made on another stream
-        if rows.shape != (len(runs), 3):
+        if rows.shape != (G, 3):
             raise ValueError(f"gr_fused: ascent rows of shape {tuple(rows.shape)} for "
-                             f"{len(runs)} groups")
+                             f"{G} groups")
         handles = [self._handle(b) for b in buckets]
-        partials, starts = self._norm_partials(buckets, handles, [False] * len(buckets), where)
-        bounds, seen = [0], 0
-        for _, members in runs:
-            seen += len(members)
-            bounds.append(starts[seen])
-        out = torch.empty(len(runs) + 1, dtype=c, device=device)
+        refresh = direction_valid is not None
+        dirs = [self._dirs(b) for b in buckets] if refresh else None
+        partials, starts = self._norm_partials(buckets, handles, [False] * len(buckets), where,
+                                               dirs)
+        bounds = self._bounds(runs, starts)
+        out = torch.empty(G + 1 + (2 * G if refresh else 0), dtype=c, device=device)
+        valid = None
+        if refresh:
+            valid = direction_valid
+            if (valid.dtype != c or valid.device != device or valid.dim() != 0):
+                valid = torch.empty((), dtype=c, device=device)  # copied into it after
         scale = scale_for(grad_scale, device)
         flag = skips.scaler_found_inf
         fused_flag = fusable_scaler_flag(skips, device)
-        adamw = [i for i, b in enumerate(buckets) if b.algo == "adamw"]
-        one_adamw = adamw[0] if len(adamw) == 1 else None  # its steps advance in the finalize
-        if one_adamw is not None:
-            self._check_state(buckets[one_adamw], True)
+        one_adamw = self._one_adamw(buckets)
         max_norm = runs[0][0]["max_grad_norm"]
         lib.update_finalize(
             *where, _CODES[c], partials.data_ptr(), bounds, rows.data_ptr(),
@@ -272,20 +373,92 @@ class _CompiledBackend(MultiTensorBackend):
             skips.last.data_ptr(), flag.data_ptr() if fused_flag and flag is not None else 0,
             0 if one_adamw is None else handles[one_adamw].ptrs,
             0 if one_adamw is None else handles[one_adamw].num_tensors,
-            max_norm is not None, 1.0 if max_norm is None else float(max_norm))
-        found_inf = out[len(runs)]
+            max_norm is not None, 1.0 if max_norm is None else float(max_norm),
+            [float(gr["combine_sign"]) for gr, _ in runs] if refresh else [],
+            0 if valid is None else valid.data_ptr())
+        if valid is not None and valid is not direction_valid:
+            direction_valid.copy_(valid)
+        found_inf = out[G]
         if not fused_flag:
             skips.raise_scaler_flag(found_inf)
-        size = out.element_size()
-        found_at = out.data_ptr() + size * len(runs)
+        size, base = out.element_size(), out.data_ptr()
+        found_at = base + size * G
         k = 0
         for g, (_, members) in enumerate(runs):
             for b in members:
-                self._update_at(b, out.data_ptr() + size * g, found_at, k == one_adamw, where,
-                                handles[k])
+                if refresh:  # this group's (a, c) follow found_inf
+                    at = base + size * (G + 1 + 2 * g)
+                    self._update_at(b, base + size * g, found_at, k == one_adamw, where,
+                                    handles[k], _CACHE, dirs[k].data_ptr(), at, at + size)
+                else:
+                    self._update_at(b, base + size * g, found_at, k == one_adamw, where,
+                                    handles[k])
                 k += 1
-        self._hold(b0, partials, scale, rows, out)
+        self._hold(b0, partials, scale, rows, out, valid)
         return found_inf
+
+    def reuse(self, buckets, grad_scale, valid, skips):
+        """interval=k between refreshes: [Σ g1², Σ g1·v̂, Σ v̂²] per chunk of every table,
+        one finalize for every group's (u, v) (reuse_scalars), found_inf, the skip records
+        and, with one AdamW table, its step counts; then the reuse update per table (on
+        CUDA, one group in one table: 3 launches)."""
+        lib = _lib()
+        b0 = buckets[0]
+        device, c = b0.device, compute_dtype(b0.dtype)
+        where = self._where(device)
+        runs = group_runs(buckets)
+        G = len(runs)
+        handles = [self._handle(b) for b in buckets]
+        dirs = [self._dirs(b) for b in buckets]
+        partials, starts = self._norm_partials(buckets, handles, (), where, dirs)
+        out = torch.empty(2 * G + 1, dtype=c, device=device)
+        valid_t = self._scalar(valid, b0)
+        scale = scale_for(grad_scale, device)
+        flag = skips.scaler_found_inf
+        fused_flag = fusable_scaler_flag(skips, device)
+        one_adamw = self._one_adamw(buckets)
+        max_norm = runs[0][0]["max_grad_norm"]
+        lib.reuse_finalize(
+            *where, _CODES[c], partials.data_ptr(), self._bounds(runs, starts),
+            [float(gr["combine_sign"]) for gr, _ in runs],
+            [float(gr["reuse_scale"]) for gr, _ in runs],
+            0 if scale is None else scale.data_ptr(), valid_t.data_ptr(), out.data_ptr(),
+            skips.count.data_ptr(), skips.last.data_ptr(),
+            flag.data_ptr() if fused_flag and flag is not None else 0,
+            0 if one_adamw is None else handles[one_adamw].ptrs,
+            0 if one_adamw is None else handles[one_adamw].num_tensors,
+            max_norm is not None, 1.0 if max_norm is None else float(max_norm))
+        found_inf = out[2 * G]
+        if not fused_flag:
+            skips.raise_scaler_flag(found_inf)
+        size, base = out.element_size(), out.data_ptr()
+        k = 0
+        for g, (_, members) in enumerate(runs):
+            for b in members:
+                at = base + size * 2 * g  # this group's (u, v)
+                self._update_at(b, at, base + size * 2 * G, k == one_adamw, where, handles[k],
+                                _REUSE, dirs[k].data_ptr(), at + size)
+                k += 1
+        self._hold(b0, partials, scale, out, valid_t)
+        return found_inf
+
+    @staticmethod
+    def _bounds(runs, starts: List[int]) -> List[int]:
+        """Where each group's chunks start in the partials (and the total)."""
+        bounds, seen = [0], 0
+        for _, members in runs:
+            seen += len(members)
+            bounds.append(starts[seen])
+        return bounds
+
+    def _one_adamw(self, buckets) -> Optional[int]:
+        """The index of the step's AdamW table when there is exactly one (its step counts
+        advance in the finalize), else None."""
+        adamw = [i for i, b in enumerate(buckets) if b.algo == "adamw"]
+        if len(adamw) != 1:
+            return None
+        self._check_state(buckets[adamw[0]], True)
+        return adamw[0]
 
 
 def _number(x) -> float:
