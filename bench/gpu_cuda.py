@@ -13,10 +13,13 @@ configuration, so a run cut short keeps what it measured.
   (bench_kernels.PHASE_BYTES) and as % of ``dst.copy_(src)`` of the same size, measured in
   the same run;
 * steps: first_step + second_step of GRSGD(backend="cuda"), and of "triton" and "torch"
-  where they run, over the same tensors (ms);
+  where they run, over the same tensors (ms); and a step of GRSGD(interval=k, "cuda")
+  between refreshes ("cuda reuse");
 * launches: device kernels per GR step (torch.profiler) for one param group and for three
-  groups in three tables (6 and 4K + G + 1 = 16 expected);
-* equality: the shared harness (tests/equality.py: check_phases, check_fused_step) on the
+  groups in three tables (6 and 4K + G + 1 = 16 expected), and with interval=3 for one
+  group: a refresh (6) and a step between refreshes (3);
+* equality: the shared harness (tests/equality.py: check_phases, check_fused_step) and
+  test_cext.py's interval=k checks (check_interval_phases, check_fused_interval) on the
   CUDA backend; with ``--tests`` also the CUDA tests of tests/test_cext.py.
 
 Without a CUDA device it says so and exits with status 0.
@@ -153,8 +156,46 @@ def time_steps(n: int, dtype: torch.dtype, n_tensors: int, timer: Timer) -> Dict
             opt.first_step()
             opt.second_step(zero_grad=False)
         out[name] = timer(step)
+        if name == "cuda":  # interval=k between refreshes: dots, reuse finalize, update
+            opt = gr_fused.GRSGD(params, lr=1e-3, momentum=0.9, gamma=0.0, alpha=0.5, rho=0.05,
+                                 interval=10 ** 9, backend=name)
+            step()  # the refresh
+            out["cuda reuse"] = timer(opt.step)
         del params, opt
         torch.cuda.empty_cache()
+    return out
+
+
+def _kernels(fn) -> int:
+    """Device kernels (not copies) that ``fn`` launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset")))
+
+
+def count_interval_launches() -> Dict[str, int]:
+    """GRSGD(interval=3, "cuda") over one param group: the kernels of a refresh (first_step
+    + second_step) and of a step between refreshes, once the state exists."""
+    import gr_fused
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in (7, 70001, 300, 5000)]
+    opt = gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, interval=3, backend="cuda")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    out = {}
+    for step in range(7):
+        for p in params:  # "the first backward", into the same grads
+            p.grad.copy_(torch.randn_like(p))
+        if opt.refresh_due:
+            count = _kernels(opt.first_step)
+            for p in params:  # "the second backward" accumulates onto the grads
+                p.grad.add_(torch.ones_like(p))
+            out["refresh"] = count + _kernels(lambda: opt.second_step(zero_grad=False))
+        else:
+            out["between refreshes"] = _kernels(opt.step)
     return out
 
 
@@ -163,15 +204,7 @@ def count_launches(groups: int) -> int:
     table each), once the state exists and the tables are uploaded: first_step and
     second_step profiled, the backward passes simulated outside the profiled windows."""
     import gr_fused
-    from torch.profiler import ProfilerActivity, profile
-
-    def kernels(fn) -> int:
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not e.name.startswith(("Memcpy", "Memset")))
+    kernels = _kernels
 
     params = [torch.randn(s, device="cuda", requires_grad=True) for s in (7, 70001, 300, 5000)]
     param_groups = [{"params": params[g::groups]} for g in range(groups)]
@@ -192,6 +225,7 @@ def count_launches(groups: int) -> int:
 def check_equality() -> Dict[str, str]:
     """The shared harness on the CUDA backend: each phase and a fused step."""
     import equality as E
+    import test_cext as T
     from gr_fused.backends import get_backend
     be = get_backend("cuda", torch.device("cuda"))
     results = {}
@@ -205,6 +239,16 @@ def check_equality() -> Dict[str, str]:
             E.check_fused_step(be, [E.random_bucket(E.SIZES, dtype, "cuda", "adamw",
                                                     gr=E.scalar_group(alpha=0.7))],
                                scale=torch.tensor(1024.0, device="cuda"))
+            for algo in ("sgd-momentum-wd", "adamw", "none"):  # interval=k
+                T.check_interval_phases(be, T.interval_bucket(algo, dtype, "cuda",
+                                                              with_state=True, misalign=True),
+                                        adaptive=True)
+                bs = T.fused_buckets("cuda", dtype, algo, 2, 2, max_grad_norm=0.5)
+                for b in bs:
+                    b.gr.update(T.INTERVAL_GR)
+                    for p, st in zip(b.params, b.states):
+                        st[T.DIRECTION] = torch.zeros_like(p)
+                T.check_fused_interval(be, bs, scale=torch.tensor(256.0, device="cuda"))
             results[name] = "pass"
         except AssertionError as exc:
             results[name] = f"FAIL: {str(exc)[:300]}"
@@ -265,7 +309,8 @@ def main(argv=None) -> int:
            "tests": (run_pytest(["tests/test_cext.py", "-k", "cuda"], 300) if args.tests
                      else "not run (--tests)"),
            "equality": check_equality(),
-           "launches": {"1 group": count_launches(1), "3 groups in 3 tables": count_launches(3)},
+           "launches": {"1 group": count_launches(1), "3 groups in 3 tables": count_launches(3),
+                        "interval=3, 1 group": count_interval_launches()},
            "configs": [], "skipped": []}
     write_results(args.out, res, short_table(res) + "\n")
     print(f"tests: {res['tests']}\nequality: {res['equality']}\nlaunches: {res['launches']}",
