@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import List
 
+import torch
 import triton
 import triton.language as tl
 
@@ -42,6 +44,10 @@ FLAG_NEW_STATE: tl.constexpr = tl.constexpr(1)
 FLAG_FROZEN: tl.constexpr = tl.constexpr(2)
 BACKUP_ALIGN: tl.constexpr = tl.constexpr(16)  # elements: every backup segment starts on 64 B
 F64_MAX: tl.constexpr = tl.constexpr(1.7976931348623157e308)
+# what an update kernel does with the cached direction of interval=k (its MODE)
+MODE_PLAIN: tl.constexpr = tl.constexpr(0)    # the GR update (θ from the backup)
+MODE_REFRESH: tl.constexpr = tl.constexpr(1)  # and direction ← a·G + c·direction first
+MODE_REUSE: tl.constexpr = tl.constexpr(2)    # g = u·G + v·direction, θ updated in place
 
 
 def _interpreting() -> bool:
@@ -68,6 +74,21 @@ def finalize_iters(count: int) -> int:
     compile-time constant (the interpreter cannot loop to a bound read from memory), rounded
     up to a power of two so that a few variants cover every size."""
     return triton.next_power_of_2(max(triton.cdiv(count, FINALIZE_BLOCK), 1))
+
+
+class StateRow:
+    """One more row of addresses beside a table's ``ptrs``: a per-tensor state tensor (the
+    interval=k direction) of each of the table's tensors, as an int64 device array ``ptrs``
+    of ``T`` entries; ``host`` the addresses, ``aligned`` whether each is a multiple of 16
+    bytes (a kernel takes its ALIGNED variant when the table and the row both are)."""
+
+    __slots__ = ("host", "ptrs", "aligned")
+
+    def __init__(self, host: List[int], device: torch.device):
+        self.host = host
+        values = torch.tensor(host or [0], dtype=torch.int64)
+        self.ptrs = values if device.type == "cpu" else values.to(device, non_blocking=True)
+        self.aligned = all(a % 16 == 0 for a in host)
 
 
 # ------------------------------------------------------------------------------ the table walk
