@@ -27,17 +27,20 @@ import triton
 import triton.language as tl
 
 import gr_fused
-from gr_fused import backends, kernels
+from gr_fused import _scalars, backends, kernels
 from gr_fused.amp import GradScaler
 from gr_fused.backends import triton_backend
+from gr_fused.backends.base import DIRECTION, SkipRecord
 from gr_fused.backends.multi_tensor import table_of
 from gr_fused.backends.triton_backend import TritonBackend
 from gr_fused.kernels import triton_common
+from gr_fused.optim.base import create_direction_state, create_missing_state
 import equality
 from equality import (ADAMW_GROUP, CASE_IDS, CASES, SCALAR_HPARAM_IDS, SCALAR_HPARAMS,
                       SGD_GROUPS, SIZES, assert_close, check_fused_step, check_nan_in_G_skips,
                       check_phases, check_reflect, check_restore, closure_for, compare_backends,
-                      prepared, random_bucket, scalar_group)
+                      TORCH, assert_same_tensors, clone_bucket, device_scalar, prepared,
+                      random_bucket, scalar_group, scalars_close, state_of)
 from test_nosync import forbid_host_reads
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
@@ -146,8 +149,10 @@ def test_phases_fp32(algo, name, with_state):
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS[1:])
 @pytest.mark.parametrize("algo,name", ALGOS, ids=ALGO_IDS)
 def test_phases_low_precision(algo, name, dtype, with_state):
-    """bf16 and fp16: computed in fp32, rounded once to nearest even on the way back."""
-    check_phases(BACKEND, bucket(SIZES if with_state else SMALL, dtype, algo,
+    """bf16 and fp16: computed in fp32, rounded once to nearest even on the way back (the
+    sizes of SMALL and a 2-D one: a full chunk, masked ones, empty and one-element tensors;
+    the tensors of many chunks are the fp32 tests')."""
+    check_phases(BACKEND, bucket(SMALL + [(33, 65)] if with_state else SMALL, dtype, algo,
                                  _group(algo, name), with_state=with_state))
 
 
@@ -312,6 +317,334 @@ def test_nan_in_G_skips_with_theta_restored_and_state_untouched(make):
     check_nan_in_G_skips(make(params), params)
 
 
+# ----------------------------------------------------------------------- interval=k
+# The refresh and reuse steps, phase by phase and fused, against the reference phases
+# (tests/reference_phases.py: perturb(save=True), dots, update(direction=), reuse_update),
+# the fused scalars against gr_fused/_scalars.py (direction_scalars, reuse_scalars).
+def _interval_bucket(sizes, dtype, algo, name=None, gr=None, misalign_direction=False, **kw):
+    b = bucket(sizes, dtype, algo, _group(algo, name), gr=gr, **kw)
+    b.gr.setdefault("reuse_scale", 0.7)
+    create_direction_state(b)
+    if misalign_direction:  # each direction one element past a 16-byte boundary
+        for p, st in zip(b.params, b.states):
+            st[DIRECTION] = torch.zeros(p.numel() + 1, dtype=dtype, device=DEVICE)[1:].view(p.shape)
+    return b
+
+
+def _pair(b):
+    """(the bucket as the kernels run it, a clone for the reference phases)."""
+    ref = clone_bucket(b)
+    return prepared(BACKEND, b), ref
+
+
+def _compare(kb, ref, what, before=None, kept=()):
+    """θ, the grads and every state tensor (the direction included) within KERNEL_ULPS of the
+    reference, 0-dim state exactly; the tensors in ``kept`` bit for bit as in ``before``."""
+    dtype = kb.dtype
+    assert_same_tensors(kb.params, ref.params, dtype, f"{what}: theta")
+    for i, (g, w) in enumerate(zip(kb.grads, ref.grads)):  # a poisoned G keeps its inf/NaN
+        bad = ~torch.isfinite(w)
+        assert torch.equal(bad, ~torch.isfinite(g)), f"{what}: grads[{i}]: inf/NaN elsewhere"
+        assert torch.allclose(g[bad], w[bad], equal_nan=True), f"{what}: grads[{i}]"
+        equality.ulp_close(torch.where(bad, 0, g), torch.where(bad, 0, w),
+                           equality.KERNEL_ULPS[dtype], f"{what}: grads[{i}]")
+    for i, (st, want) in enumerate(zip(kb.states, ref.states)):
+        assert set(st) == set(want), f"{what}: state keys of tensor {i}"
+        for key, w in want.items():
+            got = st[key]
+            if i in kept:
+                assert torch.equal(got, before[i][key]), f"{what}: {key}[{i}] changed"
+            elif w.dim() == 0:
+                assert torch.equal(got, w), f"{what}: {key}[{i}]: {got} vs {w}"
+            else:
+                equality.ulp_close(got, w, equality.KERNEL_ULPS[dtype], f"{what}: {key}[{i}]")
+
+
+def _states(b):
+    return [{k: v.clone() for k, v in st.items()} for st in b.states]
+
+
+def _new_gradient(pairs, poison=None):
+    """The one gradient of a reuse step, the same in both buckets of each pair; ``poison``
+    goes into one element."""
+    for kb, ref in pairs:
+        for g, r in zip(kb.grads, ref.grads):
+            g.copy_(torch.randn(g.shape, device=g.device).to(g.dtype))
+            r.copy_(g)
+    if poison is not None:
+        kb, ref = pairs[0]
+        i = next(i for i, g in enumerate(kb.grads) if g.numel())
+        kb.grads[i].view(-1)[0] = poison
+        ref.grads[i].view(-1)[0] = poison
+
+
+def _second_gradient(pairs, poison=None):
+    for kb, ref in pairs:
+        for g, r in zip(kb.grads, ref.grads):
+            g2 = torch.randn(g.shape, device=g.device).to(g.dtype)
+            g.add_(g2)
+            r.add_(g2)
+    if poison is not None:
+        kb, ref = pairs[0]
+        i = next(i for i, g in enumerate(kb.grads) if g.numel())
+        kb.grads[i].view(-1)[kb.grads[i].numel() // 2] = poison
+        ref.grads[i].view(-1)[kb.grads[i].numel() // 2] = poison
+
+
+INTERVAL_ALGOS = [("sgd", "momentum-wd"), ("sgd", "nesterov"), ("adamw", None), ("none", None)]
+INTERVAL_ALGO_IDS = ["sgd", "sgd-nesterov", "adamw", "none"]
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["taken", "skipped"])
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+@pytest.mark.parametrize("algo,name", INTERVAL_ALGOS, ids=INTERVAL_ALGO_IDS)
+def test_interval_phases(algo, name, dtype, skip):
+    """A refresh (perturb saving g1, dots of G and g1, the update caching the direction
+    d = a·G + c·g1; a frozen tensor keeps its direction) and then a reuse step (dots of g1
+    and d, the update from g = u·G + v·d with θ updated in place), each phase against the
+    reference phases. Skipped: θ restored (refresh) or untouched (reuse), nothing else
+    written, the direction included."""
+    kb, ref = _pair(_interval_bucket(SMALL, dtype, algo, name))
+    pairs = [(kb, ref)]
+    eps, fold = device_scalar(0.0371, kb), device_scalar(-0.42, kb)
+    g1 = [g.clone() for g in kb.grads]
+    BACKEND.perturb(kb, eps, fold, False, save=True)
+    TORCH.perturb(ref, eps, fold, False, save=True)
+    assert_same_tensors(state_of(kb, DIRECTION), g1, dtype, "saved g1", exact=True)
+    _compare(kb, ref, "perturb")
+    _second_gradient(pairs)
+    torch.testing.assert_close(BACKEND.dots(kb, DIRECTION), TORCH.dots(ref, DIRECTION),
+                               rtol=1e-12, atol=0)
+    for x in (kb, ref):
+        create_missing_state(x)
+        x.flags = list(x.flags or [0] * len(x.params))
+        x.flags[2] |= 2  # FLAG_FROZEN: restored, its state and direction kept
+    BACKEND.refresh(kb)
+    before = _states(kb)
+    found = device_scalar(1.0 if skip else 0.0, kb)
+    direction = (device_scalar(0.37, kb), device_scalar(-0.81, kb))
+    BACKEND.update(kb, device_scalar(0.8125, kb), found, direction=direction)
+    TORCH.update(ref, device_scalar(0.8125, kb), found, direction=direction)
+    kept = range(len(kb.params)) if skip else (2,)
+    _compare(kb, ref, "refresh update", before, kept)
+    # the reuse step: a fresh gradient, the cached direction, no backup
+    _new_gradient(pairs)
+    for x in (kb, ref):
+        x.flags = None
+        create_missing_state(x)
+    BACKEND.refresh(kb)
+    torch.testing.assert_close(BACKEND.dots(kb, DIRECTION), TORCH.dots(ref, DIRECTION),
+                               rtol=1e-12, atol=0)
+    before, theta = _states(kb), [p.clone() for p in kb.params]
+    u, v = device_scalar(0.9, kb), device_scalar(0.45, kb)
+    BACKEND.reuse_update(kb, u, v, found)
+    TORCH.reuse_update(ref, u, v, found)
+    _compare(kb, ref, "reuse update", before, range(len(kb.params)) if skip else ())
+    if skip:
+        assert_same_tensors(kb.params, theta, dtype, "untouched theta", exact=True)
+
+
+def test_interval_phases_misaligned_direction():
+    """Directions off a 16-byte boundary: the kernels take their unaligned variant."""
+    kb, ref = _pair(_interval_bucket(SMALL, torch.float32, "adamw", with_state=True,
+                                     misalign_direction=True))
+    assert table_of(kb).aligned and not BACKEND._state_row(kb).aligned
+    one = device_scalar(1.0, kb)
+    for x, be in ((kb, BACKEND), (ref, TORCH)):
+        be.perturb(x, device_scalar(0.03, x), device_scalar(0.5, x), False, save=True)
+        be.update(x, device_scalar(0.7, x), one * 0, direction=(one * 0.3, one * -0.2))
+        be.reuse_update(x, one * 0.9, one * 0.4, one * 0)
+    _compare(kb, ref, "misaligned directions")
+
+
+def test_a_direction_laid_out_unlike_its_parameter_is_relaid():
+    """A direction state with other strides than its parameter (a checkpoint of another
+    layout) is replaced by a copy laid out like the parameter, values kept."""
+    kb = prepared(BACKEND, _interval_bucket([(7, 3), (5,)], torch.float32, "sgd", "momentum-wd"))
+    odd = torch.randn(3, 7, device=DEVICE).t()
+    kb.states[0][DIRECTION] = odd
+    row = BACKEND._state_row(kb)
+    now = kb.states[0][DIRECTION]
+    assert now.stride() == kb.params[0].stride() and torch.equal(now, odd)
+    assert row.host[0] == now.data_ptr() and BACKEND._state_row(kb) is row
+
+
+def _exact_sums(members, key=DIRECTION):
+    """[Σ g², Σ g·s, Σ s²] of a group's buckets in float64 (s the ``key`` state)."""
+    g = torch.cat([x.double().flatten() for b in members for x in b.grads])
+    s = torch.cat([x.double().flatten() for b in members for x in state_of(b, key)])
+    return torch.stack([(g * g).sum(), (g * s).sum(), (s * s).sum()])
+
+
+def check_fused_interval(buckets, scale=None, refresh_poison=None, reuse_poison=None):
+    """``ascend(save=True)``, ``combine_update(direction_valid=)`` and ``reuse`` of
+    ``buckets`` against the general path: the scalars (gscale, found_inf, the direction's
+    a and c, valid; u, v, found_inf) within 4 ulps of _scalars.py on exact float64 sums,
+    every tensor against the reference phases run with the kernels' scalars, the skip
+    records. Returns the kernel buckets."""
+    pairs = [_pair(b) for b in buckets]
+    kbs, refs = [k for k, _ in pairs], [r for _, r in pairs]
+    assert BACKEND.can_fuse(kbs)
+    runs = equality.group_runs(kbs)
+    G = len(runs)
+    want_rows = equality.general_ascent(kbs, scale)
+    rows = BACKEND.ascend(kbs, scale, save=True)
+    scalars_close(rows, want_rows, "ascent rows")
+    for (gr, members), row in zip(equality.group_runs(refs), rows):
+        for r in members:
+            TORCH.perturb(r, row[0], row[1], gr["adaptive"], save=True)
+    for kb, r in pairs:
+        _compare(kb, r, "perturb saving g1")
+    _second_gradient(pairs, refresh_poison)
+    for kb, r in pairs:
+        create_missing_state(kb)
+        create_missing_state(r)
+        BACKEND.refresh(kb)
+    device = kbs[0].device
+    count = torch.tensor(3, dtype=torch.int64, device=device)
+    last = torch.empty((), dtype=torch.bool, device=device)
+    flag = torch.zeros((), dtype=torch.float32, device=device)
+    skips = SkipRecord(count, last, flag)
+    inv = None if scale is None else scale.reciprocal()
+    sums = [_exact_sums(members) for _, members in runs]
+    combines = [rows[i, 2] for i in range(G)]
+    gscales, found = _scalars.update_scalars([t[0] for t in sums], combines, inv,
+                                             [gr["max_grad_norm"] for gr, _ in runs])
+    coefs, ok = _scalars.direction_scalars(sums, combines, [gr["combine_sign"] for gr, _ in runs],
+                                           inv)
+    valid = torch.empty((), dtype=torch.float32, device=device)
+    before = [_states(kb) for kb in kbs]
+    found_inf = BACKEND.combine_update(kbs, rows, scale, skips, direction_valid=valid)
+    out = found_inf._base
+    skipped = refresh_poison is not None
+    assert out.shape == (3 * G + 1,) and float(found_inf) == float(found) == float(skipped)
+    assert int(count) == 3 + skipped and bool(last) == skipped and float(flag) == float(skipped)
+    assert float(valid) == float(ok) * (1 - skipped)
+    if not skipped:
+        scalars_close(out[:G], torch.stack(gscales), "gscales")
+        scalars_close(out[G + 1:2 * G + 1], torch.stack([a for a, _ in coefs]), "a")
+        scalars_close(out[2 * G + 1:], torch.stack([c for _, c in coefs]), "c")
+    for i, (_, members) in enumerate(equality.group_runs(refs)):
+        for r in members:
+            TORCH.update(r, out[i], found_inf, direction=(out[G + 1 + i], out[2 * G + 1 + i]))
+    for (kb, r), was in zip(pairs, before):
+        _compare(kb, r, "refresh update", was, range(len(kb.params)) if skipped else ())
+    # a reuse step with the direction just cached (or none, valid = 0, if skipped)
+    _new_gradient(pairs, reuse_poison)
+    for kb, r in pairs:
+        kb.flags = r.flags = None
+        BACKEND.refresh(kb)
+    sums = [_exact_sums(members) for _, members in runs]
+    want, want_found = _scalars.reuse_scalars(sums, [gr for gr, _ in runs], inv, valid)
+    before = [_states(kb) for kb in kbs]
+    found_inf = BACKEND.reuse(kbs, scale, valid, skips)
+    out = found_inf._base
+    skipped2 = reuse_poison is not None
+    assert out.shape == (2 * G + 1,) and float(found_inf) == float(want_found) == skipped2
+    assert int(count) == 3 + skipped + skipped2 and bool(last) == skipped2
+    if not skipped2:
+        scalars_close(out[:G], torch.stack([u for u, _ in want]), "u")
+        scalars_close(out[G + 1:], torch.stack([v for _, v in want]), "v")
+    for i, (_, members) in enumerate(equality.group_runs(refs)):
+        for r in members:
+            TORCH.reuse_update(r, out[i], out[G + 1 + i], found_inf)
+    for (kb, r), was in zip(pairs, before):
+        _compare(kb, r, "reuse update", was, range(len(kb.params)) if skipped2 else ())
+    return kbs
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adamw", "none"])
+def test_fused_interval_one_group(algo):
+    check_fused_interval([_interval_bucket(SMALL, torch.float32, algo, "momentum-wd")])
+
+
+def test_fused_interval_amp_scale_and_clipping():
+    """AdamW in one table (the finalizes advance its steps), the AMP scale, clipping."""
+    check_fused_interval([_interval_bucket(SMALL, torch.float32, "adamw", with_state=True,
+                                           gr=scalar_group(max_grad_norm=0.3))],
+                         scale=torch.tensor(1024.0, device=DEVICE))
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adamw"])
+def test_fused_interval_several_groups_tables_and_dtypes(algo):
+    """Two groups in three tables of two dtypes, clipping over all groups, each group its
+    own reuse_scale, maximize (negative signs) in the second."""
+    buckets = _groups_of_buckets(
+        [(0, torch.float32, [(7, 3), (1,)]), (0, torch.bfloat16, [(1000,), (0,)]),
+         (1, torch.float32, [(4099,), (5,)])], algo, _group(algo, "momentum-wd"),
+        scalar_group(max_grad_norm=0.05))
+    buckets[0].gr["reuse_scale"] = 0.7
+    buckets[2].gr.update(reuse_scale=0.4, eps_sign=-1.0, combine_sign=-1.0, rho=0.1)
+    for b in buckets:
+        create_direction_state(b)
+    check_fused_interval(buckets, scale=torch.tensor(64.0, device=DEVICE))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("when", ["refresh", "reuse"])
+def test_fused_interval_skips_on_inf_or_nan(when):
+    """An inf in G at the refresh: θ restored, no state or direction written, valid = 0
+    (the reuse that follows is a step on g1 alone); a NaN in g1 at a reuse: nothing
+    written."""
+    buckets = [_interval_bucket(SMALL, torch.float32, "sgd", "momentum-wd", with_state=True,
+                                gr=scalar_group(max_grad_norm=1.0))]
+    check_fused_interval(buckets, refresh_poison=float("inf") if when == "refresh" else None,
+                         reuse_poison=float("nan") if when == "reuse" else None)
+
+
+def _interval_launches(opt, params):
+    """The device work of a refresh and of the reuse step after it (steady state)."""
+    grads = [p.grad for p in params]
+
+    def step():
+        if opt.refresh_due:
+            opt.first_step()
+            bench_kernels.second_backward(grads)
+            opt.second_step(zero_grad=False)
+        else:
+            bench_kernels.second_backward(grads)
+            opt.step()
+
+    for _ in range(2):  # the first refresh and reuse build the tables, the state, the rows
+        step()
+    return bench_kernels.step_launches(step), bench_kernels.step_launches(step)
+
+
+@pytest.mark.parametrize("algo,groups,expected", [
+    ("sgd", 1, (6, 3)), ("adamw", 1, (6, 3)), ("sgd", 2, (11, 5)), ("adamw", 2, (13, 7))],
+    ids=["sgd", "adamw", "sgd-2-groups", "adamw-2-groups"])
+def test_interval_launches_per_step(algo, groups, expected):
+    """interval=2: a refresh is a normal step's launches (4K + G + 1; AdamW + K step
+    advances with several tables), a reuse step K partials, one finalize for every group
+    and K updates (2K + 1; AdamW with several tables + K): 6 and 3 with one group."""
+    params = [torch.randn(5, device=DEVICE, requires_grad=True) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = _optimizer(algo, params, groups, interval=2, max_grad_norm=1.0)
+    refresh, reuse = _interval_launches(opt, params)
+    for work, n in zip((refresh, reuse), expected):
+        assert work["kernels"] == work["triton"] == n, work["names"]
+    if groups == 1:
+        assert refresh["names"] == ["_partial_sq_kernel", "_ascent_scalars_kernel",
+                                    "_perturb_kernel", "_partial_dots_kernel",
+                                    "_update_scalars_kernel", f"_{algo}_kernel"]
+        assert reuse["names"] == ["_partial_dots_kernel", "_reuse_scalars_kernel",
+                                  f"_{algo}_kernel"]
+
+
+def test_interval_steps_read_nothing_back_to_the_host():
+    params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in (7, 300, 1)]
+    opt = gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, max_grad_norm=1.0, interval=2,
+                           backend="triton")
+    for fused in (True, False):  # the fused steps, and the general path's phases
+        opt._fuse_scalars = fused
+        opt.step(closure_for(opt, params))
+        opt.step(closure_for(opt, params))
+        with forbid_host_reads():
+            opt.step(closure_for(opt, params))
+            opt.step(closure_for(opt, params))
+
+
 # ----------------------------------------------------------------------- arithmetic helpers
 @triton.jit
 def _fma_kernel(x_ptr, y_ptr, z_ptr, vec_ptr, fp64_ptr, native_ptr, scalar_ptr, alpha,
@@ -451,7 +784,7 @@ def test_adamw_bias_corrections_are_torchs_float64_values(lr, beta1, beta2):
     from the step count, rounded once to fp32; tests/reference_phases.py): bit for bit,
     from the float64 hyperparameters, not their fp32 roundings (at step 1 with β2 = 0.999
     those differ by 1.3e-5 relative)."""
-    steps = torch.tensor([float(k) for k in range(1, 161)] + [1000.0, 4095.0, 65537.0])
+    steps = torch.tensor([float(k) for k in range(1, 41)] + [99.0, 1000.0, 4095.0, 65537.0])
     out = torch.empty(2 * steps.numel(), device=DEVICE)
     _bias_corrections_kernel[(steps.numel(),)](
         steps.to(DEVICE), out, triton_common.f64_bits(lr), triton_common.f64_bits(beta1),
@@ -646,7 +979,8 @@ def _launch_devices(monkeypatch):
 
 def _every_kind_of_launch():
     """A fused SGD step with central difference and clipping, a fused AdamW step over two
-    groups, the general path, an aborted step (restore), the GR wrapper (update 'none')."""
+    groups, the general path, an aborted step (restore), the GR wrapper (update 'none'),
+    interval=2 refresh and reuse steps, fused and on the general path."""
     params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in (7, 300, 1)]
     opts = [gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, max_grad_norm=1.0,
                            difference="central", backend="triton"),
@@ -657,6 +991,13 @@ def _every_kind_of_launch():
     general._fuse_scalars = False
     for opt in opts + [general]:
         opt.step(closure_for(opt, params))
+    # interval=2: a refresh and a reuse step, fused and on the general path
+    interval = [gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, interval=2,
+                               backend="triton") for _ in range(2)]
+    interval[1]._fuse_scalars = False
+    for opt in interval:
+        for _ in range(2):
+            opt.step(closure_for(opt, params))
     opts[0].zero_grad()
     closure_for(opts[0], params)()
     opts[0].first_step()
@@ -679,7 +1020,8 @@ def test_every_launch_runs_under_a_guard_for_the_tensors_device(monkeypatch):
         _every_kind_of_launch()
     kinds = {name for name, _ in seen}
     assert {"_reflect_kernel", "_restore_kernel", "_adamw_kernel", "_restore_combine_kernel",
-            "_finalize_sq_kernel", "_sgd_kernel"} <= kinds, kinds
+            "_finalize_sq_kernel", "_sgd_kernel", "_partial_dots_kernel",
+            "_reuse_scalars_kernel"} <= kinds, kinds
     wrong = [(name, d) for name, d in seen if d != 1]
     assert not wrong, f"launched without the device guard: {wrong[:5]}"
     assert _FakeCudaDevice.current == 0  # and the guard restores the caller's device
@@ -822,7 +1164,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_vector_accesses_and_exact_
         assert not r["approx"], r
         if r["streaming"] and r["aligned"]:
             assert r["ld_v4"], r
-            assert r["st_v4"] or r["kernel"] == "_partial_sq_kernel", r
+            assert r["st_v4"] or r["kernel"] in ("_partial_sq_kernel", "_partial_dots_kernel"), r
         if r["kernel"] in ("_sgd_kernel", "_adamw_kernel"):
             assert r["fma"], r
 

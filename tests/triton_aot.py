@@ -14,8 +14,9 @@ compile (the compiler is stricter than the interpreter about types) and, from th
   bit-equality with torch that the kernels are written for (div_rn, sqrt_rn);
 * ``fma``: the kernels that call ``fma`` get ``fma.rn.f32`` (one rounding).
 
-It drives the backend itself (``TritonBackend``'s phases, ascend and combine_update, on CPU
-tensors, every algorithm, option, dtype and alignment) with Triton's launcher replaced by an
+It drives the backend itself (``TritonBackend``'s phases, ascend and combine_update, and
+the interval=k ones: refresh and reuse, fused and phase by phase, on CPU tensors, every
+algorithm, option, dtype and alignment) with Triton's launcher replaced by an
 ahead-of-time compile for each target (``triton.compile`` with an explicit ``GPUTarget`` and
 the launcher's own argument specialization), so every variant is compiled exactly as a
 launch on a GPU would compile it; nothing runs. Must run with TRITON_INTERPRET unset
@@ -42,9 +43,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from gr_fused import kernels  # noqa: E402
-from gr_fused.backends.base import Bucket, SkipRecord  # noqa: E402
+from gr_fused.backends.base import DIRECTION, Bucket, SkipRecord  # noqa: E402
 from gr_fused.backends.triton_backend import TritonBackend  # noqa: E402
-from gr_fused.optim.base import create_missing_state  # noqa: E402
+from gr_fused.optim.base import create_direction_state, create_missing_state  # noqa: E402
 
 APPROX = re.compile(r"\b(div\.full|div\.approx|rcp\.approx|sqrt\.approx|rsqrt\.approx)")
 SIZES = (10_001, 11_173_962)
@@ -131,6 +132,16 @@ def _run_every_path():
                 buckets = [_bucket(SIZES, dtype, algo, group, gr, misalign, index=g)
                            for g in (0, 0, 1)]
                 _one_step(backend, buckets, scale=torch.tensor(1024.0), with_flag=True)
+            # interval=k: a refresh and a reuse step of every algorithm, fused and phase by
+            # phase; several groups with clipping, AMP and the GradScaler's flag
+            for algo, group in (sgd[3], algos[-2], algos[-1]):
+                gr = dict(rho=0.05, gamma=0.05, max_grad_norm=None, eps_sign=1.0,
+                          combine_sign=1.0, reuse_scale=0.7, **GR_OPTIONS[0])
+                _interval_steps(backend, [_bucket(SIZES, dtype, algo, group, gr, misalign)])
+            gr = dict(rho=0.05, gamma=0.05, max_grad_norm=1.0, eps_sign=-1.0, combine_sign=-1.0,
+                      reuse_scale=0.7, **GR_OPTIONS[0])
+            buckets = [_bucket(SIZES, dtype, *sgd[3], gr, misalign, index=g) for g in (0, 0, 1)]
+            _interval_steps(backend, buckets, scale=torch.tensor(1024.0), with_flag=True)
 
 
 def _one_step(backend, buckets, scale=None, with_flag=False):
@@ -150,6 +161,30 @@ def _one_step(backend, buckets, scale=None, with_flag=False):
     gscale, found_inf = torch.ones(()), torch.zeros(())
     for b in parts:  # the general path's update (AdamW: with its own step advance)
         backend.update(b, gscale, found_inf)
+
+
+def _interval_steps(backend, buckets, scale=None, with_flag=False):
+    """interval=k: a fused refresh (perturb saving g1, the norm pass with the direction, the
+    finalize with the direction's scalars, the updates caching it) and a fused reuse step,
+    then the same phase by phase (dots, update with a direction, reuse_update)."""
+    parts = [p for b in buckets for p in _prepared(backend, b)]
+    for b in parts:
+        create_direction_state(b)
+    rows = backend.ascend(parts, scale, save=True)
+    for b in parts:
+        create_missing_state(b)
+        backend.refresh(b)
+    skips = SkipRecord(torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.bool),
+                       torch.zeros(()) if with_flag else None)
+    valid = torch.zeros(())
+    backend.combine_update(parts, rows, scale, skips, direction_valid=valid)
+    backend.reuse(parts, scale, valid, skips)
+    one, zero = torch.ones(()), torch.zeros(())
+    for b in parts:
+        backend.perturb(b, one, one, False, save=True)
+        backend.dots(b, DIRECTION)
+        backend.update(b, one, zero, direction=(one, one))
+        backend.reuse_update(b, one, one, zero)
 
 
 def _prepared(backend, b):
