@@ -9,6 +9,9 @@ same checks also run the CUDA kernels.
   check_restore, check_reflect, check_fused_step): every dtype, every base update, fresh
   and existing state, skipped steps, frozen tensors, unaligned tensors, channels_last,
   sizes of 0 and 1 element and of several chunks, adaptive norms;
+* interval=k: each phase against the reference phases, the finalizes against _scalars.py
+  (the same bits on the host), a refresh and a reuse step through the fused calls against
+  the general path, and the calls into _C they are;
 * the same bits for any thread count, for the AVX2 and the baseline host code, and for the
   CUDA kernels' 16-byte pack code run on the host;
 * rounding to fp16/bf16 bit for bit like torch, over all 65536 bit patterns;
