@@ -60,7 +60,8 @@ def check_equality(n: int = 1_000_003, n_tensors: int = 7) -> Dict[str, str]:
             sq = k.sq_norm(bucket, False)
             eps = (bench_kernels._scalar(0.01) / sq.sqrt()).float()
             k.perturb(bucket, eps, bench_kernels._scalar(0.3), False)
-        pairs += [(x.clone(), y.clone()) for x, y in zip(b.params + b.grads, ref.params + ref.grads)]
+        pairs += [(x.clone(), y.clone())
+                  for x, y in zip(b.params + b.grads, ref.params + ref.grads)]
         for k, bucket in ((triton, b), (torch_backend, ref)):
             k.update(bucket, bench_kernels._scalar(0.7), bench_kernels._scalar(0.0))
         pairs += list(zip(b.params, ref.params)) + [

@@ -35,7 +35,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import (DIRECTION, Bucket, fusable_groups, fusable_scaler_flag, group_runs, real,
+from .base import (DIRECTION, Bucket, fusable_groups, fusable_scaler_flag, group_runs,
                    scale_for, state_tensors)
 from .multi_tensor import MultiTensorBackend, table_of
 
@@ -205,11 +205,11 @@ class TritonBackend(MultiTensorBackend):
         row = cache[key] = _kernels().StateRow(host, b.device)
         return row
 
-    def _group_hparams(self, b: Bucket, runs) -> torch.Tensor:
-        """Each group's combine sign, then its reuse_scale, as a float64 device tensor
-        (uploaded once per set of values and stream)."""
-        values = tuple(float(gr["combine_sign"]) for gr, _ in runs) + tuple(
-            float(gr.get("reuse_scale", 0.0)) for gr, _ in runs)
+    def _group_hparams(self, b: Bucket, runs, reuse: bool) -> torch.Tensor:
+        """Each group's combine sign, then its reuse_scale (a refresh reads the signs only),
+        as a float64 device tensor (uploaded once per set of values and stream)."""
+        values = tuple(float(gr.get("combine_sign", 1.0)) for gr, _ in runs) + tuple(
+            float(gr["reuse_scale"] if reuse else gr.get("reuse_scale", 0.0)) for gr, _ in runs)
         cache = b.extra.setdefault(_SCRATCH, {})
         key = ("hparams", _stream_key(b.device))
         held = cache.get(key)
@@ -364,7 +364,7 @@ class TritonBackend(MultiTensorBackend):
                 self._check_state(first)
             direction = None
             if refresh:
-                direction = (stride, self._group_hparams(first, runs), direction_valid)
+                direction = (stride, self._group_hparams(first, runs, False), direction_valid)
             k.update_finalize(partials, self._bounds(first, tuple(edges)), widest, ascent,
                               scale_for(grad_scale, device), out,
                               max_grad_norm=runs[0][0]["max_grad_norm"],
@@ -405,7 +405,7 @@ class TritonBackend(MultiTensorBackend):
                 self._check_state(first)
             valid = valid.to(device=device, dtype=torch.float32)
             k.reuse_finalize(partials, self._bounds(first, tuple(edges)), widest, stride,
-                             self._group_hparams(first, runs), scale_for(grad_scale, device),
+                             self._group_hparams(first, runs, True), scale_for(grad_scale, device),
                              valid, out, max_grad_norm=runs[0][0]["max_grad_norm"],
                              skipped_steps=skips.count, last_step_skipped=skips.last,
                              scaler_found_inf=skips.scaler_found_inf if fused_flag else None,

@@ -7,8 +7,8 @@ reflect:  θ ← 2·backup − θ;  g ← −g
 restore:  θ ← backup
 
 ``eps`` and ``fold`` are 0-dim fp32 tensors read on the device. Bytes per fp32 element:
-perturb reads θ, g (8 B) and writes backup, θ, g (12 B; 16 B saving g); reflect reads backup, θ, g (12 B)
-and writes θ, g (8 B); restore reads 4 B and writes 4 B.
+perturb reads θ, g (8 B) and writes backup, θ, g (12 B; 16 B saving g); reflect reads
+backup, θ, g (12 B) and writes θ, g (8 B); restore reads 4 B and writes 4 B.
 """
 from __future__ import annotations
 
