@@ -101,11 +101,11 @@ class ReferencePhases(Backend):
         always = torch.ones_like(skip)
         # per tensor: whether it keeps its old values (a skipped step, or a frozen tensor)
         keep = [always if b.flag(i, FLAG_FROZEN) else skip for i in range(len(b.params))]
-        if direction is not None:  # interval=k refresh: v̂ = a·G + c·g1 into the direction
-            a, c = direction
-            for d, G, k in zip(state_tensors(b, DIRECTION), _up(b.grads), keep):
+        if direction is not None:  # interval=k refresh: v̂ = a·G + c·g1 into the direction,
+            a, c = direction       # zeros when the step is skipped (g1 may hold inf/NaN)
+            for d, G in zip(state_tensors(b, DIRECTION), _up(b.grads)):
                 new = G * a + _up([d])[0] * c
-                d.copy_(torch.where(k, d, new.to(d.dtype)))
+                d.copy_(torch.where(skip, torch.zeros_like(new), new).to(d.dtype))
         self._step(b, torch._foreach_mul(_up(b.grads), gscale), _up(backups), backups, keep)
 
     def reuse_update(self, b, u, v, found_inf):

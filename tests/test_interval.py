@@ -176,6 +176,37 @@ def test_a_skipped_refresh_leaves_the_steps_until_the_next_one_on_g1(backend):
     assert_close(p.detach(), before - 0.1 * g1, 1e-6, "plain step on g1")
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_refresh_skipped_for_a_non_finite_first_gradient_leaves_no_trace(backend, bad):
+    """An inf/NaN in g1 at a refresh: skipped, and the saved g1 must not reach the weights
+    through the direction at the next step (which takes g = g1: no direction is cached)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(20))
+    opt = gr_fused.GRSGD([p], lr=0.1, gamma=0.05, rho=0.1, interval=3, backend=backend)
+    calls = []
+
+    def closure(poison=False):
+        calls.append(1)
+        opt.zero_grad()
+        loss = (p.sin() * p).sum()
+        loss.backward()
+        if poison:
+            p.grad[5] = bad
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    before = p.detach().clone()
+    opt.step(lambda: closure(poison=len(calls) == 4))  # the refresh's g1 has an inf/NaN
+    assert bool(opt.last_step_skipped) and torch.equal(p.detach(), before)
+    with torch.enable_grad():
+        g1 = torch.autograd.grad((p.sin() * p).sum(), p)[0]
+    opt.step(closure)
+    assert torch.isfinite(p).all()
+    assert_close(p.detach(), before - 0.1 * g1, 1e-6, "plain step on g1")
+    assert all(torch.isfinite(st["gr_direction"]).all() for st in opt.state.values())
+
+
 def test_hand_written_loop_follows_refresh_due(backend):
     """With interval=k, loss.backward(); then first_step/backward/second_step when
     opt.refresh_due, else opt.step(): the same as step(closure)."""

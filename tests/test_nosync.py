@@ -1,5 +1,9 @@
-"""The step path makes no host sync (docs/design.md §2, §4): no .item(), bool() or float() of a tensor
-while GRSGD/GRAdamW step. On a GPU, torch.cuda.set_sync_debug_mode checks the same."""
+"""The step path makes no host sync (docs/design.md §2, §4): no .item(), bool() or float() of a
+tensor while GRSGD/GRAdamW step. On a GPU, torch.cuda.set_sync_debug_mode checks the same.
+
+The torch backend reads its skip flag where tensors live in host memory (a CPU: no sync
+there, and torch's foreach optimizers beat its fused kernels); here it is also run as on any
+other device (``TorchBackend.host_devices`` emptied), where it must read nothing."""
 import contextlib
 
 import pytest
@@ -27,6 +31,13 @@ def forbid_host_reads():
             setattr(torch.Tensor, n, f)
 
 
+@pytest.fixture
+def as_on_a_device(monkeypatch):
+    """The torch backend's path for tensors off the host (fused kernels, device flags)."""
+    from gr_fused.backends.torch_backend import TorchBackend
+    monkeypatch.setattr(TorchBackend, "host_devices", set())
+
+
 @pytest.mark.parametrize("backend", [n for n in ("torch", "triton", "cpu")
                                      if gr_fused.backends.unavailable_reason(n, "cpu") is None])
 @pytest.mark.parametrize("make", [
@@ -34,7 +45,7 @@ def forbid_host_reads():
     lambda p, b: gr_fused.GRSGD(p, lr=0.1, momentum=0.9, gamma=0.05, difference="central", backend=b),
     lambda p, b: gr_fused.GRAdamW(p, lr=1e-2, gamma=0.05, backend=b),
 ], ids=["sgd-clip", "sgd-central", "adamw"])
-def test_gr_step_reads_nothing_back_to_the_host(make, backend):
+def test_gr_step_reads_nothing_back_to_the_host(make, backend, as_on_a_device):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     x, y = torch.randn(16, 4), torch.randn(16, 1)

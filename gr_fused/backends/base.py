@@ -192,8 +192,10 @@ class Backend:
         raise NotImplementedError
 
     # --- phase 2 -----------------------------------------------------------------------
-    def perturb(self, b: Bucket, eps: torch.Tensor, fold: torch.Tensor, adaptive: bool) -> None:
-        """backup ← θ;  θ ← θ + eps·w·g  (w = θ² if adaptive else 1);  g ← fold·g."""
+    def perturb(self, b: Bucket, eps: torch.Tensor, fold: torch.Tensor, adaptive: bool,
+                save: bool = False) -> None:
+        """backup ← θ;  θ ← θ + eps·w·g  (w = θ² if adaptive else 1);  g ← fold·g
+        (``save``, interval=k: the DIRECTION state ← g first)."""
         raise NotImplementedError
 
     def reflect(self, b: Bucket) -> None:
@@ -205,7 +207,8 @@ class Backend:
         raise NotImplementedError
 
     # --- phase 3 -----------------------------------------------------------------------
-    def update(self, b: Bucket, gscale: torch.Tensor, found_inf: torch.Tensor) -> None:
+    def update(self, b: Bucket, gscale: torch.Tensor, found_inf: torch.Tensor,
+               direction: Optional[tuple] = None) -> None:
         """If ``found_inf`` (0-dim float, 0 or 1): θ ← backup and nothing else changes.
         Else, with g = gscale·G: θ ← backup then the base update of ``b.algo`` with g
         (``"none"``: θ ← backup and G ← g, for a base optimizer that steps afterwards).
@@ -225,10 +228,12 @@ class Backend:
         tensor of 3 on the device (each term in float64)."""
         raise NotImplementedError
 
-    # perturb(..., save=True) also copies g (before folding) into the DIRECTION state;
-    # update(..., direction=(a, c)) first sets DIRECTION ← a·G + c·DIRECTION (not when
-    # skipped or frozen); reuse_update(b, u, v, found_inf) applies the base update of θ in
-    # place (no backup) with g = u·G + v·DIRECTION; nothing changes when found_inf.
+    # perturb(b, eps, fold, adaptive, save=True) also copies g (before folding) into the
+    # DIRECTION state. update(b, gscale, found_inf, direction=(a, c)) first sets
+    # DIRECTION ← a·G + c·DIRECTION for every tensor, frozen ones included, and zeros when
+    # the step is skipped (the saved g1 may hold inf/NaN). reuse_update(b, u, v, found_inf)
+    # applies the base update of θ in place (no backup) with g = u·G + v·DIRECTION;
+    # nothing changes when found_inf.
 
     def reuse(self, buckets: List[Bucket], grad_scale: Optional[torch.Tensor],
               valid: torch.Tensor, skips: SkipRecord) -> torch.Tensor:

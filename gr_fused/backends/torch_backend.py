@@ -95,6 +95,10 @@ _FUSED_DEVICES = _fused_devices()
 class TorchBackend(Backend):
     name = "torch"
     supports_reuse = True
+    # device types whose tensors live in host memory: reading a flag there is no sync, and
+    # torch's foreach optimizers beat its fused kernels (tests empty it to check the
+    # sync-free path every other device takes)
+    host_devices = {"cpu"}
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> Optional[str]:
@@ -118,7 +122,7 @@ class TorchBackend(Backend):
         # cannot overflow, and an inf/NaN element shows. On a CPU the norms are taken in the
         # compute dtype first (a float64 norm is ~30x slower there) and again in float64
         # only if that sum is not finite (an inf/NaN, or a huge finite gradient).
-        if ts[0].device.type == "cpu":
+        if ts[0].device.type in self.host_devices:
             low = ts[0].dtype in _LOW
             norms = foreach("norm", ts, 2, dtype=torch.float32) if low else foreach("norm", ts, 2)
             total = torch.stack(norms).double().square().sum()
@@ -160,14 +164,13 @@ class TorchBackend(Backend):
     def update(self, b, gscale, found_inf, direction=None):
         backups = self._backups(b)
         live = [i for i in range(len(b.params)) if not b.flag(i, FLAG_FROZEN)]
-        if direction is not None:  # interval=k refresh: v̂ = a·G + c·g1 into the direction
-            a, c = direction
-            dirs = _pick(state_tensors(b, DIRECTION), live)
-            grads = _pick(b.grads, live)
-            kept = [d.clone() for d in dirs]
+        if direction is not None:  # interval=k refresh: v̂ = a·G + c·g1 into the direction,
+            a, c = direction       # zeros when the step is skipped (g1 may hold inf/NaN)
+            dirs = state_tensors(b, DIRECTION)
             foreach("mul_", dirs, [c] * len(dirs))
-            foreach("addcmul_", dirs, grads, [a] * len(dirs))
-            self._where_skipped(dirs, kept, found_inf)
+            foreach("addcmul_", dirs, b.grads, [a] * len(dirs))
+            self._where_skipped(dirs, [torch.zeros((), dtype=d.dtype, device=d.device)
+                                       for d in dirs], found_inf)
         foreach("copy_", b.params, backups)  # θ restored (and left so when skipped or frozen)
         self._step(b, live, found_inf, gscale)
 
@@ -225,7 +228,8 @@ class TorchBackend(Backend):
         # torch's fused kernels, where a device has them (on a CPU its foreach ops are much
         # faster, and reading the flag costs nothing there); they walk contiguous memory
         device = params[0].device.type
-        fused = (device != "cpu" and device in _FUSED_DEVICES and not params[0].is_complex()
+        fused = (device not in self.host_devices and device in _FUSED_DEVICES
+                 and not params[0].is_complex()
                  and all(t.is_contiguous() for ts in (work, wgrads, *wstates.values())
                          for t in ts))
         if not fused and bool(found_inf):  # skipped (a host read, free on a CPU)
