@@ -337,9 +337,11 @@ def _pair(b):
     return prepared(BACKEND, b), ref
 
 
-def _compare(kb, ref, what, before=None, kept=()):
+def _compare(kb, ref, what, before=None, kept=(), refresh=False):
     """θ, the grads and every state tensor (the direction included) within KERNEL_ULPS of the
-    reference, 0-dim state exactly; the tensors in ``kept`` bit for bit as in ``before``."""
+    reference, 0-dim state exactly; the tensors in ``kept`` bit for bit as in ``before``
+    (``refresh``: all but the direction, which a refresh's update writes for every tensor,
+    zeros when the step is skipped)."""
     dtype = kb.dtype
     assert_same_tensors(kb.params, ref.params, dtype, f"{what}: theta")
     for i, (g, w) in enumerate(zip(kb.grads, ref.grads)):  # a poisoned G keeps its inf/NaN
@@ -352,7 +354,7 @@ def _compare(kb, ref, what, before=None, kept=()):
         assert set(st) == set(want), f"{what}: state keys of tensor {i}"
         for key, w in want.items():
             got = st[key]
-            if i in kept:
+            if i in kept and not (refresh and key == DIRECTION):
                 assert torch.equal(got, before[i][key]), f"{what}: {key}[{i}] changed"
             elif w.dim() == 0:
                 assert torch.equal(got, w), f"{what}: {key}[{i}]: {got} vs {w}"
@@ -400,10 +402,10 @@ INTERVAL_ALGO_IDS = ["sgd", "sgd-nesterov", "adamw", "none"]
 @pytest.mark.parametrize("algo,name", INTERVAL_ALGOS, ids=INTERVAL_ALGO_IDS)
 def test_interval_phases(algo, name, dtype, skip):
     """A refresh (perturb saving g1, dots of G and g1, the update caching the direction
-    d = a·G + c·g1; a frozen tensor keeps its direction) and then a reuse step (dots of g1
-    and d, the update from g = u·G + v·d with θ updated in place), each phase against the
-    reference phases. Skipped: θ restored (refresh) or untouched (reuse), nothing else
-    written, the direction included."""
+    d = a·G + c·g1, a frozen tensor's too) and then a reuse step (dots of g1 and d, the
+    update from g = u·G + v·d with θ updated in place), each phase against the reference
+    phases. Skipped: θ restored and the direction zeroed (refresh; g1 holds an inf, which
+    must not stay in it) or untouched (reuse), nothing else written."""
     kb, ref = _pair(_interval_bucket(SMALL, dtype, algo, name))
     pairs = [(kb, ref)]
     eps, fold = device_scalar(0.0371, kb), device_scalar(-0.42, kb)
@@ -418,7 +420,12 @@ def test_interval_phases(algo, name, dtype, skip):
     for x in (kb, ref):
         create_missing_state(x)
         x.flags = list(x.flags or [0] * len(x.params))
-        x.flags[2] |= 2  # FLAG_FROZEN: restored, its state and direction kept
+        x.flags[2] |= 2  # FLAG_FROZEN: restored, its state kept, its direction cached
+    if skip:  # what skips a refresh: an inf/NaN in g1, saved in the direction
+        for x in (kb, ref):
+            dirs = state_of(x, DIRECTION)
+            dirs[2].view(-1)[1] = float("nan")    # the frozen tensor
+            dirs[4].view(-1)[-1] = float("inf")   # a last, masked chunk
     BACKEND.refresh(kb)
     before = _states(kb)
     found = device_scalar(1.0 if skip else 0.0, kb)
@@ -426,7 +433,11 @@ def test_interval_phases(algo, name, dtype, skip):
     BACKEND.update(kb, device_scalar(0.8125, kb), found, direction=direction)
     TORCH.update(ref, device_scalar(0.8125, kb), found, direction=direction)
     kept = range(len(kb.params)) if skip else (2,)
-    _compare(kb, ref, "refresh update", before, kept)
+    _compare(kb, ref, "refresh update", before, kept, refresh=True)
+    if skip:
+        assert all(torch.equal(d, torch.zeros_like(d)) for d in state_of(kb, DIRECTION))
+    else:  # the frozen tensor's direction was written
+        assert not torch.equal(kb.states[2][DIRECTION], before[2][DIRECTION])
     # the reuse step: a fresh gradient, the cached direction, no backup
     _new_gradient(pairs)
     for x in (kb, ref):
@@ -528,7 +539,10 @@ def check_fused_interval(buckets, scale=None, refresh_poison=None, reuse_poison=
         for r in members:
             TORCH.update(r, out[i], found_inf, direction=(out[G + 1 + i], out[2 * G + 1 + i]))
     for (kb, r), was in zip(pairs, before):
-        _compare(kb, r, "refresh update", was, range(len(kb.params)) if skipped else ())
+        _compare(kb, r, "refresh update", was, range(len(kb.params)) if skipped else (),
+                 refresh=True)
+        if skipped:
+            assert all(torch.equal(d, torch.zeros_like(d)) for d in state_of(kb, DIRECTION))
     # a reuse step with the direction just cached (or none, valid = 0, if skipped)
     _new_gradient(pairs, reuse_poison)
     for kb, r in pairs:
@@ -583,9 +597,9 @@ def test_fused_interval_several_groups_tables_and_dtypes(algo):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("when", ["refresh", "reuse"])
 def test_fused_interval_skips_on_inf_or_nan(when):
-    """An inf in G at the refresh: θ restored, no state or direction written, valid = 0
-    (the reuse that follows is a step on g1 alone); a NaN in g1 at a reuse: nothing
-    written."""
+    """An inf in G at the refresh: θ restored, no state written but the direction's
+    zeros, valid = 0 (the reuse that follows is a step on g1 alone); a NaN in g1 at a
+    reuse: nothing written."""
     buckets = [_interval_bucket(SMALL, torch.float32, "sgd", "momentum-wd", with_state=True,
                                 gr=scalar_group(max_grad_norm=1.0))]
     check_fused_interval(buckets, refresh_poison=float("inf") if when == "refresh" else None,

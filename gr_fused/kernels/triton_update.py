@@ -11,7 +11,8 @@ base update in the operation order of ``gr_fused/backends/torch_backend.py``:
   none   θ = backup;  G = g   (a torch optimizer steps afterwards)
 
 When ``found_inf`` is set, or for a tensor flagged FROZEN, the kernel only stores θ = backup:
-nothing else is read or written (a state buffer created for this step keeps its zeros).
+no other state is read or written (a state buffer created for this step keeps its zeros);
+only a refresh's direction is, as below.
 Host-side coefficients (1 − damp, 1 − lr·wd, ...) are computed in Python double precision
 and passed as fp32, as torch passes its scalars; where torch rounds once (``add(alpha=s)``,
 ``addcmul``: an FMA) the kernels use ``fma``. AdamW's bias corrections lr/(1 − β1^step) and
@@ -22,8 +23,9 @@ hyperparameters, rounded once to fp32, as torch.optim.AdamW computes them
 With interval=k (``MODE``) the same kernels also handle the cached direction d (the
 direction state of each tensor, whose addresses a :class:`~.triton_common.StateRow` holds):
 
-  refresh  d = a·G + c·d first (d held g1), then the update above; nothing changes in d
-           when the step is skipped or the tensor frozen
+  refresh  d = a·G + c·d first (d held g1), then the update above; a frozen tensor's d
+           too (its θ only restored); when the step is skipped d = 0 (the saved g1 may
+           hold inf/NaN, which the next step's v·d with v = 0 would carry into θ)
   reuse    g = u·G + v·d (G is the one gradient g1 of the step), then the base update from θ
            itself (there is no backup) into θ; none: G = g. When skipped, nothing is
            written at all.
@@ -34,6 +36,8 @@ tests/reference_phases.py computes them.
 Bytes per fp32 element: sgd with momentum reads backup, G, buf (12 B) and writes θ, buf
 (8 B); adamw reads 16 B and writes 12 B; none reads 8 B and writes 8 B. A refresh adds d
 (read 4 B, written 4 B); a reuse reads θ instead of the backup and d besides G (+4 B read).
+A skipped refresh writes d's zeros besides θ (+4 B); a frozen tensor in a refresh reads G
+and d and writes d besides θ.
 """
 from __future__ import annotations
 
@@ -58,6 +62,12 @@ PLAIN, REFRESH, REUSE = 0, 1, 2  # MODE_PLAIN, MODE_REFRESH, MODE_REUSE
 
 
 @triton.jit
+def _mix(G, d, dir_g, dir_d):
+    """A refresh's new direction a·G + c·d: two fp32 products and a sum."""
+    return G * dir_g + d * dir_d
+
+
+@triton.jit
 def _gradient(grad, direction, mask, gscale, dir_g, dir_d, MODE: tl.constexpr,
               MASKED: tl.constexpr):
     """g = gscale·G, or in a reuse g = gscale·G + dir_d·d (gscale = u, dir_d = v); a refresh
@@ -66,7 +76,7 @@ def _gradient(grad, direction, mask, gscale, dir_g, dir_d, MODE: tl.constexpr,
     g = G * gscale
     if MODE == MODE_REFRESH:
         d = load(direction, mask, MASKED).to(tl.float32)
-        store(direction, to_storage(G * dir_g + d * dir_d, direction.dtype.element_ty), mask,
+        store(direction, to_storage(_mix(G, d, dir_g, dir_d), direction.dtype.element_ty), mask,
               MASKED)
     if MODE == MODE_REUSE:
         g = g + load(direction, mask, MASKED).to(tl.float32) * dir_d
@@ -101,8 +111,8 @@ def _walk(layout_ptr, ptrs_ptr, backup_ptr, dir_ptrs_ptr, found_inf_ptr, C, T,
           MODE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """What every update kernel's program starts with: its chunk, the tensor's flags, θ,
     where θ is updated from (the backup, or θ itself in a reuse), the direction (or a
-    stand-in), whether this tensor is left as it is (skipped or frozen) and whether the
-    chunk is full."""
+    stand-in), whether the step is skipped, whether this tensor is left as it is (skipped
+    or frozen) and whether the chunk is full."""
     t, start, n, offset = chunk_of(layout_ptr, C, T, BLOCK)
     dtype = backup_ptr.dtype.element_ty
     flags = tl.load(ptrs_ptr + ROW_FLAGS * T + t)
@@ -114,18 +124,45 @@ def _walk(layout_ptr, ptrs_ptr, backup_ptr, dir_ptrs_ptr, found_inf_ptr, C, T,
     direction = param
     if MODE != MODE_PLAIN:
         direction = row_pointer(dir_ptrs_ptr, 0, T, t, dtype, ALIGNED)
-    keep = (tl.load(found_inf_ptr) != 0) | ((flags & FLAG_FROZEN) != 0)
-    return t, start, n, flags, param, origin, direction, keep, start + BLOCK <= n
+    skipped = tl.load(found_inf_ptr) != 0
+    keep = skipped | ((flags & FLAG_FROZEN) != 0)
+    return t, start, n, flags, param, origin, direction, skipped, keep, start + BLOCK <= n
 
 
 @triton.jit
-def _keep(param, origin, offs, n, full, MODE: tl.constexpr):
-    """A skipped step or a frozen tensor: θ ← backup (nothing at all in a reuse)."""
+def _kept_direction(grad, direction, mask, skipped, dir_g, dir_d, MASKED: tl.constexpr):
+    """A refresh's direction where θ is only restored: zeros when the step is skipped (the
+    saved g1 may hold inf/NaN, which a reuse step's 0·d would carry into θ), else (a frozen
+    tensor) d = a·G + c·d."""
+    dtype = direction.dtype.element_ty
+    if skipped:
+        store(direction, to_storage(tl.zeros(mask.shape, dtype=tl.float32), dtype), mask, MASKED)
+    else:
+        G = load(grad, mask, MASKED).to(tl.float32)
+        d = load(direction, mask, MASKED).to(tl.float32)
+        store(direction, to_storage(_mix(G, d, dir_g, dir_d), dtype), mask, MASKED)
+
+
+@triton.jit
+def _keep(ptrs_ptr, T, t, param, origin, direction, offs, n, full, skipped, dir_g_ptr,
+          dir_d_ptr, MODE: tl.constexpr, ALIGNED: tl.constexpr):
+    """A skipped step or a frozen tensor: θ ← backup (nothing at all in a reuse); in a
+    refresh the direction too (:func:`_kept_direction`). The rare path: everything it needs
+    beyond θ and the backup is read here."""
     if MODE != MODE_REUSE:
         if full:
             copy_chunk(param + offs, origin + offs, offs < n, False)
         else:
             copy_chunk(param + offs, origin + offs, offs < n, True)
+    if MODE == MODE_REFRESH:
+        grad = row_pointer(ptrs_ptr, ROW_GRAD, T, t, origin.dtype.element_ty, ALIGNED)
+        dir_g, dir_d = _scalar(dir_g_ptr), _scalar(dir_d_ptr)
+        if full:
+            _kept_direction(grad + offs, direction + offs, offs < n, skipped, dir_g, dir_d,
+                            False)
+        else:
+            _kept_direction(grad + offs, direction + offs, offs < n, skipped, dir_g, dir_d,
+                            True)
 
 
 @triton.jit
@@ -139,11 +176,12 @@ def _sgd_kernel(layout_ptr, ptrs_ptr, backup_ptr, dir_ptrs_ptr, gscale_ptr, foun
                 dir_g_ptr, dir_d_ptr, C, T, neg_lr, momentum, one_minus_dampening, weight_decay,
                 HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                 MODE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, n, flags, param, origin, direction, keep, full = _walk(
+    t, start, n, flags, param, origin, direction, skipped, keep, full = _walk(
         layout_ptr, ptrs_ptr, backup_ptr, dir_ptrs_ptr, found_inf_ptr, C, T, MODE, ALIGNED, BLOCK)
     offs = start + tl.arange(0, BLOCK)
     if keep:
-        _keep(param, origin, offs, n, full, MODE)
+        _keep(ptrs_ptr, T, t, param, origin, direction, offs, n, full, skipped, dir_g_ptr,
+              dir_d_ptr, MODE, ALIGNED)
     else:
         dtype = backup_ptr.dtype.element_ty
         grad = row_pointer(ptrs_ptr, ROW_GRAD, T, t, dtype, ALIGNED)
@@ -185,11 +223,12 @@ def _adamw_kernel(layout_ptr, ptrs_ptr, backup_ptr, dir_ptrs_ptr, gscale_ptr, fo
                   dir_g_ptr, dir_d_ptr, C, T, lr_bits, beta1_bits, beta2_bits, decay,
                   one_minus_beta1, beta2, one_minus_beta2, eps, MODE: tl.constexpr,
                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, n, flags, param, origin, direction, keep, full = _walk(
+    t, start, n, flags, param, origin, direction, skipped, keep, full = _walk(
         layout_ptr, ptrs_ptr, backup_ptr, dir_ptrs_ptr, found_inf_ptr, C, T, MODE, ALIGNED, BLOCK)
     offs = start + tl.arange(0, BLOCK)
     if keep:
-        _keep(param, origin, offs, n, full, MODE)
+        _keep(ptrs_ptr, T, t, param, origin, direction, offs, n, full, skipped, dir_g_ptr,
+              dir_d_ptr, MODE, ALIGNED)
     else:
         dtype = backup_ptr.dtype.element_ty
         grad = row_pointer(ptrs_ptr, ROW_GRAD, T, t, dtype, ALIGNED)
@@ -225,11 +264,12 @@ def _combine_chunk(param, grad, origin, direction, mask, gscale, dir_g, dir_d,
 def _restore_combine_kernel(layout_ptr, ptrs_ptr, backup_ptr, dir_ptrs_ptr, gscale_ptr,
                             found_inf_ptr, dir_g_ptr, dir_d_ptr, C, T, MODE: tl.constexpr,
                             ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, n, flags, param, origin, direction, keep, full = _walk(
+    t, start, n, flags, param, origin, direction, skipped, keep, full = _walk(
         layout_ptr, ptrs_ptr, backup_ptr, dir_ptrs_ptr, found_inf_ptr, C, T, MODE, ALIGNED, BLOCK)
     offs = start + tl.arange(0, BLOCK)
     if keep:
-        _keep(param, origin, offs, n, full, MODE)
+        _keep(ptrs_ptr, T, t, param, origin, direction, offs, n, full, skipped, dir_g_ptr,
+              dir_d_ptr, MODE, ALIGNED)
     else:
         grad = row_pointer(ptrs_ptr, ROW_GRAD, T, t, backup_ptr.dtype.element_ty, ALIGNED)
         gscale, dir_g, dir_d = _scalar(gscale_ptr), _scalar(dir_g_ptr), _scalar(dir_d_ptr)
