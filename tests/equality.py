@@ -1,5 +1,5 @@
 """Shared equality harness: every backend is checked against the torch backend with these
-cases (docs/design.md §5), so the Triton, CUDA, host-C++ and flat-buffer suites share one definition.
+cases (docs/design.md §5), so the Triton, CUDA and host-C++ suites share one definition.
 
 A case builds fresh random parameters (sizes that are not multiples of a block, 1-element
 tensors, many tiny tensors, mixed dtypes, several groups, params without grads), an

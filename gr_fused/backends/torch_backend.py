@@ -51,8 +51,9 @@ _PER_TENSOR: Dict[tuple, bool] = {}  # (op, device type) -> the device lacks the
 
 def foreach(op: str, *lists: Sequence, **kwargs):
     """``torch._foreach_<op>(*lists, **kwargs)``, or, where the device has no such foreach op,
-    the same op tensor by tensor (said once per op and device type in a warning). Each list
-    argument is a list of tensors or of scalars; ``op`` ending in ``_`` is in place."""
+    the same op tensor by tensor (said once per op and device type in a warning). Each
+    positional argument is a list (of tensors or scalars, one per tensor) or one scalar for
+    all; ``op`` ending in ``_`` is in place."""
     tensors = lists[0]
     if not tensors:
         return None if op.endswith("_") else []
@@ -67,8 +68,27 @@ def foreach(op: str, *lists: Sequence, **kwargs):
             warnings.warn(f"gr_fused backend 'torch': {tensors[0].device.type} tensors have no "
                           f"torch._foreach_{op}; it runs tensor by tensor ({exc})", stacklevel=3)
     fn = getattr(torch.Tensor, op)
-    out = [fn(*args, **kwargs) for args in zip(*lists)]
+    per_tensor = [a if isinstance(a, (list, tuple)) else [a] * len(tensors) for a in lists]
+    out = [fn(*args, **kwargs) for args in zip(*per_tensor)]
     return None if op.endswith("_") else out
+
+
+def _base_foreach(device: torch.device) -> bool:
+    """Whether torch's optimizers can take their foreach path on ``device`` (a probe on
+    one-element tensors, once per device type; without it they run tensor by tensor)."""
+    key = ("optimizer", device.type)
+    if key not in _PER_TENSOR:
+        probe = [torch.zeros(1, device=device)]
+        try:
+            torch._foreach_add_(probe, probe, alpha=1.0)
+            torch._foreach_mul_(probe, 1.0)
+            torch._foreach_addcmul_(probe, probe, probe, value=1.0)
+            _PER_TENSOR[key] = False
+        except (NotImplementedError, RuntimeError) as exc:
+            if not _missing_op(exc):
+                raise
+            _PER_TENSOR[key] = True
+    return not _PER_TENSOR[key]
 
 
 def _pick(items: Sequence, idx: List[int]) -> list:
@@ -235,7 +255,7 @@ class TorchBackend(Backend):
         if not fused and bool(found_inf):  # skipped (a host read, free on a CPU)
             return
         kw = dict(fused=True, found_inf=found_inf.to(torch.float32)) if fused else \
-            dict(foreach=True)
+            dict(foreach=_base_foreach(params[0].device))
         group = b.group
         if b.algo == "sgd":
             self._sgd(b, live, work, wgrads, wstates.get("momentum_buffer"), group, kw,

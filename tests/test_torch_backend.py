@@ -1,0 +1,67 @@
+"""The torch backend on a device that lacks a foreach op: that op runs tensor by tensor, said
+once in a warning, with the same results (forced here by making the foreach ops raise as
+torch does for a device without the kernel)."""
+import warnings
+
+import pytest
+import torch
+
+import gr_fused
+from gr_fused.backends import torch_backend
+
+MISSING = ("mul_", "addcmul_", "copy_", "norm", "add_", "neg_")
+
+
+def _run(steps=3):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    opt = gr_fused.GRSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2,
+                         gamma=0.05, difference="central", backend="torch")
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    for _ in range(steps):
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.fixture
+def without_foreach(monkeypatch):
+    def missing(name):
+        def raiser(*args, **kwargs):
+            raise NotImplementedError(f"Could not run 'aten::_foreach_{name}' with arguments "
+                                      "from the 'CPU' backend")
+        return raiser
+    for name in MISSING:
+        monkeypatch.setattr(torch, f"_foreach_{name}", missing(name))
+    monkeypatch.setattr(torch_backend, "_PER_TENSOR", {})
+
+
+def test_ops_a_device_lacks_run_tensor_by_tensor_with_one_warning(without_foreach):
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        got = _run()
+    said = [str(r.message) for r in records if "tensor by tensor" in str(r.message)]
+    ops = {m.split("torch._foreach_")[1].split(";")[0] for m in said}
+    assert len(said) == len(ops), "one warning per missing op"
+    assert {"mul_", "addcmul_", "copy_", "norm"} <= ops
+    torch_backend._PER_TENSOR.clear()
+    with pytest.MonkeyPatch.context() as undo:  # the real foreach ops for the reference
+        for name in MISSING:
+            undo.setattr(torch, f"_foreach_{name}", getattr(torch._C._VariableFunctions,
+                                                              f"_foreach_{name}"))
+        want = _run()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_a_real_error_is_not_taken_for_a_missing_op(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("The size of tensor a (3) must match the size of tensor b (4)")
+    monkeypatch.setattr(torch, "_foreach_addcmul_", broken)
+    monkeypatch.setattr(torch_backend, "_PER_TENSOR", {})
+    with pytest.raises(RuntimeError, match="must match"):
+        _run(steps=1)
