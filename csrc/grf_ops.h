@@ -284,6 +284,40 @@ template <class T> struct RestoreChunk {
   template <int V> GRF_HD void apply(int64_t i) const { st<V>(theta, i, ld<V>(backup, i)); }
 };
 
+// θ = backup, and an interval=k refresh's direction: zeros (ZERO: the step is skipped; the
+// saved g1 may hold inf/NaN) or G·a + d·c (a frozen tensor).
+template <class T, bool ZERO> struct RestoreDirChunk {
+  using value_type = T;
+  using C = compute_t<T>;
+  static constexpr bool kThetaWriteOnly = true;
+  T* theta;
+  const T* backup;
+  const T* G;  // null when ZERO
+  T* d;
+  C a, c;
+
+  GRF_HD bool aligned16() const {
+    return (addr(theta) | addr(backup) | addr(G) | addr(d)) % 16 == 0;
+  }
+  RestoreDirChunk at(int64_t k) const {
+    return RestoreDirChunk{theta + k, backup + k, ZERO ? G : G + k, d + k, a, c};
+  }
+  template <int V> GRF_HD void apply(int64_t i) const {
+    st<V>(theta, i, ld<V>(backup, i));
+    Pack<T, V> dp;
+    if constexpr (ZERO) {
+GRF_UNROLL
+      for (int k = 0; k < V; ++k) dp.v[k] = from_c<T>(C(0));
+    } else {
+      const Pack<T, V> gp = ld<V>(G, i);
+      dp = ld<V>(d, i);
+GRF_UNROLL
+      for (int k = 0; k < V; ++k) dp.v[k] = from_c<T>(cache_direction(to_c(gp.v[k]), to_c(dp.v[k]), a, c));
+    }
+    st<V>(d, i, dp);
+  }
+};
+
 // The gradient an update of kind KIND (grf_api.h's UpdateKind) applies, from G and the
 // direction d: kPlain g = gscale·G (s0 = gscale); kCache the same, and d = a·G + c·d first
 // (s1 = a, s2 = c); kReuse g = u·G + v·d (s0 = u, s1 = v).
@@ -484,8 +518,9 @@ template <class T> struct RestoreOp {
 };
 
 // Phase 3 reads its step scalars (s0, s1, s2: see UpdateKind) and found_inf; when found_inf
-// is set, θ = backup and nothing else is written (kReuse: nothing at all). A tensor flagged
-// FROZEN is treated so too.
+// is set, θ = backup and nothing else is written (kReuse: nothing at all; kCache: the
+// direction is zeroed). A tensor flagged FROZEN is treated so too (kCache: its direction
+// still gets G·a + d·c).
 template <class T, int KIND> struct UpdateScalars {
   using C = compute_t<T>;
   const C* s0_at;
@@ -505,6 +540,21 @@ template <class T, int KIND> struct UpdateScalars {
   // true: this chunk's θ = backup and nothing else (kReuse: nothing)
   GRF_HD bool keeps(const TableView& tb, const Span& s) const {
     return skip || (tb.flags(s) & kFrozen);
+  }
+  // Hands f the chunk view of a chunk that keeps its values (a skipped step, a frozen
+  // tensor); see above.
+  template <class F> GRF_HD void keep(const TableView& tb, const Span& s, F&& f) const {
+    if constexpr (KIND == kPlain) {
+      f(RestoreChunk<T>{tb.row<T>(kParam, s), tb.backup_at<const T>(s)});
+    } else if constexpr (KIND == kCache) {
+      T* d = dir_at<T>(global(dirs), s);
+      if (skip)
+        f(RestoreDirChunk<T, true>{tb.row<T>(kParam, s), tb.backup_at<const T>(s), nullptr, d,
+                                   C(0), C(0)});
+      else
+        f(RestoreDirChunk<T, false>{tb.row<T>(kParam, s), tb.backup_at<const T>(s),
+                                    tb.row<const T>(kGrad, s), d, s1, s2});
+    }
   }
   // the chunk's gradient source
   GRF_HD GradSource<T, KIND> source(const TableView& tb, const Span& s) const {
@@ -527,8 +577,7 @@ template <class T, int KIND> struct UpdateNoneOp {
   GRF_HD void prepare() { s.read(); }
   template <class F> GRF_HD void visit(const TableView& tb, const Span& sp, F&& f) const {
     if (s.keeps(tb, sp)) {
-      if constexpr (KIND != kReuse)
-        f(RestoreChunk<T>{tb.row<T>(kParam, sp), tb.backup_at<const T>(sp)});
+      s.keep(tb, sp, f);
       return;
     }
     if constexpr (KIND == kReuse)
@@ -555,8 +604,7 @@ template <class T, int KIND> struct UpdateSgdOp {
   }
   template <class F> GRF_HD void visit(const TableView& tb, const Span& sp, F&& f) const {
     if (s.keeps(tb, sp)) {
-      if constexpr (KIND != kReuse)
-        f(RestoreChunk<T>{tb.row<T>(kParam, sp), tb.backup_at<const T>(sp)});
+      s.keep(tb, sp, f);
       return;
     }
     T* theta = tb.row<T>(kParam, sp);
@@ -589,8 +637,7 @@ template <class T, int KIND> struct UpdateAdamwOp {
   }
   template <class F> GRF_HD void visit(const TableView& tb, const Span& sp, F&& f) const {
     if (s.keeps(tb, sp)) {
-      if constexpr (KIND != kReuse)
-        f(RestoreChunk<T>{tb.row<T>(kParam, sp), tb.backup_at<const T>(sp)});
+      s.keep(tb, sp, f);
       return;
     }
     const float step = *global(reinterpret_cast<const float*>(tb.ptrs[kStep * tb.num_tensors + sp.t]));
