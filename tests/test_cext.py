@@ -802,11 +802,8 @@ def test_tensor_lr_is_read_by_the_kernels_not_the_host(lib):
     def run(name, lr, steps=3):
         torch.manual_seed(3)
         params = [torch.randn(s, requires_grad=True) for s in (7, 300, 4099)]
-        # the torch backend's foreach AdamW on a CPU takes no tensor lr: it gets the values
-        # the tensor holds at each optimizer's steps, as numbers
-        lrs = (lr, lr) if name == "cpu" else (float(lr), float(lr * 0.5))
-        opts = [gr_fused.GRSGD(params, lr=lrs[0], momentum=0.9, gamma=0.05, backend=name),
-                gr_fused.GRAdamW(params, lr=lrs[1], gamma=0.05, backend=name)]
+        opts = [gr_fused.GRSGD(params, lr=lr, momentum=0.9, gamma=0.05, backend=name),
+                gr_fused.GRAdamW(params, lr=lr, gamma=0.05, backend=name)]
         for opt in opts:
             opt.step(E.closure_for(opt, params))  # creates state
             ctx = forbid_host_reads() if name == "cpu" else _nothing()

@@ -147,6 +147,38 @@ def test_resume_in_the_middle_of_a_cycle_is_bit_for_bit(backend, make):
         assert torch.equal(a, b)
 
 
+def test_a_direction_of_another_memory_layout_is_followed_not_misread(backend):
+    """A cached direction whose memory layout differs from its parameter's (a checkpoint
+    written elsewhere may bring one): that tensor takes the per-tensor path with one
+    warning, and the steps equal the torch backend's."""
+    def run(b):
+        model, opt, _ = _run(b, steps=4)  # step 4 reuses the cache
+        w = model[0].weight
+        d = opt.state[w]["gr_direction"]
+        opt.state[w]["gr_direction"] = d.t().contiguous().t()  # same values, transposed memory
+        x, y = DATA
+        with pytest.warns(UserWarning, match="gr_direction") if b != "torch" else _quiet():
+            for _ in range(4):
+                def closure():
+                    opt.zero_grad()
+                    loss = F.mse_loss(model(x), y)
+                    loss.backward()
+                    return loss
+                gr_step(opt, closure)
+        return model
+    got, want = run(backend), run("torch")
+    for a, b in zip(got.parameters(), want.parameters()):
+        assert_close(a, b, 1e-6, f"{backend} vs torch")
+
+
+class _quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def test_a_skipped_refresh_leaves_the_steps_until_the_next_one_on_g1(backend):
     """An inf in the refresh's second gradient: the step is skipped and the cached direction
     is gone, so the steps up to the next refresh are plain SGD steps on g1."""

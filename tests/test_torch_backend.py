@@ -65,3 +65,34 @@ def test_a_real_error_is_not_taken_for_a_missing_op(monkeypatch):
     monkeypatch.setattr(torch_backend, "_PER_TENSOR", {})
     with pytest.raises(RuntimeError, match="must match"):
         _run(steps=1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps, lr: gr_fused.GRSGD(ps, lr=lr, momentum=0.9, gamma=0.05, backend="torch"),
+    lambda ps, lr: gr_fused.GRAdamW(ps, lr=lr, gamma=0.05, backend="torch"),
+], ids=["GRSGD", "GRAdamW"])
+def test_a_tensor_lr_steps_as_its_value_does(make):
+    """torch.optim takes lr as a tensor (schedulers and capturable setups do); the step at each
+    moment uses the value the tensor holds, changed in place between steps."""
+    def run(lr_of_step):
+        torch.manual_seed(1)
+        params = [torch.randn(s, requires_grad=True) for s in ((4, 3), (3,), (50,))]
+        opt = make(params, lr_of_step(0))
+        for step in range(4):
+            if isinstance(opt.param_groups[0]["lr"], torch.Tensor):
+                opt.param_groups[0]["lr"].fill_(lr_of_step(step))
+            else:
+                opt.param_groups[0]["lr"] = lr_of_step(step)
+
+            def closure():
+                opt.zero_grad()
+                loss = sum((p * p).sum() + p.sin().sum() for p in params)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        return params
+    schedule = [0.05, 0.02, 0.01, 0.03]
+    got = run(lambda s: torch.tensor(schedule[s]) if s == 0 else schedule[s])
+    want = run(lambda s: schedule[s])
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

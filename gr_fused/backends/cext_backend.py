@@ -31,7 +31,6 @@ finalize, and the base update of θ in place with g = u·g1 + v·v̂.
 """
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -40,7 +39,7 @@ from .. import _ext
 from .base import (DIRECTION, Bucket, fusable_groups, fusable_scaler_flag, group_runs,
                    scale_for, state_tensors)
 from .multi_tensor import MultiTensorBackend
-from .tensor_table import STATE_ROWS, rows_of, why_not_walkable
+from .tensor_table import STATE_ROWS, rows_of
 from .torch_backend import TorchBackend, compute_dtype
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -67,28 +66,6 @@ class _CompiledBackend(MultiTensorBackend):
     @classmethod
     def _device_reason(cls, device: torch.device) -> Optional[str]:
         return None
-
-    def _walkable(self, b: Bucket) -> Optional[List[int]]:
-        """MultiTensorBackend's choice, with interval=k's direction state checked like the
-        base update's state (the kernels walk it too)."""
-        if b.gr.get("interval", 1) <= 1:
-            return super()._walkable(b)
-        rows = STATE_ROWS[b.algo] + (DIRECTION,)
-        reasons = []
-        for p, g, st in zip(b.params, b.grads, b.states):
-            if p.dtype not in self.supported_dtypes:
-                reasons.append(f"dtype {p.dtype} has no kernel")
-            else:
-                reasons.append(why_not_walkable(p, g, st, rows))
-        if not any(reasons):
-            return None
-        why = sorted({r for r in reasons if r})
-        if not b.extra.get("warned"):
-            b.extra["warned"] = True
-            warnings.warn(f"gr_fused backend {self.name!r}: {sum(map(bool, reasons))} of "
-                          f"{len(reasons)} tensors take the per-tensor torch path because of "
-                          f"{'; '.join(why)}", stacklevel=5)
-        return [i for i, r in enumerate(reasons) if not r]
 
     # ------------------------------------------------------------------ plumbing
     def _where(self, device: torch.device) -> Tuple[int, int, int]:

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import Backend, Bucket
+from .base import DIRECTION, Backend, Bucket
 from .tensor_table import STATE_ROWS, TensorTable, why_not_walkable
 
 _data_ptr = torch.Tensor.data_ptr
@@ -62,8 +62,9 @@ class MultiTensorBackend(Backend):
 
     def _walkable(self, b: Bucket) -> Optional[List[int]]:
         """The indices of the tensors a kernel can walk (None: all of them); the others are
-        named once in a warning."""
-        rows = STATE_ROWS[b.algo]
+        named once in a warning. interval=k's cached direction is walked like the base
+        update's state."""
+        rows = STATE_ROWS[b.algo] + ((DIRECTION,) if b.gr.get("interval", 1) > 1 else ())
         reasons = []
         for p, g, st in zip(b.params, b.grads, b.states):
             if p.dtype not in self.supported_dtypes:

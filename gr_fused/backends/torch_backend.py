@@ -257,6 +257,10 @@ class TorchBackend(Backend):
         kw = dict(fused=True, found_inf=found_inf.to(torch.float32)) if fused else \
             dict(foreach=_base_foreach(params[0].device))
         group = b.group
+        if not fused and isinstance(group["lr"], torch.Tensor):
+            # torch's foreach kernels take a tensor lr only when capturable; its value is
+            # read here as torch's single-tensor path reads it (the flag was read above)
+            group = {**group, "lr": group["lr"].item()}
         if b.algo == "sgd":
             self._sgd(b, live, work, wgrads, wstates.get("momentum_buffer"), group, kw,
                       found_inf)
