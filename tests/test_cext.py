@@ -798,7 +798,8 @@ def test_unwalkable_tensors_take_the_torch_path_with_a_warning(lib):
 def test_tensor_lr_is_read_by_the_kernels_not_the_host(lib):
     """A tensor lr goes to the kernel by address: no host read during a step, the value at
     the step is used (a scheduler may change it in place), and the result matches the torch
-    backend (which reads it with .item())."""
+    backend (which reads it with .item()) within the fp32 tolerance of a few steps (the two
+    round SGD's momentum update in different orders)."""
     def run(name, lr, steps=3):
         torch.manual_seed(3)
         params = [torch.randn(s, requires_grad=True) for s in (7, 300, 4099)]
@@ -818,7 +819,7 @@ def test_tensor_lr_is_read_by_the_kernels_not_the_host(lib):
         got = run("cpu", torch.tensor(0.05, dtype=dtype))
         want = run("torch", torch.tensor(0.05, dtype=dtype))
         for g, w in zip(got, want):
-            E.ulp_close(g, w, 8, f"theta with a {dtype} lr")
+            E.assert_close(g, w, 1e-6, f"theta with a {dtype} lr")
 
 
 class _nothing:
