@@ -20,6 +20,8 @@ the SAM pattern's step took ~15% longer than beside ours alone.)
 * the popular per-parameter SAM pattern (``SAMPattern``: clone θ per tensor, a Python loop
   of adds, then torch.optim.SGD);
 * a plain torch.optim.SGD momentum step, for scale;
+* the pure-PyTorch backend against the SAM pattern, each in its own pair: ``GRSGD`` and
+  ``gr_fused.SAM`` around torch.optim.SGD (``backend="torch"``);
 
 then each element-wise phase of the host build alone (norm, perturb, update) with its GB/s
 over the bytes it must move (bench_kernels.PHASE_BYTES: 48 B per fp32 parameter for the
@@ -118,6 +120,9 @@ class Setup:
         if method.startswith("gr_fused"):
             self.opt = gr_fused.GRSGD(self.params, gamma=0.02, rho=0.05,
                                       backend=method.split()[1], **SGD)
+        elif method == "SAM torch":
+            self.opt = gr_fused.SAM(self.params, torch.optim.SGD, rho=0.05, backend="torch",
+                                    **SGD)
         elif method == "SAM pattern":
             self.opt = SAMPattern(self.params, rho=0.05, **SGD)
         elif method == "torch SGD":
@@ -229,26 +234,39 @@ def paired_ratio(a: List[float], b: List[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def pair(a: "Setup", b: "Setup", rounds: int, warmup: int):
+    """Steps of ``a`` and ``b`` interleaved round by round (which goes first alternates):
+    their times after ``warmup`` rounds."""
+    times_a, times_b = [], []
+    for r in range(warmup + rounds):
+        if r % 2:
+            t_b, t_a = b.step(), a.step()
+        else:
+            t_a, t_b = a.step(), b.step()
+        if r >= warmup:
+            times_a.append(t_a)
+            times_b.append(t_b)
+    return times_a, times_b
+
+
 def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2,
         grad_order: str = "backward") -> dict:
     sizes = split(numel, n_tensors)
-    setups = {m: Setup(m, sizes, grad_order=grad_order) for m in METHODS}
+    setups = {m: Setup(m, sizes, grad_order=grad_order) for m in METHODS + ["SAM torch"]}
     ours = METHODS[0]
     times: Dict[str, List[float]] = {m: [] for m in METHODS}
     paired: Dict[str, List[float]] = {}
     for other in METHODS[1:]:  # each method in its own pair with ours, interleaved
-        mine, theirs = [], []
-        for r in range(warmup + rounds):
-            if r % 2:
-                t_theirs, t_mine = setups[other].step(), setups[ours].step()
-            else:
-                t_mine, t_theirs = setups[ours].step(), setups[other].step()
-            if r >= warmup:
-                mine.append(t_mine)
-                theirs.append(t_theirs)
+        mine, theirs = pair(setups[ours], setups[other], rounds, warmup)
         times[ours] += mine
         times[other] = theirs
         paired[other] = [a / b for a, b in zip(mine, theirs)]
+    # the pure-PyTorch backend against the SAM pattern, each in its own pair: GRSGD, and
+    # gr_fused.SAM around torch.optim.SGD
+    torch_vs_sam = {}
+    for name in ("gr_fused torch", "SAM torch"):
+        mine, theirs = pair(setups[name], setups["SAM pattern"], rounds, warmup)
+        torch_vs_sam[name] = statistics.median(a / b for a, b in zip(mine, theirs))
     backends = setups[ours].opt.backends
     del setups
     phase_ms = phase_times(sizes, rounds)
@@ -263,6 +281,7 @@ def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2,
         "ratio_cpu_vs_sam": statistics.median(paired["SAM pattern"]),
         "ratio_cpu_vs_torch_backend": statistics.median(paired["gr_fused torch"]),
         "ratio_cpu_vs_torch_sgd": statistics.median(paired["torch SGD"]),
+        "ratio_torch_backend_vs_sam": torch_vs_sam,
         "gr_step_gbps": STEP_BYTES * numel / (ms["gr_fused cpu"] * 1e-3) / 1e9,
         # each phase alone: GB/s over the bytes it reads and writes (PHASE_BYTES)
         "phases": {name: {"ms": t, "gbps": 4 * sum(PHASE_BYTES[name]) * numel / (t * 1e-3) / 1e9}
@@ -284,6 +303,9 @@ def table(res: dict) -> str:
               f"host build / torch backend: {res['ratio_cpu_vs_torch_backend']:.2f}x   "
               f"host build / torch SGD: {res['ratio_cpu_vs_torch_sgd']:.2f}x   "
               "(medians of the per-round ratios)",
+              "torch backend / SAM pattern, each in its own pair: " + "   ".join(
+                  f"{'GRSGD' if k == 'gr_fused torch' else 'SAM'} {v:.2f}x"
+                  for k, v in res["ratio_torch_backend_vs_sam"].items()),
               f"the host build's step moves {STEP_BYTES} B/param at {res['gr_step_gbps']:.1f} GB/s",
               "", "| host phase alone | ms | GB/s over the bytes it reads and writes |",
               "|---|---|---|"]

@@ -284,7 +284,8 @@ class TorchBackend(Backend):
         if not params:
             return
         if b.algo == "none":  # G = gscale·G, or G kept when skipped (×1 keeps inf/NaN as is)
-            if gscale is not None:
+            if gscale is not None and not (params[0].device.type in self.host_devices
+                                           and gscale.item() == 1.0):  # (SAM: ×1, a no-op)
                 factor = torch.where(found_inf != 0, torch.ones_like(gscale), gscale)
                 foreach("mul_", grads, [factor] * len(grads))
             return
