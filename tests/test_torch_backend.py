@@ -96,3 +96,24 @@ def test_a_tensor_lr_steps_as_its_value_does(make):
     want = run(lambda s: schedule[s])
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
+def test_reduced_precision_perturb_rounds_once_from_float32_math(dtype, adaptive):
+    """bf16/fp16 parameters: θ' = θ + eps·g (·θ² when adaptive) and fold·g computed in float32
+    with the float32 scalars and rounded once, bit for bit as the reference phases (an op of a
+    bf16 tensor with a scalar would round eps and fold to bf16 first)."""
+    import equality as E
+    backend = torch_backend.TorchBackend()
+    b = E.random_bucket(E.SIZES, dtype, "cpu", "sgd", dict(E.SGD_GROUPS["momentum-wd"]))
+    ref = E.clone_bucket(b)
+    kb = E.prepared(backend, b)
+    eps, fold = E.device_scalar(0.0371, kb), E.device_scalar(-0.4237, kb)
+    assert float(eps.to(dtype)) != float(eps) and float(fold.to(dtype)) != float(fold)
+    backend.perturb(kb, eps, fold, adaptive)
+    E.TORCH.perturb(ref, eps, fold, adaptive)
+    for what, got, want in (("theta'", kb.params, ref.params), ("fold*g1", kb.grads, ref.grads)):
+        for i, (a, w) in enumerate(zip(got, want)):
+            assert torch.equal(a, w), f"{what}[{i}]: {int((a != w).sum())} elements differ"
+

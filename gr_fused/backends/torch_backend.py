@@ -181,6 +181,7 @@ class TorchBackend(Backend):
     def perturb(self, b, eps, fold, adaptive, save=False):
         backups = self._backups(b)
         host = b.params[0].device.type in self.host_devices
+        low = b.params[0].dtype in _LOW
         if host:  # the scalars as numbers (free to read there; foreach ops take them faster)
             eps, fold = eps.item(), fold.item()
         dirs = state_tensors(b, DIRECTION) if save else None
@@ -190,16 +191,22 @@ class TorchBackend(Backend):
             if save:  # interval=k refresh: g1 into the direction state, for the update
                 foreach("copy_", _pick(dirs, idx), grads)
             n = len(params)
-            if adaptive:  # θ + (g·eps)·θ², computed in the compute dtype
-                theta = _up(params)
-                step = foreach("mul", _up(grads), [eps] * n)
-                foreach("mul_", step, foreach("mul", theta, theta))
+            if adaptive or low:  # θ + (g·eps)·θ² (·1 unless adaptive) in the compute dtype,
+                wide = _up(grads)  # rounded once (an op of a bf16/fp16 tensor with a
+                step = foreach("mul", wide, [eps] * n)  # scalar rounds the scalar first)
+                if adaptive:
+                    theta = _up(params)
+                    foreach("mul_", step, foreach("mul", theta, theta))
                 foreach("add_", params, step)
             elif host:
                 foreach("add_", params, grads, alpha=eps)
             else:
                 foreach("addcmul_", params, grads, [eps] * n)
-            foreach("mul_", grads, [fold] * n)
+            if low:
+                foreach("mul_", wide, [fold] * n)
+                foreach("copy_", grads, wide)
+            else:
+                foreach("mul_", grads, [fold] * n)
 
     def _batches(self, b: Bucket, host: bool) -> List[List[int]]:
         """The tensors' indices in runs of at most HOST_BATCH_BYTES of parameters on host
