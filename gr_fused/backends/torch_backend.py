@@ -114,6 +114,19 @@ def _host_sq_norm(ts: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack(parts).sum() if len(parts) > 1 else parts[0]
 
 
+def _add_into(out: List[torch.Tensor], a: List[torch.Tensor], b: List[torch.Tensor],
+              alpha: float) -> None:
+    """out = a + alpha·b, one pass over large tensors (``torch.add(out=)``, tensor by
+    tensor), a copy and an add over the small ones (one foreach call each)."""
+    small = [i for i, t in enumerate(out) if t.numel() < 1 << 15]
+    for i, t in enumerate(out):
+        if t.numel() >= 1 << 15:
+            torch.add(a[i], b[i], alpha=alpha, out=t)
+    if small:
+        foreach("copy_", _pick(out, small), _pick(a, small))
+        foreach("add_", _pick(out, small), _pick(b, small), alpha=alpha)
+
+
 def _pick(items: Sequence, idx: List[int]) -> list:
     return list(items) if len(idx) == len(items) else [items[i] for i in idx]
 
@@ -252,6 +265,22 @@ class TorchBackend(Backend):
                                        for d in dirs], found_inf)
         host = b.params[0].device.type in self.host_devices
         frozen = set(range(len(b.params))) - set(live)
+        group = b.group
+        if (host and b.algo == "sgd" and group["momentum"] and not group["nesterov"]
+                and b.params[0].dtype not in _LOW and not bool(found_inf)):
+            # SGD with momentum on host memory: θ = backup − lr·buf written once (the
+            # restore folded into the update), the decay read from the backup
+            gs = 1.0 if gscale is None else float(gscale)
+            bufs = state_tensors(b, "momentum_buffer")
+            for idx in self._batches(b, host):
+                kept = [i for i in idx if i in frozen]
+                if kept:
+                    foreach("copy_", _pick(b.params, kept), _pick(backups, kept))
+                run = [i for i in idx if i not in frozen] if kept else idx
+                if run:
+                    self._host_sgd(b, run, _pick(b.params, run), _pick(b.grads, run),
+                                   _pick(bufs, run), gs, origin=_pick(backups, run))
+            return
         for idx in self._batches(b, host):
             # θ restored (and left so when skipped or frozen), then the base update
             foreach("copy_", _pick(b.params, idx), _pick(backups, idx))
@@ -351,11 +380,13 @@ class TorchBackend(Backend):
                         maximize=False, **kw)
 
     @staticmethod
-    def _host_sgd(b, live, params, grads, bufs, gscale: float) -> None:
+    def _host_sgd(b, live, params, grads, bufs, gscale: float, origin=None) -> None:
         """torch.optim.SGD's step with g = gscale·G + wd·θ, in place, on host memory: the
         scale and the weight decay ride in the ops that read the tensors, so nothing is
         allocated and G stays as it is in ``p.grad`` (torch's foreach SGD adds the decay into
-        a new list of tensors; 40 MB of fresh pages a step at 10M parameters)."""
+        a new list of tensors; 40 MB of fresh pages a step at 10M parameters). ``origin``
+        (momentum without nesterov only): θ is read from these tensors, written to
+        ``params``."""
         group = b.group
         lr, wd, momentum = float(group["lr"]), group["weight_decay"], group["momentum"]
         if not momentum:
@@ -370,14 +401,17 @@ class TorchBackend(Backend):
             if not idx:
                 continue
             p, g, buf = ([ts[j] for j in idx] for ts in (params, grads, bufs))
+            theta = p if origin is None else [origin[j] for j in idx]
             # buf = m·buf + (1 − dampening)·g; a new buffer (zeros) becomes g, as torch's
             keep = 1.0 if is_new else 1.0 - dampening
             if not is_new:
                 foreach("mul_", buf, momentum)
             foreach("add_", buf, g, alpha=keep * gscale)
             if wd:
-                foreach("add_", buf, p, alpha=keep * wd)
-            if nesterov:  # θ −= lr·(g + m·buf)
+                foreach("add_", buf, theta, alpha=keep * wd)
+            if origin is not None:
+                _add_into(p, theta, buf, -lr)
+            elif nesterov:  # θ −= lr·(g + m·buf)
                 if wd:
                     foreach("mul_", p, 1.0 - lr * wd)
                 foreach("add_", p, g, alpha=-lr * gscale)
