@@ -35,7 +35,6 @@ ratios): there the kernels' work is negligible, so that is the step's Python and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -54,54 +53,12 @@ from gr_fused.backends import get_backend  # noqa: E402
 from gr_fused.backends.base import Bucket  # noqa: E402
 from gr_fused.optim.base import create_missing_state  # noqa: E402
 
-try:  # the shared helpers (bench_kernels imports the Triton backend as it loads)
-    from bench_kernels import PHASE_BYTES, write_results  # noqa: E402
-except ImportError:  # pragma: no cover - only while that module cannot be imported
-    PHASE_BYTES = {"norm": (1, 0), "perturb": (2, 3), "update-sgd": (3, 2), "gr-step": (7, 5)}
-
-    def write_results(path: str, results: dict, markdown: Optional[str] = None) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+from bench_common import PHASE_BYTES, SAMPattern, split, write_results  # noqa: E402
 
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 METHODS = ["gr_fused cpu", "gr_fused torch", "SAM pattern", "torch SGD"]
 STEP_BYTES = 4 * sum(PHASE_BYTES["gr-step"])  # per fp32 parameter: 48 B
 TINY = (50, 500)
-
-
-def split(n: int, n_tensors: int) -> List[int]:
-    """n elements as n_tensors sizes of a few different shapes (not multiples of a block)."""
-    base = max(n // n_tensors, 1)
-    sizes = [base + (i % 7) * 13 for i in range(n_tensors)]
-    sizes[-1] += n - sum(sizes) if n > sum(sizes) else 0
-    return sizes
-
-
-class SAMPattern:
-    """The optimizer side of the popular per-parameter SAM implementation: first_step clones
-    θ per tensor and adds ρ·g/‖g‖ in a Python loop; second_step puts θ back and steps
-    torch.optim.SGD (with its default foreach implementation)."""
-
-    def __init__(self, params, rho=0.05, **sgd):
-        self.params, self.rho = params, rho
-        self.base = torch.optim.SGD(params, **sgd)
-        self.old: List[torch.Tensor] = []
-
-    @torch.no_grad()
-    def first_step(self):
-        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in self.params]), p=2)
-        scale = self.rho / (grad_norm + 1e-12)
-        self.old = []
-        for p in self.params:
-            self.old.append(p.data.clone())
-            p.add_(p.grad * scale.to(p))
-
-    @torch.no_grad()
-    def second_step(self, zero_grad=False):
-        for p, old in zip(self.params, self.old):
-            p.data = old
-        self.base.step()
 
 
 class Setup:

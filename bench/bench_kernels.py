@@ -22,7 +22,6 @@ script works and are NOT speed figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -43,24 +42,14 @@ from gr_fused import kernels  # noqa: E402
 from gr_fused.backends.base import Bucket, SkipRecord  # noqa: E402
 from gr_fused.backends.triton_backend import TritonBackend  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import PHASE_BYTES, SAMPattern, parse_size, split, write_results  # noqa: E402,F401
+
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NOTE_CPU = ("NOTE: no GPU: the Triton kernels ran under the Triton interpreter on tiny "
             "sizes; these numbers are NOT speed figures.")
 
-# Elements of the storage dtype each phase must read and write per parameter element.
-PHASE_BYTES = {
-    "copy":         (1, 1),  # dst ← src, the reference bandwidth
-    "norm":         (1, 0),  # Σ g²: read g (norm(g1) and norm(G) each)
-    "perturb":      (2, 3),  # read θ, g; write backup, θ, fold·g
-    "reflect":      (3, 2),  # read backup, θ, G; write θ, −G   (central difference only)
-    "restore":      (1, 1),  # read backup; write θ   (a perturbed pass raised)
-    "update-sgd":   (3, 2),  # read backup, G, buf; write θ, buf   (SGD with momentum)
-    "update-adamw": (4, 3),  # read backup, G, m, v; write θ, m, v
-    "update-none":  (2, 2),  # read backup, G; write θ, g   (GR around a torch optimizer)
-    # the optimizer side of a GR + SGD-momentum step: norm + perturb + norm + update-sgd
-    "gr-step":      (7, 5),  # fp32: 28 B read + 20 B written = 48 B per parameter
-}
 # host-side calls that start device work (reported beside the kernels on CUDA)
 LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"}
 KERNEL_NAMES = set(kernels.KERNEL_NAMES)
@@ -79,21 +68,7 @@ def run_pytest(args: List[str], timeout_s: int) -> str:
         return f"tests did not finish in {timeout_s} s"
 
 
-def write_results(path: str, results: dict, markdown: Optional[str] = None) -> None:
-    """``results`` as JSON at ``path`` (folders made as needed) and, when given, ``markdown``
-    in a .md file beside it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    if markdown is not None:
-        with open(os.path.splitext(path)[0] + ".md", "w") as f:
-            f.write(markdown)
 
-
-def parse_size(text: str) -> int:
-    text = text.upper()
-    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1], 1)
-    return int(float(text.rstrip("KMG")) * scale)
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
@@ -115,14 +90,6 @@ def _scalar(x: float) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float32, device=DEVICE)
 
 
-def _split(n: int, n_tensors: int) -> List[int]:
-    """n elements as n_tensors sizes of a few different shapes (not multiples of a block)."""
-    base = max(n // n_tensors, 1)
-    sizes = [base + (i % 7) * 13 for i in range(n_tensors)]
-    sizes[-1] += n - sum(sizes) if n > sum(sizes) else 0
-    return sizes
-
-
 SGD = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False)
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 # fixed α = 0.5: fold = (1 − α)/α = 1, so repeated phases keep G's values
@@ -132,12 +99,12 @@ GR = dict(rho=0.05, normalize=True, gamma=0.0, alpha=0.5, difference="forward",
 
 def _flat_bucket(n: int, dtype: torch.dtype, algo: str, group: dict,
                  n_tensors: int = 1) -> Bucket:
-    """A bucket of ``n_tensors`` fresh random tensors (``_split(n, n_tensors)`` elements)
+    """A bucket of ``n_tensors`` fresh random tensors (``split(n, n_tensors)`` elements)
     with their grads and the state of ``algo``'s update (random; never time on zeros), not
     yet prepared by a backend."""
     def rand(size):
         return torch.randn(size, device=DEVICE, dtype=dtype)
-    sizes = _split(n, n_tensors)
+    sizes = split(n, n_tensors)
     params, grads = [rand(s) for s in sizes], [rand(s) for s in sizes]
     states = []
     for s in sizes:
@@ -195,38 +162,13 @@ def bench_phases(n: int, dtype: torch.dtype, n_tensors: int, reps: int) -> Dict[
     return {name: median_ms(fn, reps) for name, fn in runs.items()}
 
 
-class SAMPattern:
-    """The optimizer side of the popular per-parameter SAM implementation: first_step clones
-    θ per tensor and adds ρ·g/‖g‖ in a Python loop; second_step puts θ back and steps
-    torch.optim.SGD (with its default foreach implementation)."""
-
-    def __init__(self, params, rho=0.05, **sgd):
-        self.params, self.rho = params, rho
-        self.base = torch.optim.SGD(params, **sgd)
-
-    @torch.no_grad()
-    def first_step(self):
-        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in self.params]), p=2)
-        scale = self.rho / (grad_norm + 1e-12)
-        self.old = []
-        for p in self.params:
-            self.old.append(p.data.clone())
-            p.add_(p.grad * scale.to(p))
-
-    @torch.no_grad()
-    def second_step(self, zero_grad=False):
-        for p, old in zip(self.params, self.old):
-            p.data = old
-        self.base.step()
-
-
 METHODS = ["triton", "torch", "sam-pattern", "torch-sgd"]
 
 
 def make_method(method: str, n: int, dtype: torch.dtype, n_tensors: int):
     """A zero-argument step function for the optimizer side of one step (grads stay set)."""
     params = [torch.randn(s, device=DEVICE, dtype=dtype, requires_grad=True)
-              for s in _split(n, n_tensors)]
+              for s in split(n, n_tensors)]
     for p in params:
         p.grad = torch.randn_like(p)
     sgd = dict(lr=SGD["lr"], momentum=SGD["momentum"])

@@ -40,6 +40,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, HERE)
 
+from bench_common import parse_size, split  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
 SGD = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=False)
@@ -47,22 +49,6 @@ ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 GR = dict(rho=0.05, gamma=0.02, alpha=None, normalize=True, difference="forward",
           adaptive=False, max_grad_norm=None, eps_sign=1.0, combine_sign=1.0)
 PHASES = ["norm", "perturb", "reflect", "restore", "update-sgd", "update-adamw", "update-none"]
-
-
-def parse_size(text: str) -> int:
-    scale = {"K": 10 ** 3, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1].upper())
-    return int(float(text[:-1]) * scale) if scale else int(text)
-
-
-def split(n: int, n_tensors: int) -> List[int]:
-    """n elements as n_tensors sizes of a few different shapes (not multiples of a block)."""
-    n_tensors = max(1, min(n_tensors, n))
-    base = max(n // n_tensors, 1)
-    sizes = [base + (i % 7) * 13 for i in range(n_tensors)]
-    sizes[-1] += n - sum(sizes)
-    if sizes[-1] <= 0:
-        sizes = [base] * (n_tensors - 1) + [n - base * (n_tensors - 1)]
-    return sizes
 
 
 class Timer:

@@ -83,7 +83,7 @@ def check_interval(n: int = 1_000_003, n_tensors: int = 7, steps: int = 7) -> Di
     timed for both backends (ms, ``n`` fp32 elements)."""
     import gr_fused
     device = bench_kernels.DEVICE
-    sizes = bench_kernels._split(n, n_tensors)
+    sizes = bench_kernels.split(n, n_tensors)
     start = [torch.randn(size, device=device) for size in sizes]
     coeffs = [torch.randn(size, device=device) for size in sizes]
     makers = {
