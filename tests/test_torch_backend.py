@@ -117,3 +117,48 @@ def test_reduced_precision_perturb_rounds_once_from_float32_math(dtype, adaptive
         for i, (a, w) in enumerate(zip(got, want)):
             assert torch.equal(a, w), f"{what}[{i}]: {int((a != w).sum())} elements differ"
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("algo", ["sgd", "adamw", "none"])
+def test_reduced_precision_interval_phases_compute_in_float32(dtype, algo):
+    """interval=k on bf16/fp16: the refresh caches v̂ = a·G + c·g1 and a step between refreshes
+    steps with g = u·g1 + v·v̂, each computed in float32 with float32 scalars and rounded once,
+    bit for bit as the reference phases (v̂, and g in p.grad); θ within the kernels' bound."""
+    import equality as E
+    from gr_fused.backends.base import DIRECTION
+    from gr_fused.optim.base import create_direction_state, create_missing_state
+    backend = torch_backend.TorchBackend()
+    group = dict(E.SGD_GROUPS["momentum-wd"]) if algo == "sgd" else None
+    b = E.random_bucket(E.SIZES, dtype, "cpu", algo, group, with_state=algo != "none")
+    create_direction_state(b)
+    for d in E.state_of(b, DIRECTION):
+        d.copy_(torch.randn(d.shape).to(dtype))
+    ref = E.clone_bucket(b)
+    kb = E.prepared(backend, b)
+    for x in (kb, ref):
+        create_missing_state(x)
+    backend.refresh(kb)
+    def scalar(value):  # float32, not representable in bf16/fp16
+        return E.device_scalar(value, kb)
+    a, c, gscale, zero = scalar(0.3127), scalar(-0.0419), scalar(0.8125), scalar(0.0)
+    eps, fold = scalar(0.0371), scalar(-0.4237)
+    backend.perturb(kb, eps, fold, False)
+    E.TORCH.perturb(ref, eps, fold, False)
+    backend.update(kb, gscale, zero, direction=(a, c))
+    E.TORCH.update(ref, gscale, zero, direction=(a, c))
+    for i, (d, w) in enumerate(zip(E.state_of(kb, DIRECTION), E.state_of(ref, DIRECTION))):
+        assert torch.equal(d, w), f"cached direction[{i}]"
+    E.assert_same_tensors(kb.params, ref.params, dtype, "refresh theta")
+    # a step between refreshes, from a fresh g1
+    for g, r in zip(kb.grads, ref.grads):
+        g.copy_(torch.randn(g.shape).to(dtype))
+        r.copy_(g)
+    g1 = [g.clone() for g in kb.grads]
+    u, v = scalar(1.0 / 3.0), scalar(0.2371)
+    backend.reuse_update(kb, u, v, zero)
+    E.TORCH.reuse_update(ref, u, v, zero)
+    for i, (g, x, d) in enumerate(zip(kb.grads, g1, E.state_of(ref, DIRECTION))):
+        want = (x.float() * u + d.float() * v).to(dtype)
+        assert torch.equal(g, want), f"g in p.grad[{i}]"
+    E.assert_same_tensors(kb.params, ref.params, dtype, "reuse theta")

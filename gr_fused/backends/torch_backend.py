@@ -127,6 +127,15 @@ def _add_into(out: List[torch.Tensor], a: List[torch.Tensor], b: List[torch.Tens
         foreach("add_", _pick(out, small), _pick(b, small), alpha=alpha)
 
 
+def _combined(x: List[torch.Tensor], s, y: List[torch.Tensor], t) -> List[torch.Tensor]:
+    """x·s + y·t in float32 (new tensors) for bf16/fp16 ``x`` and ``y``: the scalars stay
+    float32 (an op of a bf16 tensor with a scalar rounds the scalar to bf16 first)."""
+    n = len(x)
+    out = foreach("mul", _up(x), [s] * n)
+    foreach("add_", out, foreach("mul", _up(y), [t] * n))
+    return out
+
+
 def _pick(items: Sequence, idx: List[int]) -> list:
     return list(items) if len(idx) == len(items) else [items[i] for i in idx]
 
@@ -259,8 +268,11 @@ class TorchBackend(Backend):
         if direction is not None:  # interval=k refresh: v̂ = a·G + c·g1 into the direction,
             a, c = direction       # zeros when the step is skipped (g1 may hold inf/NaN)
             dirs = state_tensors(b, DIRECTION)
-            foreach("mul_", dirs, [c] * len(dirs))
-            foreach("addcmul_", dirs, b.grads, [a] * len(dirs))
+            if dirs and dirs[0].dtype in _LOW:
+                foreach("copy_", dirs, _combined(b.grads, a, dirs, c))
+            else:
+                foreach("mul_", dirs, [c] * len(dirs))
+                foreach("addcmul_", dirs, b.grads, [a] * len(dirs))
             self._where_skipped(dirs, [torch.zeros((), dtype=d.dtype, device=d.device)
                                        for d in dirs], found_inf)
         host = b.params[0].device.type in self.host_devices
@@ -294,12 +306,17 @@ class TorchBackend(Backend):
         g = b.grads
         if b.algo == "none":  # G stays as it is when skipped
             kept = [x.clone() for x in g]
-        foreach("mul_", g, [u] * len(g))
-        foreach("addcmul_", g, state_tensors(b, DIRECTION), [v] * len(g))
+        wide = None
+        if g and g[0].dtype in _LOW:  # the step reads g in float32, p.grad gets it rounded
+            wide = _combined(g, u, state_tensors(b, DIRECTION), v)
+            foreach("copy_", g, wide)
+        else:
+            foreach("mul_", g, [u] * len(g))
+            foreach("addcmul_", g, state_tensors(b, DIRECTION), [v] * len(g))
         if b.algo == "none":
             self._where_skipped(g, kept, found_inf)
             return
-        self._step(b, live, found_inf, None)
+        self._step(b, live, found_inf, None, wide)
 
     @staticmethod
     def _where_skipped(tensors, kept, found_inf) -> None:
@@ -308,9 +325,10 @@ class TorchBackend(Backend):
         for t, k in zip(tensors, kept):
             torch.where(skip, k, t, out=t)
 
-    def _step(self, b: Bucket, live: List[int], found_inf, gscale) -> None:
+    def _step(self, b: Bucket, live: List[int], found_inf, gscale, wide=None) -> None:
         """The base update of the ``live`` tensors with g = gscale·G (G as is when ``gscale``
-        is None), by torch's optimizers; the other tensors keep θ and their state.
+        is None; ``wide``: G in float32 for bf16/fp16 tensors, read instead of the grads), by
+        torch's optimizers; the other tensors keep θ and their state.
 
         fp32/fp64 tensors are updated in place (by torch's fused kernels off the CPU, which
         skip on the device flag). bf16/fp16 tensors go through float32 working copies,
@@ -333,7 +351,7 @@ class TorchBackend(Backend):
         low = params[0].dtype in _LOW
         if low:
             work = [p.float() for p in params]
-            wgrads = [g.float() for g in grads]
+            wgrads = [g.float() for g in grads] if wide is None else _pick(wide, live)
             wstates = {k: [t.float() for t in ts] for k, ts in states.items()}
         else:
             work, wgrads, wstates = params, grads, states
