@@ -33,6 +33,8 @@ import torch.nn.functional as F
 import gr_fused
 from gr_fused import backends
 
+from bench_common import SAMPattern
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TENSORS = 50
 
@@ -104,22 +106,13 @@ def test_sam_pattern(benchmark, tensors):
     """The popular per-parameter SAM: clone θ, θ += ρ·g/‖g‖ tensor by tensor, the second
     gradient, p.data = old θ, torch SGD."""
     params, g1, g2 = tensors
-    opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9, weight_decay=1e-4, foreach=True)
+    opt = SAMPattern(params, rho=0.05, lr=1e-6, momentum=0.9, weight_decay=1e-4, foreach=True)
 
     def run():
         _write(params, g1)
-        with torch.no_grad():
-            norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
-            scale = 0.05 / (norm + 1e-12)
-            old = []
-            for p in params:
-                old.append(p.data.clone())
-                p.add_(p.grad * scale.to(p))
+        opt.first_step()
         _write(params, g2)
-        with torch.no_grad():
-            for p, o in zip(params, old):
-                p.data = o
-        opt.step()
+        opt.second_step()
         _sync()
     benchmark(run)
 
@@ -182,25 +175,16 @@ def test_whole_step_sgd(benchmark, mlp_data):
 @pytest.mark.benchmark(group="whole-step")
 def test_whole_step_sam_pattern(benchmark, mlp_data):
     model, (x, y) = _mlp(), mlp_data
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    opt = SAMPattern(list(model.parameters()), rho=0.05, lr=1e-3, momentum=0.9,
+                     weight_decay=1e-4)
 
     def run():
-        opt.zero_grad()
+        opt.base.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        with torch.no_grad():
-            norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
-            scale = 0.05 / (norm + 1e-12)
-            old = []
-            for p in params:
-                old.append(p.data.clone())
-                p.add_(p.grad * scale.to(p))
-        opt.zero_grad()
+        opt.first_step()
+        opt.base.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        with torch.no_grad():
-            for p, o in zip(params, old):
-                p.data = o
-        opt.step()
+        opt.second_step()
         _sync()
     benchmark(run)
 
