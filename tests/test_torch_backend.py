@@ -162,3 +162,27 @@ def test_reduced_precision_interval_phases_compute_in_float32(dtype, algo):
         want = (x.float() * u + d.float() * v).to(dtype)
         assert torch.equal(g, want), f"g in p.grad[{i}]"
     E.assert_same_tensors(kb.params, ref.params, dtype, "reuse theta")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_wrapper_update_scales_in_float32(dtype):
+    """GR around a torch optimizer (algo "none") on bf16/fp16: the update leaves
+    G = gscale·G in the grads, computed in float32 with the float32 scale and rounded once,
+    bit for bit as the reference phases, θ restored bit for bit."""
+    import equality as E
+    backend = torch_backend.TorchBackend()
+    b = E.random_bucket(E.SIZES, dtype, "cpu", "none")
+    ref = E.clone_bucket(b)
+    theta0 = [p.clone() for p in b.params]
+    kb = E.prepared(backend, b)
+    eps, fold = E.device_scalar(0.0371, kb), E.device_scalar(-0.4237, kb)
+    backend.perturb(kb, eps, fold, False)
+    E.TORCH.perturb(ref, eps, fold, False)
+    gscale, zero = E.device_scalar(0.8131, kb), E.device_scalar(0.0, kb)
+    assert float(gscale.to(dtype)) != float(gscale)
+    backend.update(kb, gscale, zero)
+    E.TORCH.update(ref, gscale, zero)
+    for i, (g, w) in enumerate(zip(kb.grads, ref.grads)):
+        assert torch.equal(g, w), f"gscale*G[{i}]"
+    for i, (p, t) in enumerate(zip(kb.params, theta0)):
+        assert torch.equal(p, t), f"theta[{i}] restored"

@@ -341,7 +341,11 @@ class TorchBackend(Backend):
             if gscale is not None and not (params[0].device.type in self.host_devices
                                            and gscale.item() == 1.0):  # (SAM: ×1, a no-op)
                 factor = torch.where(found_inf != 0, torch.ones_like(gscale), gscale)
-                foreach("mul_", grads, [factor] * len(grads))
+                if grads[0].dtype in _LOW:  # in float32: off the CPU, a 0-dim tensor in an
+                    # op of bf16 tensors is rounded to bf16 first
+                    foreach("copy_", grads, foreach("mul", _up(grads), [factor] * len(grads)))
+                else:
+                    foreach("mul_", grads, [factor] * len(grads))
             return
         if b.algo == "sgd":
             keys: tuple = ("momentum_buffer",) if b.group["momentum"] else ()
