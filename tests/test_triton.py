@@ -1096,13 +1096,17 @@ def test_auto_prefers_triton_on_cuda_and_reasons_are_given(monkeypatch):
     # as compiled on a GPU machine: cuda runs, cpu says why not
     monkeypatch.setattr(triton_backend, "_defined_interpreted", lambda: False)
     monkeypatch.setattr(triton_backend, "_interpret_requested", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends.unavailable_reason("triton", "cuda") == "no CUDA device is available"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert backends.unavailable_reason("triton", "cuda") is None
     assert "CUDA" in TritonBackend.unavailable_reason(torch.device("cpu"))
     monkeypatch.setattr(backends, "_instances", {})
     assert isinstance(backends.get_backend("auto", torch.device("cuda")), TritonBackend)
     with pytest.raises(backends.BackendUnavailable, match="CUDA tensors"):
         backends.get_backend("triton", torch.device("cpu"))
-    # as under the interpreter: cpu runs, cuda says why not (and auto moves on)
+    # as under the interpreter (on this machine): cpu runs, cuda says why not (auto moves on)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(triton_backend, "_defined_interpreted", lambda: True)
     assert TritonBackend.unavailable_reason(torch.device("cpu")) is None
     assert "interpreter" in TritonBackend.unavailable_reason(torch.device("cuda"))

@@ -124,6 +124,8 @@ class TritonBackend(MultiTensorBackend):
             if interpreted:
                 return ("the kernels were defined for the Triton interpreter (TRITON_INTERPRET=1) "
                         "and would run on the host")
+            if not torch.cuda.is_available():
+                return "no CUDA device is available"
             return None
         if device.type == "cpu":
             if interpreted:
