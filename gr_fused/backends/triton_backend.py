@@ -151,16 +151,21 @@ class TritonBackend(MultiTensorBackend):
         return t
 
     @staticmethod
-    def _bounds(b: Bucket, edges: tuple) -> torch.Tensor:
-        """``edges`` as an int64 device tensor, uploaded once per layout (and stream)."""
+    def _uploaded(b: Bucket, name: str, values: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """``values`` as a device tensor, uploaded again only when they change (one per
+        ``name`` and stream)."""
         cache = b.extra.setdefault(_SCRATCH, {})
-        key = ("bounds", _stream_key(b.device))
+        key = (name, _stream_key(b.device))
         held = cache.get(key)
-        if held is None or held[0] != edges:
-            host = torch.tensor(edges, dtype=torch.int64)
-            held = cache[key] = (edges, host if b.device.type == "cpu"
+        if held is None or held[0] != values:
+            host = torch.tensor(values, dtype=dtype)
+            held = cache[key] = (values, host if b.device.type == "cpu"
                                  else host.to(b.device, non_blocking=True))
         return held[1]
+
+    def _bounds(self, b: Bucket, edges: tuple) -> torch.Tensor:
+        """``edges`` as an int64 device tensor, uploaded once per layout (and stream)."""
+        return self._uploaded(b, "bounds", edges, torch.int64)
 
     @staticmethod
     def _check_state(b: Bucket) -> None:
@@ -212,14 +217,7 @@ class TritonBackend(MultiTensorBackend):
         as a float64 device tensor (uploaded once per set of values and stream)."""
         values = tuple(float(gr.get("combine_sign", 1.0)) for gr, _ in runs) + tuple(
             float(gr["reuse_scale"] if reuse else gr.get("reuse_scale", 0.0)) for gr, _ in runs)
-        cache = b.extra.setdefault(_SCRATCH, {})
-        key = ("hparams", _stream_key(b.device))
-        held = cache.get(key)
-        if held is None or held[0] != values:
-            host = torch.tensor(values, dtype=torch.float64)
-            held = cache[key] = (values, host if b.device.type == "cpu"
-                                 else host.to(b.device, non_blocking=True))
-        return held[1]
+        return self._uploaded(b, "hparams", values, torch.float64)
 
     # ------------------------------------------------------------------ the phases
     def sq_norm(self, b: Bucket, adaptive: bool) -> torch.Tensor:
