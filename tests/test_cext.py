@@ -753,21 +753,22 @@ def test_interval_optimizer_runs_the_fused_calls(lib, monkeypatch):
     assert seen == ["ascend", "combine_update", "reuse", "reuse", "ascend", "combine_update"]
 
 
+def cuda_kernels(fn):
+    """The names of the CUDA kernels ``fn`` runs (copies and memsets left out)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and not e.name.startswith(("Memcpy", "Memset"))]
+
+
 @NEEDS_GPU
 def test_cuda_interval_steps_are_six_and_three_launches(lib):
     """interval=3 on the CUDA kernels: a refresh is 3 + 3 launches (norm partials, ascent
     finalize, perturb saving g1; dots partials, update finalize, update caching the
     direction), a step between refreshes 3 (dots partials, reuse finalize, update)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def kernels(fn):
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                and not e.name.startswith(("Memcpy", "Memset"))]
-
     params = [torch.randn(s, device="cuda", requires_grad=True) for s in (7, 70001, 300)]
     for opt in (gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, interval=3,
                                backend="cuda"),
@@ -778,14 +779,14 @@ def test_cuda_interval_steps_are_six_and_three_launches(lib):
             for p_ in params:  # "the first backward", into the same grads
                 p_.grad.copy_(torch.randn_like(p_))
             if opt.refresh_due:
-                first = kernels(opt.first_step)
+                first = cuda_kernels(opt.first_step)
                 for p_ in params:
                     p_.grad.add_(torch.ones_like(p_))
-                second = kernels(lambda: opt.second_step(zero_grad=False))
+                second = cuda_kernels(lambda: opt.second_step(zero_grad=False))
                 if step >= 3:
                     assert len(first) == 3 and len(second) == 3, (first, second)
             else:
-                reuse = kernels(opt.step)
+                reuse = cuda_kernels(opt.step)
                 if step >= 3:
                     assert len(reuse) == 3, reuse
 
@@ -1187,16 +1188,6 @@ def test_cuda_one_group_step_is_six_launches(lib):
     norm partials, update finalize, update (AdamW's steps advance in the finalize): kernels
     only (a table whose addresses changed is uploaded with a copy first). The backward
     passes are simulated outside the profiled windows."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def kernels(fn):
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                and not e.name.startswith(("Memcpy", "Memset"))]
-
     params = [torch.randn(s, device="cuda", requires_grad=True) for s in (7, 70001, 300)]
     for opt in (gr_fused.GRSGD(params, lr=0.1, momentum=0.9, gamma=0.05, backend="cuda"),
                 gr_fused.GRAdamW(params, lr=1e-2, gamma=0.05, backend="cuda")):
@@ -1205,10 +1196,10 @@ def test_cuda_one_group_step_is_six_launches(lib):
         for step in range(3):  # the first creates the state, the second uploads new flags
             for p in params:  # "the first backward", into the same grads
                 p.grad.copy_(torch.randn_like(p))
-            first = kernels(opt.first_step)
+            first = cuda_kernels(opt.first_step)
             for p in params:  # "the second backward" accumulates onto the grads
                 p.grad.add_(torch.ones_like(p))
-            second = kernels(lambda: opt.second_step(zero_grad=False))
+            second = cuda_kernels(lambda: opt.second_step(zero_grad=False))
         assert len(first) == 3 and len(second) == 3, (first, second)
 
 
