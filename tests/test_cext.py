@@ -796,8 +796,10 @@ def test_cuda_interval_steps_are_six_and_three_launches(lib):
 @pytest.mark.parametrize("make", [
     lambda p, b: gr_fused.GRSGD(p, lr=0.1, momentum=0.9, gamma=0.05, backend=b),
     lambda p, b: gr_fused.GRAdamW(p, lr=1e-2, gamma=0.05, backend=b),
-    lambda p, b: gr_fused.GR(p, torch.optim.SGD, gamma=0.05, lr=0.1, momentum=0.9, backend=b),
-], ids=["sgd", "adamw", "gr-wrapper"])
+    lambda p, b: gr_fused.GR(p, torch.optim.Adam, gamma=0.05, lr=1e-2, backend=b),
+    lambda p, b: gr_fused.GNP(p, torch.optim.SGD, rho=0.05, lam=0.02, lr=0.1, momentum=0.9,
+                              backend=b),
+], ids=["sgd", "adamw", "gr-wrapper-adam", "gnp-sgd"])
 def test_nan_in_G_skips_with_theta_restored_and_state_untouched(device, make, lib):
     params = [torch.randn(s, device=device, requires_grad=True) for s in (7, 300, 1, 4099)]
     E.check_nan_in_G_skips(make(params, backend_name(device)), params)

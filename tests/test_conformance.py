@@ -417,3 +417,110 @@ def test_a_fixed_alpha_needs_no_gamma():
     assert gr.param_groups[1]["gamma"] == 0.0
     with pytest.raises(ValueError, match="gamma"):
         gr_fused.GRSGD(p, lr=0.1, gamma=0.05, alpha=0.5)
+
+
+# ---------------------------------------------------------------------------- the wrapper's SGD
+# GR, SAM and GNP around a plain torch.optim.SGD: the backend applies SGD's update itself, in
+# the pass that restores θ (as GRSGD's), instead of a restore and then SGD's own step. The
+# reference is the same optimizer made to take the other path: a step hook on its SGD (the
+# wrapper then calls SGD's own step, so the hook runs).
+WRAPPED_SGD = {
+    "SAM-momentum-wd": lambda ps, be: gr_fused.SAM(
+        ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, weight_decay=0.05, backend=be),
+    "GR-nesterov": lambda ps, be: gr_fused.GR(
+        ps, torch.optim.SGD, gamma=0.05, rho=0.05, lr=0.1, momentum=0.9, nesterov=True,
+        backend=be),
+    "GR-maximize": lambda ps, be: gr_fused.GR(
+        ps, torch.optim.SGD, gamma=0.05, rho=0.05, lr=0.1, momentum=0.5, weight_decay=0.01,
+        maximize=True, backend=be),
+    "GNP-plain-groups": lambda ps, be: gr_fused.GNP(
+        [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.03, "weight_decay": 0.1}],
+        torch.optim.SGD, rho=0.05, lam=0.02, lr=0.1, backend=be),
+}
+
+
+def _own_step_counter(opt):
+    """A step hook on the wrapped SGD: the wrapper must then call SGD's own step."""
+    calls = []
+    handle = opt.base_optimizer.register_step_post_hook(lambda o, a, k: calls.append(1))
+    return calls, handle
+
+
+def _wrapped_sgd_run(make, backend, steps=4, hooked=()):
+    """``steps`` GR steps; on the steps in ``hooked`` the wrapped SGD has a step hook."""
+    model = make_model()
+    opt = make(list(model.parameters()), backend)
+    x, y = batch()
+    own_steps = []
+    for step in range(steps):
+        handle = None
+        if step in hooked:
+            calls, handle = _own_step_counter(opt)
+        gr_step(opt, loss_closure(model, opt, x, y))
+        if handle is not None:
+            own_steps.append(len(calls))
+            handle.remove()
+    return model, opt, own_steps
+
+
+@pytest.mark.parametrize("name", list(WRAPPED_SGD))
+def test_wrapped_sgd_update_runs_fused_and_equals_sgds_own_step(name, backend, monkeypatch):
+    make = WRAPPED_SGD[name]
+    hooked, hooked_opt, own_steps = _wrapped_sgd_run(make, backend, hooked=range(4))
+    assert own_steps == [1, 1, 1, 1]  # the reference took SGD's own step every time
+    # the fused path never calls SGD's step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda *a, **k: pytest.fail("SGD.step ran"))
+    fused, fused_opt, _ = _wrapped_sgd_run(make, backend)
+    for a, b in zip(fused.parameters(), hooked.parameters()):
+        assert_close(a, b, 1e-6, name)
+    assert fused_opt.state is fused_opt.base_optimizer.state
+    ours, theirs = fused_opt.state_dict()["state"], hooked_opt.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert ours[k].keys() == theirs[k].keys()
+        for key in theirs[k]:
+            assert_close(ours[k][key], theirs[k][key], 1e-6, f"{name} state {k}/{key}")
+
+
+def test_wrapped_sgd_alternating_between_both_paths_keeps_its_state(backend):
+    """Steps with and without a hook on the wrapped SGD, in any order, share one state:
+    the momentum buffers either path creates are the ones the other continues."""
+    make = WRAPPED_SGD["SAM-momentum-wd"]
+    hooked, _, _ = _wrapped_sgd_run(make, backend, steps=6, hooked=range(6))
+    mixed, _, own_steps = _wrapped_sgd_run(make, backend, steps=6, hooked=(0, 3, 4))
+    assert own_steps == [1, 1, 1]
+    for a, b in zip(mixed.parameters(), hooked.parameters()):
+        assert_close(a, b, 1e-6, "alternating paths")
+
+
+def test_wrapped_sgd_with_an_lr_scheduler_on_it_takes_its_own_step(recwarn):
+    """An LR scheduler attached to the wrapped SGD wraps its step to record that it ran:
+    the wrapper then calls that step, so the scheduler sees it (no warning) and the
+    schedule applies."""
+    model = make_model()
+    opt = gr_fused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.5)
+    x, y = batch()
+    for _ in range(2):
+        gr_step(opt, loss_closure(model, opt, x, y))
+        sched.step()
+    assert getattr(opt.base_optimizer, "_opt_called", False)
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("kwargs", [dict(interval=2), dict(dampening=0.3)])
+def test_wrapped_sgd_takes_its_own_step_with_interval_or_dampening(kwargs):
+    """interval=k keeps GR's own direction state apart from SGD's; with dampening, a first
+    step skipped for inf/NaN must leave no momentum buffer, as SGD's own step does."""
+    model = make_model()
+    opt = gr_fused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
+                       **kwargs)
+    x, y = batch()
+    if "dampening" in kwargs:  # a first step skipped for NaN: no state, as SGD's own
+        gr_step(opt, loss_closure(model, opt, x, y, sign=float("nan")))
+        assert bool(opt.last_step_skipped) and opt.state_dict()["state"] == {}
+    calls, _ = _own_step_counter(opt)
+    for _ in range(4):
+        gr_step(opt, loss_closure(model, opt, x, y))  # (a reuse step runs no closure)
+    assert len(calls) == 4

@@ -1000,7 +1000,7 @@ def _every_kind_of_launch():
                            difference="central", backend="triton"),
             gr_fused.GRAdamW([{"params": params[:1]}, {"params": params[1:], "lr": 0.1}],
                              lr=1e-2, gamma=0.05, backend="triton"),
-            gr_fused.GR(params, torch.optim.SGD, gamma=0.05, lr=0.1, backend="triton")]
+            gr_fused.GR(params, torch.optim.Adam, gamma=0.05, lr=0.1, backend="triton")]
     general = gr_fused.GRSGD(params, lr=0.1, gamma=0.05, backend="triton")
     general._fuse_scalars = False
     for opt in opts + [general]:

@@ -287,7 +287,8 @@ class GROptimizer(Optimizer):
                            else self.backend_for(device))
                 if gr["interval"] > 1 and not backend.supports_reuse:
                     backend = _backends.get_backend("torch", device)
-                extra = self._bucket_extra.setdefault((gi, device, dtype, shards), {})
+                extra = self._bucket_extra.setdefault((gi, device, dtype, shards, self._algo),
+                                                      {})
                 b = _backends.Bucket(ps, gs, sts, group, self._algo, extra, gr=gr,
                                      sources=sources)
                 b.group_index, b.backend, b.shard_groups = gi, backend, shards

@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional, Type
 
 import torch
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 from .base import GR_KEYS, GROptimizer, resolve_gamma
 from ..backends.base import FLAG_FROZEN
@@ -27,7 +28,8 @@ class GR(GROptimizer):
     """Finite-difference GR around any ``torch.optim`` optimizer class.
 
     The backend combines the two gradients into ``p.grad`` and restores θ; then
-    ``base_optimizer.step()`` runs unchanged. The param groups and the state are shared with
+    ``base_optimizer.step()`` runs unchanged. Around a plain ``torch.optim.SGD`` the backend
+    applies SGD's update itself, in the pass that restores θ (see ``_fuses_base_update``). The param groups and the state are shared with
     the base optimizer (so LR schedulers may be attached to either, and ``state_dict`` holds
     the base optimizer's state). A step that found inf/NaN is skipped: without a host sync
     when the base optimizer takes a device-side ``found_inf`` (torch's ``fused=True``
@@ -76,7 +78,32 @@ class GR(GROptimizer):
         # optimizer's, which must find a parameter's state empty until its first step
         self._gr_state: Dict[torch.Tensor, Dict[str, Any]] = {}
 
+    def _fuses_base_update(self) -> bool:
+        """Whether the backend applies the base update itself, in the pass that restores θ
+        (as GRSGD's): for a plain ``torch.optim.SGD`` whose ``step`` nobody hooked or
+        wrapped (an LR scheduler attached to it wraps it), not ``differentiable``, with
+        ``interval=1`` and no dampening (a step skipped for inf/NaN leaves a new momentum
+        buffer at zeros, where SGD's own step leaves none; the two differ in the next step
+        only with dampening). Its state stays the base optimizer's
+        (``momentum_buffer``, created as torch creates it). Any other base optimizer steps
+        itself after the restore."""
+        base = self.base_optimizer
+        if type(base) is not torch.optim.SGD or "step" in vars(base):
+            return False
+        if (base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks
+                or _torch_optimizer._global_optimizer_pre_hooks
+                or _torch_optimizer._global_optimizer_post_hooks):
+            return False
+        return all(not g.get("differentiable", False) and not g.get("dampening", 0)
+                   and self._gr(g)["interval"] == 1 for g in self.param_groups)
+
+    def _buckets(self):
+        self._algo = "sgd" if self._fuses_base_update() else "none"
+        return super()._buckets()
+
     def _state_of(self, p):
+        if self._algo != "none":  # the backend runs the base update on its own state
+            return self.state[p]
         st = self._gr_state.get(p)
         if st is None:
             st = self._gr_state[p] = {}
@@ -91,6 +118,8 @@ class GR(GROptimizer):
         return state_dict
 
     def _signs(self, group):
+        if self._algo != "none":  # the backend's update maximizes as GRSGD's does
+            return super()._signs(group)
         # the base optimizer maximizes by itself: GR ascends along −g1 and hands it ∇(L − γ/2‖∇L‖²)
         return (-1.0 if group.get("maximize", False) else 1.0), 1.0
 
@@ -99,11 +128,14 @@ class GR(GROptimizer):
             self.base_optimizer.step()
 
     def _after_update(self, found_inf: torch.Tensor) -> None:
-        for b in self._pending.buckets if self._pending is not None else ():
+        buckets = self._pending.buckets if self._pending is not None else ()
+        for b in buckets:
             if b.flags is not None:  # frozen tensors: the base optimizer must skip them
                 for src, flag in zip(b.sources, b.flags):
                     if flag & FLAG_FROZEN:
                         src.grad = None
+        if any(b.algo != "none" for b in buckets):
+            return  # the backend applied the base update (_fuses_base_update)
         base = self.base_optimizer
         if getattr(base, "_step_supports_amp_scaling", False) and any(
                 g.get("fused") for g in base.param_groups):
