@@ -21,7 +21,8 @@ the SAM pattern's step took ~15% longer than beside ours alone.)
   of adds, then torch.optim.SGD);
 * a plain torch.optim.SGD momentum step, for scale;
 * the pure-PyTorch backend against the SAM pattern, each in its own pair: ``GRSGD`` and
-  ``gr_fused.SAM`` around torch.optim.SGD (``backend="torch"``);
+  ``gr_fused.SAM`` around torch.optim.SGD (``backend="torch"``), and ``gr_fused.SAM`` on
+  the host build;
 
 then each element-wise phase of the host build alone (norm, perturb, update) with its GB/s
 over the bytes it must move (bench_kernels.PHASE_BYTES: 48 B per fp32 parameter for the
@@ -77,9 +78,9 @@ class Setup:
         if method.startswith("gr_fused"):
             self.opt = gr_fused.GRSGD(self.params, gamma=0.02, rho=0.05,
                                       backend=method.split()[1], **SGD)
-        elif method == "SAM torch":
-            self.opt = gr_fused.SAM(self.params, torch.optim.SGD, rho=0.05, backend="torch",
-                                    **SGD)
+        elif method.startswith("SAM ") and method != "SAM pattern":
+            self.opt = gr_fused.SAM(self.params, torch.optim.SGD, rho=0.05,
+                                    backend=method.split()[1], **SGD)
         elif method == "SAM pattern":
             self.opt = SAMPattern(self.params, rho=0.05, **SGD)
         elif method == "torch SGD":
@@ -209,7 +210,8 @@ def pair(a: "Setup", b: "Setup", rounds: int, warmup: int):
 def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2,
         grad_order: str = "backward") -> dict:
     sizes = split(numel, n_tensors)
-    setups = {m: Setup(m, sizes, grad_order=grad_order) for m in METHODS + ["SAM torch"]}
+    setups = {m: Setup(m, sizes, grad_order=grad_order)
+              for m in METHODS + ["SAM torch", "SAM cpu"]}
     ours = METHODS[0]
     times: Dict[str, List[float]] = {m: [] for m in METHODS}
     paired: Dict[str, List[float]] = {}
@@ -219,11 +221,13 @@ def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2,
         times[other] = theirs
         paired[other] = [a / b for a, b in zip(mine, theirs)]
     # the pure-PyTorch backend against the SAM pattern, each in its own pair: GRSGD, and
-    # gr_fused.SAM around torch.optim.SGD
+    # gr_fused.SAM around torch.optim.SGD; and gr_fused.SAM on the host build
     torch_vs_sam = {}
     for name in ("gr_fused torch", "SAM torch"):
         mine, theirs = pair(setups[name], setups["SAM pattern"], rounds, warmup)
         torch_vs_sam[name] = statistics.median(a / b for a, b in zip(mine, theirs))
+    mine, theirs = pair(setups["SAM cpu"], setups["SAM pattern"], rounds, warmup)
+    sam_cpu_vs_sam = statistics.median(a / b for a, b in zip(mine, theirs))
     backends = setups[ours].opt.backends
     del setups
     phase_ms = phase_times(sizes, rounds)
@@ -239,6 +243,7 @@ def run(numel: int, n_tensors: int, rounds: int, warmup: int = 2,
         "ratio_cpu_vs_torch_backend": statistics.median(paired["gr_fused torch"]),
         "ratio_cpu_vs_torch_sgd": statistics.median(paired["torch SGD"]),
         "ratio_torch_backend_vs_sam": torch_vs_sam,
+        "ratio_sam_cpu_vs_sam": sam_cpu_vs_sam,
         "gr_step_gbps": STEP_BYTES * numel / (ms["gr_fused cpu"] * 1e-3) / 1e9,
         # each phase alone: GB/s over the bytes it reads and writes (PHASE_BYTES)
         "phases": {name: {"ms": t, "gbps": 4 * sum(PHASE_BYTES[name]) * numel / (t * 1e-3) / 1e9}
@@ -263,6 +268,7 @@ def table(res: dict) -> str:
               "torch backend / SAM pattern, each in its own pair: " + "   ".join(
                   f"{'GRSGD' if k == 'gr_fused torch' else 'SAM'} {v:.2f}x"
                   for k, v in res["ratio_torch_backend_vs_sam"].items()),
+              f"gr_fused.SAM(SGD) on the host build / SAM pattern: {res['ratio_sam_cpu_vs_sam']:.2f}x",
               f"the host build's step moves {STEP_BYTES} B/param at {res['gr_step_gbps']:.1f} GB/s",
               "", "| host phase alone | ms | GB/s over the bytes it reads and writes |",
               "|---|---|---|"]

@@ -1372,6 +1372,8 @@ def test_bench_cpu_script_runs(tmp_path, lib):
     assert json.loads(out.read_text())["median_ms"].keys() == set(bench_cpu.METHODS)
     assert all(t > 0 for t in res["median_ms"].values())
     assert res["backends"] == {"cpu": "cpu"} and res["ratio_cpu_vs_sam"] > 0
+    assert res["ratio_sam_cpu_vs_sam"] > 0
+    assert all(r > 0 for r in res["ratio_torch_backend_vs_sam"].values())
     assert set(res["phases"]) == {"norm", "perturb", "update-sgd"}
     assert all(p["ms"] > 0 and p["gbps"] > 0 for p in res["phases"].values())
     assert set(res["host_cost"]) == {50, 500}
