@@ -29,11 +29,12 @@ class GR(GROptimizer):
 
     The backend combines the two gradients into ``p.grad`` and restores θ; then
     ``base_optimizer.step()`` runs unchanged. Around a plain ``torch.optim.SGD`` the backend
-    applies SGD's update itself, in the pass that restores θ (see ``_fuses_base_update``). The param groups and the state are shared with
-    the base optimizer (so LR schedulers may be attached to either, and ``state_dict`` holds
-    the base optimizer's state). A step that found inf/NaN is skipped: without a host sync
-    when the base optimizer takes a device-side ``found_inf`` (torch's ``fused=True``
-    optimizers), with one ``.item()`` otherwise.
+    applies SGD's update itself, in the pass that restores θ (see ``_fuses_base_update``).
+    The param groups and the state are shared with the base optimizer (so LR schedulers may
+    be attached to either, and ``state_dict`` holds the base optimizer's state). A step that
+    found inf/NaN is skipped: without a host sync when the update is fused or the base
+    optimizer takes a device-side ``found_inf`` (torch's ``fused=True`` optimizers), with one
+    ``.item()`` otherwise.
 
     Keyword arguments other than GR's go to the base optimizer. Where the base optimizer has
     an argument of the same name as one of GR's (RMSprop's and ASGD's ``alpha``, Adadelta's
