@@ -44,7 +44,9 @@ def as_on_a_device(monkeypatch):
     lambda p, b: gr_fused.GRSGD(p, lr=0.1, momentum=0.9, gamma=0.05, max_grad_norm=1.0, backend=b),
     lambda p, b: gr_fused.GRSGD(p, lr=0.1, momentum=0.9, gamma=0.05, difference="central", backend=b),
     lambda p, b: gr_fused.GRAdamW(p, lr=1e-2, gamma=0.05, backend=b),
-], ids=["sgd-clip", "sgd-central", "adamw"])
+    lambda p, b: gr_fused.GR(p, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                             gamma=0.05, backend=b),
+], ids=["sgd-clip", "sgd-central", "adamw", "gr-around-sgd"])
 def test_gr_step_reads_nothing_back_to_the_host(make, backend, as_on_a_device):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
