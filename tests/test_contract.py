@@ -537,3 +537,86 @@ def test_a_non_finite_gradient_element_skips_the_step(backend, bad):
     assert bool(opt.last_step_skipped)
     for a, b in zip(model.parameters(), before):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- SAM around SGD
+# SAM, GR and GNP around a plain torch.optim.SGD apply SGD's update themselves (in the pass
+# that restores θ). Each workflow runs that way and with SGD taking its own step after the
+# restore (a step hook on the wrapped SGD makes the wrapper call it), which is torch.optim's
+# behaviour by construction; the two must agree.
+def _sam_idiom_step(model, opt, x, y, complex_param=None):
+    """The popular SAM loop: backward, first_step(zero_grad=True), backward at the perturbed
+    point, second_step(zero_grad=True); the model zeroes its own grads in between."""
+    def loss():
+        out = F.mse_loss(model(x), y)
+        if complex_param is not None:
+            out = out + (complex_param * complex_param.conj()).real.sum() * 1e-2 \
+                + complex_param.imag.sin().sum()
+        return out
+    model.zero_grad()
+    loss().backward()
+    opt.first_step(zero_grad=True)
+    model.zero_grad()
+    loss().backward()
+    opt.second_step(zero_grad=True)
+
+
+SAM_WORKFLOWS = ["freeze-unfreeze", "p-data", "checkpoint-into-new-optimizer", "complex",
+                 "deepcopy"]
+
+
+@pytest.mark.parametrize("workflow", SAM_WORKFLOWS)
+def test_sam_around_sgd_workflows_equal_sgds_own_step(backend, workflow, monkeypatch):
+    own_steps = []
+
+    def run(own_step):
+        model = make_model()
+        extra = []
+        if workflow == "complex":
+            torch.manual_seed(3)
+            extra = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))]
+
+        def make(params):
+            opt = gr_fused.SAM(params, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9,
+                               weight_decay=1e-2, backend=backend)
+            if own_step:
+                opt.base_optimizer.register_step_post_hook(lambda *a: own_steps.append(1))
+            return opt
+        opt = make([*model.parameters(), *extra])
+        x, y = data()
+        cp = extra[0] if extra else None
+        for step in range(6):
+            if step == 2:
+                if workflow == "freeze-unfreeze":
+                    model[0].requires_grad_(False)
+                elif workflow == "p-data":
+                    model[2].weight.data = torch.full_like(model[2].weight, 0.2)
+                elif workflow == "checkpoint-into-new-optimizer":
+                    saved = io.BytesIO()
+                    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
+                    saved.seek(0)
+                    ckpt = torch.load(saved)
+                    model = make_model(seed=5)
+                    model.load_state_dict(ckpt["model"])
+                    opt = make(list(model.parameters()))
+                    opt.load_state_dict(ckpt["opt"])
+                elif workflow == "deepcopy":  # (a copy does not carry the hook)
+                    model, opt = copy.deepcopy((model, opt))
+                    if own_step:
+                        opt.base_optimizer.register_step_post_hook(
+                            lambda *a: own_steps.append(1))
+            if step == 4 and workflow == "freeze-unfreeze":
+                model[0].requires_grad_(True)
+            _sam_idiom_step(model, opt, x, y, cp)
+        state = [opt.state[p].get("momentum_buffer") for p in opt.param_groups[0]["params"]]
+        return params_of(model) + ([cp.detach().clone()] if cp is not None else []), state
+
+    want, want_state = run(True)
+    assert len(own_steps) == 6  # SGD took its own step every time
+    with monkeypatch.context() as m:  # and here never
+        m.setattr(torch.optim.SGD, "step", lambda *a, **k: pytest.fail("SGD.step ran"))
+        got, got_state = run(False)
+    same(got, want, workflow)
+    assert [s is None for s in got_state] == [s is None for s in want_state]
+    same([s for s in got_state if s is not None], [s for s in want_state if s is not None],
+         f"{workflow}: momentum")
