@@ -509,6 +509,24 @@ def test_wrapped_sgd_with_an_lr_scheduler_on_it_takes_its_own_step(recwarn):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
 
 
+def test_wrapped_sgd_with_an_lr_scheduler_on_the_wrapper_stays_fused(monkeypatch, backend):
+    """An LR scheduler attached to SAM itself wraps SAM's step, not SGD's: the update stays
+    fused and reads the scheduled lr (0 after one step: θ does not move, and is restored
+    exactly after the ascent)."""
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda *a, **k: pytest.fail("SGD.step ran"))
+    model = make_model()
+    opt = gr_fused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
+                       backend=backend)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)
+    x, y = batch()
+    gr_step(opt, loss_closure(model, opt, x, y))
+    sched.step()
+    theta = [p.detach().clone() for p in model.parameters()]
+    gr_step(opt, loss_closure(model, opt, x, y))
+    assert opt.param_groups[0]["lr"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), theta))
+
+
 @pytest.mark.parametrize("kwargs", [dict(interval=2), dict(dampening=0.3)])
 def test_wrapped_sgd_takes_its_own_step_with_interval_or_dampening(kwargs):
     """interval=k keeps GR's own direction state apart from SGD's; with dampening, a first
