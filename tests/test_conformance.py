@@ -433,6 +433,8 @@ WRAPPED_SGD = {
     "GR-maximize": lambda ps, be: gr_fused.GR(
         ps, torch.optim.SGD, gamma=0.05, rho=0.05, lr=0.1, momentum=0.5, weight_decay=0.01,
         maximize=True, backend=be),
+    "SAM-dampening": lambda ps, be: gr_fused.SAM(
+        ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, dampening=0.3, backend=be),
     "GNP-plain-groups": lambda ps, be: gr_fused.GNP(
         [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.03, "weight_decay": 0.1}],
         torch.optim.SGD, rho=0.05, lam=0.02, lr=0.1, backend=be),
@@ -527,18 +529,48 @@ def test_wrapped_sgd_with_an_lr_scheduler_on_the_wrapper_stays_fused(monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), theta))
 
 
-@pytest.mark.parametrize("kwargs", [dict(interval=2), dict(dampening=0.3)])
-def test_wrapped_sgd_takes_its_own_step_with_interval_or_dampening(kwargs):
-    """interval=k keeps GR's own direction state apart from SGD's; with dampening, a first
-    step skipped for inf/NaN must leave no momentum buffer, as SGD's own step does."""
+def test_wrapped_sgd_takes_its_own_step_with_interval():
+    """interval=k keeps GR's own direction state apart from SGD's."""
     model = make_model()
     opt = gr_fused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
-                       **kwargs)
-    x, y = batch()
-    if "dampening" in kwargs:  # a first step skipped for NaN: no state, as SGD's own
-        gr_step(opt, loss_closure(model, opt, x, y, sign=float("nan")))
-        assert bool(opt.last_step_skipped) and opt.state_dict()["state"] == {}
+                       interval=2)
     calls, _ = _own_step_counter(opt)
+    x, y = batch()
     for _ in range(4):
         gr_step(opt, loss_closure(model, opt, x, y))  # (a reuse step runs no closure)
     assert len(calls) == 4
+
+
+# ---------------------------------------------------------------------------- skipped steps
+SKIPPED_FIRST = {
+    "GRSGD": lambda ps, be: gr_fused.GRSGD(ps, lr=0.1, momentum=0.9, dampening=0.3,
+                                           weight_decay=1e-2, gamma=0.05, backend=be),
+    "SAM(SGD)": lambda ps, be: gr_fused.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1,
+                                            momentum=0.9, dampening=0.3, backend=be),
+}
+
+
+@pytest.mark.parametrize("name", list(SKIPPED_FIRST))
+def test_a_skipped_first_step_leaves_no_momentum_buffer(name, backend):
+    """A first step skipped for inf/NaN leaves no state, as torch.optim.SGD (with
+    GradScaler, which skips its step) does: the next step is a first step (buf = g, not
+    (1 − dampening)·g). So a run with a skipped step first equals one without it."""
+    make = SKIPPED_FIRST[name]
+    x, y = batch()
+
+    def run(skip_first):
+        model = make_model()
+        opt = make(list(model.parameters()), backend)
+        if skip_first:
+            gr_step(opt, loss_closure(model, opt, x, y, sign=float("nan")))
+            assert bool(opt.last_step_skipped) and opt.state_dict()["state"] == {}
+        for _ in range(3):
+            gr_step(opt, loss_closure(model, opt, x, y))
+        return [p.detach().clone() for p in model.parameters()], opt.state_dict()["state"]
+
+    (got, got_state), (want, want_state) = run(True), run(False)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert got_state.keys() == want_state.keys()
+    for k in want_state:
+        assert torch.equal(got_state[k]["momentum_buffer"], want_state[k]["momentum_buffer"])

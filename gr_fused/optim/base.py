@@ -163,6 +163,7 @@ class GROptimizer(Optimizer):
         d["_bucket_extra"] = {}
         d["_bn"] = FreezeRunningStats()
         d["_fuse_scalars"] = True  # False: the general path, whose combines can be edited
+        d["_unsettled"] = None  # new momentum buffers whose step may have been skipped
 
     # ------------------------------------------------------------------ param groups
     def _gr(self, group: Dict[str, Any]) -> Dict[str, Any]:
@@ -192,6 +193,7 @@ class GROptimizer(Optimizer):
         if self.__dict__.get("_pending") is not None:
             raise RuntimeError("cannot copy or pickle the optimizer between first_step() and "
                                "second_step(): the weights are at the perturbed point")
+        self._settle_new_state()
         state = super().__getstate__()
         for name in self._COPIED:
             if name in self.__dict__:
@@ -217,6 +219,7 @@ class GROptimizer(Optimizer):
         if self._pending is not None:
             raise RuntimeError("state_dict() between first_step() and second_step(): the "
                                "weights are at the perturbed point; save between steps")
+        self._settle_new_state()
         state_dict = super().state_dict()
         if self._interval() > 1:  # where the interval=k cycle stands (the direction is state)
             state_dict["gr_fused"] = {"steps": self._gr_steps, "direction_valid": self._gr_valid}
@@ -232,6 +235,7 @@ class GROptimizer(Optimizer):
         saved = state_dict["param_groups"]
         cycle = state_dict.get("gr_fused", {})
         super().load_state_dict(state_dict)
+        self._unsettled = None
         self._gr_steps = int(cycle.get("steps", 0))
         valid = cycle.get("direction_valid")
         self._gr_valid = None if valid is None else valid.detach().clone()
@@ -271,6 +275,7 @@ class GROptimizer(Optimizer):
         backends will run them. FSDP2/DTensor params are stepped through their local shards
         with the torch backend; their bucket records the process groups its norms are summed
         over. Complex params are stepped as their real views."""
+        self._settle_new_state()
         buckets = []
         stateful = bool(STATE_ROWS[self._algo])
         for gi, group in enumerate(self.param_groups):
@@ -575,6 +580,7 @@ class GROptimizer(Optimizer):
         fused = self._fusing_backend(buckets)
         if fused is not None:  # the norms, the scalars and the update: three launches
             found_inf = fused.reuse(buckets, scale, valid, self._skip_record(main))
+            self._note_new_state(buckets, found_inf)
             self._after_update(found_inf)
             return
         inv = None if scale is None else scale.reciprocal()
@@ -587,7 +593,41 @@ class GROptimizer(Optimizer):
                 b.backend.reuse_update(b, u.to(b.device, c), v.to(b.device, c),
                                        found_inf.to(b.device, c))
         self._skip_record(main).record(found_inf)
+        self._note_new_state(buckets, found_inf)
         self._after_update(found_inf)
+
+    def _note_new_state(self, buckets, found_inf: torch.Tensor) -> None:
+        """SGD momentum buffers this step created (zeros, FLAG_NEW_STATE) where torch.optim.SGD
+        would have none after it: a frozen tensor's (not stepped), and every new one if the
+        step was skipped. With dampening they would step differently from torch's (its first
+        step sets buf = g, an existing zero buffer gets (1 − dampening)·g), so they go: the
+        frozen ones now, the others once the skip flag is read (``_settle_new_state``, at the
+        next step, state_dict or copy: one host read, after the step that made them)."""
+        unsettled = []
+        for b in buckets:
+            if (b.algo != "sgd" or b.flags is None or not b.group["momentum"]
+                    or not b.group["dampening"]):
+                continue
+            for src, st, flag in zip(b.sources, b.states, b.flags):
+                if not flag & FLAG_NEW_STATE:
+                    continue
+                if flag & FLAG_FROZEN:
+                    _drop_momentum(self.state, src, st)
+                else:
+                    unsettled.append((src, st))
+        if unsettled:
+            self._unsettled = (found_inf, unsettled)
+
+    def _settle_new_state(self) -> None:
+        """Drop the momentum buffers ``_note_new_state`` kept if their step was skipped."""
+        unsettled = self.__dict__.get("_unsettled")
+        if unsettled is None:
+            return
+        self._unsettled = None
+        found_inf, created = unsettled
+        if bool(found_inf):
+            for src, st in created:
+                _drop_momentum(self.state, src, st)
 
     def _needs_reflect(self) -> bool:
         return any(b.gr["difference"] == "central" for b in self._pending.buckets)
@@ -642,6 +682,7 @@ class GROptimizer(Optimizer):
                     found_inf = self._update_general(buckets, pending.rows, main, scale,
                                                      refresh=refresh)
                     skips.record(found_inf)
+                self._note_new_state(buckets, found_inf)
                 self._after_update(found_inf)
             self._gr_steps += 1
         except BaseException:
@@ -776,6 +817,7 @@ class GROptimizer(Optimizer):
         DTensor grads (norms and inf flags reduced over the shard groups). Returns False when
         the step must be skipped for inf/NaN (one host sync, as torch.amp.GradScaler does for
         any non-fused optimizer)."""
+        self._settle_new_state()
         per_group = [[local_shard(p)[1:] for p in g["params"] if p.grad is not None]
                      for g in self.param_groups]
         by_kind = defaultdict(list)  # (shard groups, device, dtype) -> local grads
@@ -811,6 +853,13 @@ class GROptimizer(Optimizer):
                                                        if grads[0].dtype == torch.float64
                                                        else torch.float32))
         return found is None or not bool(found.item())
+
+
+def _drop_momentum(state, param, st: Dict[str, Any]) -> None:
+    """Remove a momentum buffer from a param's state (and the param's entry, left empty)."""
+    st.pop("momentum_buffer", None)
+    if not st and state.get(param) is st:
+        del state[param]
 
 
 def create_missing_state(b: _backends.Bucket) -> None:

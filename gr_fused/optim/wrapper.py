@@ -83,9 +83,7 @@ class GR(GROptimizer):
         """Whether the backend applies the base update itself, in the pass that restores θ
         (as GRSGD's): for a plain ``torch.optim.SGD`` whose ``step`` nobody hooked or
         wrapped (an LR scheduler attached to it wraps it), not ``differentiable``, with
-        ``interval=1`` and no dampening (a step skipped for inf/NaN leaves a new momentum
-        buffer at zeros, where SGD's own step leaves none; the two differ in the next step
-        only with dampening). Its state stays the base optimizer's
+        ``interval=1``. Its state stays the base optimizer's
         (``momentum_buffer``, created as torch creates it). Any other base optimizer steps
         itself after the restore."""
         base = self.base_optimizer
@@ -95,8 +93,8 @@ class GR(GROptimizer):
                 or _torch_optimizer._global_optimizer_pre_hooks
                 or _torch_optimizer._global_optimizer_post_hooks):
             return False
-        return all(not g.get("differentiable", False) and not g.get("dampening", 0)
-                   and self._gr(g)["interval"] == 1 for g in self.param_groups)
+        return all(not g.get("differentiable", False) and self._gr(g)["interval"] == 1
+                   for g in self.param_groups)
 
     def _buckets(self):
         self._algo = "sgd" if self._fuses_base_update() else "none"
