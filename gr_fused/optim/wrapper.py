@@ -83,9 +83,8 @@ class GR(GROptimizer):
         """Whether the backend applies the base update itself, in the pass that restores θ
         (as GRSGD's): for a plain ``torch.optim.SGD`` whose ``step`` nobody hooked or
         wrapped (an LR scheduler attached to it wraps it), not ``differentiable``, with
-        ``interval=1``. Its state stays the base optimizer's
-        (``momentum_buffer``, created as torch creates it). Any other base optimizer steps
-        itself after the restore."""
+        ``interval=1``. Its state stays the base optimizer's (``momentum_buffer``, as torch
+        creates it). Any other base optimizer steps itself after the restore."""
         base = self.base_optimizer
         if type(base) is not torch.optim.SGD or "step" in vars(base):
             return False
