@@ -78,6 +78,14 @@ def same(a, b, what, rtol=1e-6):
                      torch.cat([y.flatten() for _, y in pairs]), rtol, f"{what} ({dtype})")
 
 
+def saved_and_loaded(obj, weights_only=True):
+    """``obj`` through torch.save and torch.load (in memory)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=weights_only)
+
+
 def run_both(workflow, backend, **kw):
     """``workflow(backend)`` -> tensors, for ``backend`` and for the torch backend."""
     return workflow(backend, **kw), workflow("torch", **kw)
@@ -361,10 +369,7 @@ def test_a_checkpoint_moves_between_backends(backend, to):
         x, y = data()
         for _ in range(3):
             opt.step(closure_of(model, opt, x, y))
-        buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-        buf.seek(0)
-        ckpt = torch.load(buf)
+        ckpt = saved_and_loaded({"model": model.state_dict(), "opt": opt.state_dict()})
         model2 = make_model(seed=9)
         model2.load_state_dict(ckpt["model"])
         opt2 = gr_fused.GRAdamW(model2.parameters(), lr=1e-2, gamma=0.05, backend=name_b)
@@ -391,10 +396,7 @@ def test_copies_of_the_optimizer_keep_working(backend, how):
     elif how == "pickle":
         model2, opt2 = pickle.loads(pickle.dumps(pair))
     else:
-        buf = io.BytesIO()
-        torch.save(pair, buf)
-        buf.seek(0)
-        model2, opt2 = torch.load(buf, weights_only=False)
+        model2, opt2 = saved_and_loaded(pair, weights_only=False)
     public = {k for k in vars(opt) if not k.startswith("_")}
     assert public == {k for k in vars(opt2) if not k.startswith("_")}
     assert opt2.backends == opt.backends
@@ -592,10 +594,8 @@ def test_sam_around_sgd_workflows_equal_sgds_own_step(backend, workflow, monkeyp
                 elif workflow == "p-data":
                     model[2].weight.data = torch.full_like(model[2].weight, 0.2)
                 elif workflow == "checkpoint-into-new-optimizer":
-                    saved = io.BytesIO()
-                    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
-                    saved.seek(0)
-                    ckpt = torch.load(saved)
+                    ckpt = saved_and_loaded({"model": model.state_dict(),
+                                             "opt": opt.state_dict()})
                     model = make_model(seed=5)
                     model.load_state_dict(ckpt["model"])
                     opt = make(list(model.parameters()))
