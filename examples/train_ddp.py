@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 import torch
@@ -89,6 +90,16 @@ def run(rank, world, args, init_method):
         dist.destroy_process_group()
 
 
+def run_spawned(rank, world, args, init_method):
+    """A rank started by ``--spawn``: once ``run`` has destroyed its process group, it leaves
+    without the interpreter's teardown, where a gloo thread still winding down has been seen
+    to abort the process (rarely, on a loaded 2-core machine) after training succeeded."""
+    run(rank, world, args, init_method)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--local-ascent", action="store_true")
@@ -106,7 +117,7 @@ def main(argv=None):
         parser.error("--local-ascent is for DDP (FSDP2 shards the parameters, not the ascent)")
     if args.spawn:
         with tempfile.TemporaryDirectory() as tmp:
-            mp.spawn(run, args=(args.spawn, args, f"file://{os.path.join(tmp, 'rdzv')}"),
+            mp.spawn(run_spawned, args=(args.spawn, args, f"file://{os.path.join(tmp, 'rdzv')}"),
                      nprocs=args.spawn, join=True)
     else:  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
         run(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, "env://")
