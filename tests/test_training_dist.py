@@ -162,6 +162,9 @@ def _worker(rank, init_file, out_dir, args):
         torch.save(_scenarios(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # saved, and the group is gone: leave without the interpreter's teardown, where a gloo
+    # thread still winding down can abort the process (as examples/train_ddp.py does)
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
