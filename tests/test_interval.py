@@ -86,26 +86,31 @@ _g = torch.Generator().manual_seed(1)
 DATA = (torch.randn(16, 5, generator=_g), torch.randn(16, 3, generator=_g))
 
 
+def _step_on_data(model, opt):
+    """One gr_step of ``opt`` with a torch-style closure: MSE of ``model`` on DATA."""
+    x, y = DATA
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    gr_step(opt, closure)
+
+
 def _run(backend, k=3, steps=8, save_at=None, make=None):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     make = make or (lambda ps, b: gr_fused.GRSGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-2,
                                                  gamma=0.05, rho=0.1, interval=k, backend=b))
     opt = make(model.parameters(), backend)
-    x, y = DATA
     saved = None
     for step in range(steps):
         if step == save_at:
             buf = io.BytesIO()
             torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
             saved = buf.getvalue()
-
-        def closure():
-            opt.zero_grad()
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-        gr_step(opt, closure)
+        _step_on_data(model, opt)
     return model, opt, saved
 
 
@@ -135,14 +140,8 @@ def test_resume_in_the_middle_of_a_cycle_is_bit_for_bit(backend, make):
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
     assert opt._gr_steps == 4 and not opt.refresh_due
-    x, y = DATA
     for _ in range(4):
-        def closure():
-            opt.zero_grad()
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-        gr_step(opt, closure)
+        _step_on_data(model, opt)
     for a, b in zip(model.parameters(), full.parameters()):
         assert torch.equal(a, b)
 
@@ -156,15 +155,9 @@ def test_a_direction_of_another_memory_layout_is_followed_not_misread(backend):
         w = model[0].weight
         d = opt.state[w]["gr_direction"]
         opt.state[w]["gr_direction"] = d.t().contiguous().t()  # same values, transposed memory
-        x, y = DATA
         with pytest.warns(UserWarning, match="gr_direction") if b != "torch" else _quiet():
             for _ in range(4):
-                def closure():
-                    opt.zero_grad()
-                    loss = F.mse_loss(model(x), y)
-                    loss.backward()
-                    return loss
-                gr_step(opt, closure)
+                _step_on_data(model, opt)
         return model
     got, want = run(backend), run("torch")
     for a, b in zip(got.parameters(), want.parameters()):
