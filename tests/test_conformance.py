@@ -5,6 +5,7 @@ to base optimizers whose arguments share GR's names, and a parameter that gets n
 at the perturbed point. The inputs come from ``torch.testing._internal.common_optimizers``,
 which ships with the wheel (the tests that use them live in PyTorch's repository)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -69,7 +70,12 @@ def test_torch_error_inputs_raise_torch_errors(torch_cls, error):
     make = OURS[torch_cls]
     if error.error_on != common_optimizers.OptimizerErrorEnum.CONSTRUCTION_ERROR:
         pytest.skip("step-time error inputs of torch's suite are about torch's own kernels")
-    if issubclass(error.error_type, Warning):
+    if "duplicate parameters" in error.error_regex:
+        # torch warns that this will become an error; GR would move a repeated tensor twice
+        # and restore it once, so it is refused now (the group is not added)
+        with pytest.raises(ValueError, match="appears twice"):
+            make(params, **inp.kwargs)
+    elif issubclass(error.error_type, Warning):
         with pytest.warns(error.error_type, match=error.error_regex):
             make(params, **inp.kwargs)
     else:
@@ -574,3 +580,147 @@ def test_a_skipped_first_step_leaves_no_momentum_buffer(name, backend):
     assert got_state.keys() == want_state.keys()
     for k in want_state:
         assert torch.equal(got_state[k]["momentum_buffer"], want_state[k]["momentum_buffer"])
+
+
+# ---------------------------------------------------------------------------- found by use
+@pytest.mark.parametrize("make", [
+    lambda ps, be: gr_fused.GRSGD(ps, lr=0.1, momentum=0.9, gamma=0.05, backend=be),
+    lambda ps, be: gr_fused.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, backend=be),
+    lambda ps, be: gr_fused.GR(ps, torch.optim.Adam, gamma=0.05, lr=0.1, backend=be),
+], ids=["GRSGD", "SAM(SGD)", "GR(Adam)"])
+def test_a_parameter_listed_twice_is_refused(make, backend):
+    """Tied weights passed twice (``[*emb.parameters(), *head.parameters()]``): torch warns
+    that this will become an error; GR would move the tensor twice and restore it once, so
+    it is refused now, with the weights untouched and no group added."""
+    model = make_model()
+    tied = list(model.parameters())
+    with pytest.raises(ValueError, match="appears twice"):
+        make(tied + tied[:1], backend)
+    opt = make(tied[1:], backend)
+    with pytest.raises(ValueError, match="appears twice"):
+        opt.add_param_group({"params": [tied[0], tied[0]]})
+    assert len(opt.param_groups) == 1
+    assert torch.equal(tied[0], make_model()[0].weight)
+
+
+@pytest.mark.parametrize("bad", [dict(gamma=-1.0), dict(rho=0.0), dict(difference="bogus"),
+                                 dict(momentum=-0.5)])
+def test_a_refused_checkpoint_leaves_the_optimizer_as_it_was(bad, backend):
+    """load_state_dict raises on an invalid value and changes nothing (torch's rule for a
+    refused load): the next step is the step the optimizer would have taken."""
+    model, twin = make_model(), make_model()
+    x, y = batch()
+    opts = [gr_fused.GRSGD(m.parameters(), lr=0.1, momentum=0.9, gamma=0.05, backend=backend)
+            for m in (model, twin)]
+    for m, opt in zip((model, twin), opts):
+        opt.step(loss_closure(m, opt, x, y))
+    sd = opts[0].state_dict()
+    sd["param_groups"][0].update(bad)
+    sd["state"] = {}
+    with pytest.raises(ValueError):
+        opts[0].load_state_dict(sd)
+    for m, opt in zip((model, twin), opts):
+        opt.step(loss_closure(m, opt, x, y))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_gradamw_with_gr_off_steps_where_torchs_adamw_steps():
+    """gamma=0 is torch.optim.AdamW (capturable=False), also on a device torch's capturable
+    AdamW refuses (meta here; Apple MPS likewise)."""
+    model = torch.nn.Linear(4, 3, device="meta")
+    opt = gr_fused.GRAdamW(model.parameters(), gamma=0.0, backend="torch")
+    ref = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    ref.step()
+    assert opt.state[model.weight]["step"].device.type == "meta"
+
+
+@pytest.mark.parametrize("base", [torch.optim.LBFGS, torch.optim.SparseAdam])
+def test_gr_refuses_base_optimizers_that_cannot_take_its_step(base):
+    with pytest.raises(ValueError, match=base.__name__):
+        gr_fused.GR(make_model().parameters(), base, lr=0.1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps, be: gr_fused.GR(ps, torch.optim.AdamW, gamma=0.05, lr=0.1, backend=be),
+    lambda ps, be: gr_fused.GRAdamW(ps, gamma=0.05, lr=0.1, backend=be),
+    lambda ps, be: gr_fused.SAM(ps, torch.optim.AdamW, rho=0.05, lr=0.1, backend=be),
+    lambda ps, be: gr_fused.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, backend=be),
+], ids=["GR(AdamW)", "GRAdamW", "SAM(AdamW)", "SAM(SGD)"])
+def test_a_param_with_a_gradient_only_at_the_perturbed_point_is_not_stepped(make, backend):
+    """A tensor with no gradient at θ is not part of the step, whether the base update is
+    fused or the base optimizer takes its own step; its grad from the perturbed pass stays."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5))
+    b = torch.nn.Parameter(torch.full((3,), 0.89))
+    opt = make([a, b], backend)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = a.sin().sum()
+        if len(calls) > 1:  # a gradient at the perturbed point only
+            loss = loss + (b * b * a[0]).sum()
+        loss.backward()
+        return loss
+    gr_step(opt, closure)
+    assert torch.equal(b.detach(), torch.full((3,), 0.89))
+    assert b.grad is not None and not opt.state.get(b)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps, be: gr_fused.GRSGD(ps, lr=0.1, momentum=0.9, gamma=0.05, backend=be),
+    lambda ps, be: gr_fused.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, backend=be),
+], ids=["GRSGD", "SAM(SGD)"])
+def test_second_step_is_the_optimizer_step_of_a_hand_written_loop(make, backend, recwarn):
+    """first_step()/second_step(): the step hooks run once per GR step, around second_step,
+    and an LR scheduler does not warn that it stepped before the optimizer."""
+    model = make_model()
+    x, y = batch()
+    opt = make(model.parameters(), backend)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    for _ in range(2):
+        F.mse_loss(model(x), y).backward()
+        opt.first_step()
+        F.mse_loss(model(x), y).backward()
+        opt.second_step()
+        sched.step()
+    assert calls == ["pre", "post"] * 2
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+    calls.clear()
+    F.mse_loss(model(x), y).backward()  # SAM.step takes these as g1; GRSGD's closure zeroes
+    opt.step(loss_closure(model, opt, x, y))  # step(): torch's wrapper runs them, once
+    assert calls == ["pre", "post"]
+
+
+def test_a_closure_that_does_not_zero_the_grads_is_reported(backend):
+    """A closure that adds onto gradients already there (Lightning's automatic optimization
+    with accumulate_grad_batches > 1 calls the closure for the last micro-batch only)
+    warns: GR's second gradient cannot match such a first gradient. A closure that zeroes,
+    in place or by setting to None, does not."""
+    model = make_model()
+    x, y = batch()
+    opt = gr_fused.GRSGD(model.parameters(), lr=0.1, gamma=0.05, backend=backend)
+
+    def accumulating():
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    F.mse_loss(model(x), y).backward()  # an earlier micro-batch
+    with pytest.warns(UserWarning, match="accumulated onto gradients"):
+        opt.step(accumulating)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(loss_closure(model, opt, x, y))
+
+        def zeroes_in_place():
+            model.zero_grad(set_to_none=False)
+            return accumulating()
+        opt.step(zeroes_in_place)

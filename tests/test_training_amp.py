@@ -151,6 +151,7 @@ def test_torch_gradscaler_is_refused_for_a_gr_step_with_weights_intact():
         scaler.step(opt, closure)
     for a, b in zip(model.parameters(), before):
         assert torch.equal(a, b)
+    opt.zero_grad()
     opt.step(lambda: F.mse_loss(model(x), y).backward())  # the optimizer is usable again
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before))
 

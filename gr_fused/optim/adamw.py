@@ -74,10 +74,17 @@ class GRAdamW(GROptimizer):
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             sts = [self.state[p] for p in params]
             steps = [st["step"] for st in sts]
+            # torch.optim.AdamW's arithmetic (capturable=False) counts steps on the CPU: with
+            # ours on the device, it runs on a CPU copy (one read back), then they move back
+            where = steps[0].device.type
+            on_host = steps if where == "cpu" else list(
+                (torch.zeros(len(steps)) if where == "meta" else torch.stack(steps).cpu()).unbind())
             beta1, beta2 = group["betas"]
             _torch_adamw(params, grads, [st["exp_avg"] for st in sts],
-                         [st["exp_avg_sq"] for st in sts], [], steps,
-                         foreach=group["foreach"], capturable=steps[0].device.type != "cpu",
+                         [st["exp_avg_sq"] for st in sts], [], on_host,
+                         foreach=group["foreach"], capturable=False,
                          differentiable=False, fused=None, amsgrad=False, beta1=beta1,
                          beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
                          eps=group["eps"], maximize=group["maximize"])
+            if on_host is not steps:
+                torch._foreach_copy_(steps, on_host)

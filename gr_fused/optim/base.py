@@ -12,13 +12,15 @@ are the user's own (nothing is re-pointed), so freezing a layer, ``model.zero_gr
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 from .. import backends as _backends
 from .._bn import FreezeRunningStats
@@ -128,7 +130,9 @@ class GROptimizer(Optimizer):
 
     Between ``first_step`` and ``second_step`` the grads hold ``fold·g1``; the second backward
     accumulates onto them. ``optimizer.zero_grad()`` knows this and keeps them, and a
-    ``model.zero_grad()`` (set_to_none) in between is handled too.
+    ``model.zero_grad()`` (set_to_none) in between is handled too; zeroing them in place
+    (``set_to_none=False``, ``p.grad.zero_()``) erases fold·g1, which no check can tell.
+    ``second_step()`` is the optimizer step of such a loop: the step hooks run around it.
     """
 
     _algo = "none"
@@ -180,10 +184,21 @@ class GROptimizer(Optimizer):
             param_group[gamma] = 0.0       # a group's own fixed alpha: no inherited gamma
         elif gamma in param_group and alpha not in param_group and param_group[gamma]:
             param_group[alpha] = None      # a group's own gamma: no inherited alpha
-        super().add_param_group(param_group)
+        with warnings.catch_warnings():  # torch only warns of duplicates: refused below
+            warnings.filterwarnings("ignore", message=".*duplicate parameters")
+            super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_gr_hparams(self._gr(group))
-        self._check_group(group)
+        try:
+            params = group["params"]
+            if len(set(map(id, params))) != len(params):
+                raise ValueError("a parameter appears twice in one param group: GR would move "
+                                 "it twice and restore it once; pass each parameter once "
+                                 "(model.parameters() lists a tied weight once)")
+            check_gr_hparams(self._gr(group))
+            self._check_group(group)
+        except BaseException:
+            self.param_groups.pop()
+            raise
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         """Subclasses validate their base hyperparameters here (raise ValueError)."""
@@ -233,6 +248,10 @@ class GROptimizer(Optimizer):
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
         before = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         saved = state_dict["param_groups"]
+        for old, loaded in zip(before, saved):  # refuse before anything is replaced
+            group = dict(old, **{k: v for k, v in loaded.items() if k != "params"})
+            check_gr_hparams(self._gr(group))
+            self._check_group(group)
         cycle = state_dict.get("gr_fused", {})
         super().load_state_dict(state_dict)
         self._unsettled = None
@@ -244,8 +263,6 @@ class GROptimizer(Optimizer):
             for k, v in old.items():
                 if k not in loaded:
                     group[k] = v
-        for group in self.param_groups:
-            check_gr_hparams(self._gr(group))
 
     # ------------------------------------------------------------------ backends
     def backend_for(self, device) -> _backends.Backend:
@@ -408,7 +425,7 @@ class GROptimizer(Optimizer):
             if closure is not None:
                 raise RuntimeError("step(closure) while a GR step is in progress: after "
                                    "first_step(), finish it with step() or second_step()")
-            self.second_step(zero_grad=False)
+            self._finish_step(zero_grad=False)
             return None
         if not self.gr_active():
             loss = None
@@ -428,8 +445,12 @@ class GROptimizer(Optimizer):
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure that zeroes grads, "
                                "runs forward and backward and returns the loss (GR evaluates "
                                "the gradient twice); or use first_step()/second_step()")
+        probe = _first_grad(self)  # did the closure zero the grads? (one tensor tells)
+        seen = None if probe is None else probe._version
         with torch.enable_grad():
             loss = closure()
+        if probe is not None and probe is _first_grad(self) and probe._version == seen + 1:
+            _warn_accumulated_onto(type(self).__name__)
         self._perturbed_passes(closure)
         return loss
 
@@ -447,7 +468,7 @@ class GROptimizer(Optimizer):
         except BaseException:
             self.abort_step()
             raise
-        self.second_step(zero_grad=False)
+        self._finish_step(zero_grad=False)
         return loss
 
     @torch.no_grad()
@@ -581,7 +602,7 @@ class GROptimizer(Optimizer):
         if fused is not None:  # the norms, the scalars and the update: three launches
             found_inf = fused.reuse(buckets, scale, valid, self._skip_record(main))
             self._note_new_state(buckets, found_inf)
-            self._after_update(found_inf)
+            self._after_update(found_inf, buckets)
             return
         inv = None if scale is None else scale.reciprocal()
         runs = group_runs(buckets)
@@ -594,7 +615,7 @@ class GROptimizer(Optimizer):
                                        found_inf.to(b.device, c))
         self._skip_record(main).record(found_inf)
         self._note_new_state(buckets, found_inf)
-        self._after_update(found_inf)
+        self._after_update(found_inf, buckets)
 
     def _note_new_state(self, buckets, found_inf: torch.Tensor) -> None:
         """SGD momentum buffers this step created (zeros, FLAG_NEW_STATE) where torch.optim.SGD
@@ -645,10 +666,25 @@ class GROptimizer(Optimizer):
             b.extra["_versions"] = list(map(_version_of, b.grads))
         self._pending.reflected = True
 
-    @torch.no_grad()
     def second_step(self, zero_grad: bool = True) -> None:
         """After the backward at the perturbed point: combine, restore θ exactly and apply
-        the base update (or skip it, with θ restored, when either gradient had inf/NaN)."""
+        the base update (or skip it, with θ restored, when either gradient had inf/NaN).
+
+        This call is the optimizer step of a hand-written loop: the step pre- and post-hooks
+        run around it, and an LR scheduler sees the optimizer stepped (as with ``step()``)."""
+        args, kwargs = (self,), {"zero_grad": zero_grad}
+        for hook in chain(_torch_optimizer._global_optimizer_pre_hooks.values(),
+                          self._optimizer_step_pre_hooks.values()):
+            hook(self, args, kwargs)
+        self._finish_step(zero_grad)
+        self._opt_called = True  # what torch's LR schedulers check (set by step()'s wrapper)
+        for hook in chain(self._optimizer_step_post_hooks.values(),
+                          _torch_optimizer._global_optimizer_post_hooks.values()):
+            hook(self, args, kwargs)
+
+    @torch.no_grad()
+    def _finish_step(self, zero_grad: bool) -> None:
+        """second_step without the hooks (``step()`` runs them around itself)."""
         pending = self._pending
         if pending is None:
             raise RuntimeError("second_step() called without first_step()")
@@ -683,7 +719,7 @@ class GROptimizer(Optimizer):
                                                      refresh=refresh)
                     skips.record(found_inf)
                 self._note_new_state(buckets, found_inf)
-                self._after_update(found_inf)
+                self._after_update(found_inf, buckets)
             self._gr_steps += 1
         except BaseException:
             self.last_step_skipped = last_skipped
@@ -794,8 +830,9 @@ class GROptimizer(Optimizer):
             rescale = (1 - alpha).reciprocal().to(b.device, compute_dtype(b.dtype))
             torch._foreach_mul_([b.grads[i] for i in idx], rescale)
 
-    def _after_update(self, found_inf: torch.Tensor) -> None:
-        """Called after the backend update (the GR wrapper steps its base optimizer here)."""
+    def _after_update(self, found_inf: torch.Tensor, buckets) -> None:
+        """Called after the backend update of ``buckets`` (the GR wrapper steps its base
+        optimizer here)."""
 
     # ------------------------------------------------------------------ GR off
     def _plain_step(self) -> None:
@@ -853,6 +890,24 @@ class GROptimizer(Optimizer):
                                                        if grads[0].dtype == torch.float64
                                                        else torch.float32))
         return found is None or not bool(found.item())
+
+
+def _first_grad(opt: Optimizer) -> Optional[torch.Tensor]:
+    return next((p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None),
+                None)
+
+
+def _warn_accumulated_onto(name: str) -> None:
+    """The closure's backward added to a gradient that was there before step() (it did not
+    zero it, neither in place nor by setting it to None): g1 then includes that gradient, but
+    the second call of the closure cannot give the matching g2."""
+    warnings.warn(
+        f"{name}.step(closure): the closure's backward accumulated onto gradients computed "
+        "before step() (it did not zero them). GR's first gradient then includes them, but "
+        "its second gradient comes from the closure alone, so the step is not the GR step of "
+        "either batch. Zero the grads in the closure; to accumulate micro-batches, run them "
+        "all inside the closure (Lightning: use accumulate_grad_batches=1, or manual "
+        "optimization).", stacklevel=3)
 
 
 def _drop_momentum(state, param, st: Dict[str, Any]) -> None:

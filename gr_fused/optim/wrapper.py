@@ -55,6 +55,11 @@ class GR(GROptimizer):
         if isinstance(base_optimizer, Optimizer) or not callable(base_optimizer):
             raise ValueError("Invalid base_optimizer: pass the optimizer class (e.g. "
                              "torch.optim.SGD) and its arguments as keywords")
+        if isinstance(base_optimizer, type) and issubclass(
+                base_optimizer, (torch.optim.LBFGS, torch.optim.SparseAdam)):
+            raise ValueError(f"Invalid base_optimizer: {base_optimizer.__name__} cannot take "
+                             "a GR step (LBFGS runs its own closure-driven line search; "
+                             "SparseAdam takes sparse gradients, GR dense ones)")
         both = set(base_kwargs or {}) & set(kwargs)
         if both:
             raise ValueError(f"Invalid base_kwargs: {sorted(both)} given twice")
@@ -125,8 +130,7 @@ class GR(GROptimizer):
         if self._plain_prepare():
             self.base_optimizer.step()
 
-    def _after_update(self, found_inf: torch.Tensor) -> None:
-        buckets = self._pending.buckets if self._pending is not None else ()
+    def _after_update(self, found_inf: torch.Tensor, buckets) -> None:
         for b in buckets:
             if b.flags is not None:  # frozen tensors: the base optimizer must skip them
                 for src, flag in zip(b.sources, b.flags):
@@ -134,16 +138,27 @@ class GR(GROptimizer):
                         src.grad = None
         if any(b.algo != "none" for b in buckets):
             return  # the backend applied the base update (_fuses_base_update)
+        # a tensor with no gradient at θ is not in this step (as with a fused update), even
+        # if the backward at the perturbed point gave it one: hidden from the base optimizer
+        stepped = {id(src) for b in buckets for src in b.sources}
+        hidden = [(p, p.grad) for g in self.param_groups for p in g["params"]
+                  if p.grad is not None and id(p) not in stepped]
+        for p, _ in hidden:
+            p.grad = None
         base = self.base_optimizer
-        if getattr(base, "_step_supports_amp_scaling", False) and any(
-                g.get("fused") for g in base.param_groups):
-            base.grad_scale, base.found_inf = None, found_inf
-            try:
+        try:
+            if getattr(base, "_step_supports_amp_scaling", False) and any(
+                    g.get("fused") for g in base.param_groups):
+                base.grad_scale, base.found_inf = None, found_inf
+                try:
+                    base.step()
+                finally:
+                    del base.grad_scale, base.found_inf
+            elif not bool(found_inf.item()):
                 base.step()
-            finally:
-                del base.grad_scale, base.found_inf
-        elif not bool(found_inf.item()):
-            base.step()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
