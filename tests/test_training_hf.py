@@ -112,6 +112,22 @@ def test_gradient_accumulation_is_gr_of_the_accumulated_batch(tmp_path):
     close(model, want, 1e-5, "trainer vs plain loop")
 
 
+def test_interval_k_reuses_the_direction_between_refreshes(tmp_path):
+    """gr_kwargs with interval=2: every other optimizer step takes the second gradient (its
+    micro-batch runs twice), the others reuse the cached direction through the Trainer's
+    plain optimizer.step(); the result is the plain loop's with interval=2."""
+    model = tiny_model()
+    trainer = InOrder(model=model, args=args(tmp_path), train_dataset=Data(),
+                      gr_kwargs=dict(GR, interval=2))
+    calls = []
+    model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    trainer.train()
+    steps = N // 8
+    assert len(calls) == steps + (steps + 1) // 2
+    want = plain_loop(tiny_model(), 8, steps, interval=2)
+    close(model, want, 1e-5, "trainer vs plain loop, interval=2")
+
+
 def test_max_grad_norm_clips_the_combined_gradient(tmp_path):
     model = tiny_model()
     trainer = InOrder(model=model, args=args(tmp_path, max_grad_norm=0.05),

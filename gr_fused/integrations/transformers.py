@@ -121,8 +121,8 @@ class GRTrainer(transformers.Trainer):
         The Trainer's ``optimizer.step()`` then completes the GR step."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         opt = self._gr_optimizer()
-        if opt is None or not opt.gr_active():
-            return loss
+        if opt is None or not opt.gr_active() or not opt.refresh_due:
+            return loss  # (interval=k between refreshes: optimizer.step() reuses the direction)
         self._gr_micro_batches.append((inputs, num_items_in_batch))
         if not self.accelerator.sync_gradients:
             return loss
