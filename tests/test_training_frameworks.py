@@ -137,3 +137,18 @@ def test_lightning_trains_like_the_plain_loop(module_cls):
     assert trainer.global_step == 3
     for a, b in zip(module.net.parameters(), ref.parameters()):
         assert torch.equal(a, b)
+
+
+@needs_lightning
+def test_lightning_gradient_accumulation_under_automatic_optimization_warns():
+    """accumulate_grad_batches > 1 with automatic optimization: Lightning's closure runs
+    the last micro-batch only, onto the gradients of the earlier ones, so GR's second
+    gradient cannot match the first. The optimizer says so (a warning, as the loop is
+    Lightning's); manual optimization, with every micro-batch in the closure, is the way."""
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, accelerator="cpu", devices=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.warns(UserWarning, match="accumulated onto gradients"):
+        trainer.fit(AutoGR(make_net()), torch.utils.data.DataLoader(list(zip(x, y)),
+                                                                    batch_size=8))
