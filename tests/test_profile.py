@@ -283,3 +283,209 @@ def test_api_bad_input_raises_value_error():
         compare("nosuch", device="cpu")
     with pytest.raises(ValueError, match="Invalid methods"):
         compare("mlp", device="cpu", methods=["fd-gr", "fdgr"])
+
+
+# --------------------------------------------------------------------------- fixed bugs
+def test_plot_gives_every_method_and_backend_its_own_bar():
+    """Rows that differ only by backend (fd-gr-kN, sam as well as fd-gr) get distinct labels
+    and distinct bars."""
+    pytest.importorskip("matplotlib")
+    from gr_fused.profile.report import plot_figure, plot_labels
+    rows = [("sgd", "torch.optim"), ("fd-gr", "cpu"), ("fd-gr", "torch"), ("fd-gr-k5", "cpu"),
+            ("fd-gr-k5", "torch"), ("sam", "cpu"), ("sam", "torch"), ("db-gr", "torch.optim")]
+    results = [dict(method=m, backend=b, step_time_ms=1.0 + i, step_time_ms_min=1.0 + i,
+                    step_time_ms_max=1.0 + i, ratio_to_sgd=1.0 + i, peak_memory_bytes=1 << 20)
+               for i, (m, b) in enumerate(rows)]
+    labels = plot_labels(results)
+    assert len(set(labels)) == len(rows)
+    assert labels[0] == "sgd" and labels[-1] == "db-gr"
+    for label, (method, backend) in zip(labels[1:-1], rows[1:-1]):
+        assert label == f"{method}\n({backend})"
+    fig = plot_figure(dict(results=results, model="mlp", batch_size=8, dtype="float32",
+                           device="cpu", device_name="cpu"))
+    for ax in fig.axes[:2]:
+        xs = [patch.get_x() + patch.get_width() / 2 for patch in ax.patches]
+        assert len(xs) == len(rows) and len(set(xs)) == len(rows)
+        assert [t.get_text() for t in ax.get_xticklabels()] == labels
+
+
+QUICK = ["--methods", "sgd", "--warmup", "0", "--repeat", "1", "--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "mlp", "--width", "-4"], "Invalid width: -4"),
+    (["--model", "cnn", "--width", "0"], "Invalid width: 0"),
+    (["--model", "gpt", "--n-head", "5", "--n-layer", "1", "--n-embd", "16", "--seq-len", "4",
+      "--vocab", "8"], "Invalid n_head: 5"),
+    (["--model", "wrn28-10", "--depth", "11", "--width", "1"], "Invalid depth: 11"),
+    (["--model", "mlp", "--width", "4", "--lr", "inf"], "Invalid lr: inf"),
+    (["--model", "mlp", "--width", "4", "--gamma", "inf"], "Invalid gamma: inf"),
+    (["--model", "mlp", "--width", "4", "--momentum", "nan"], "Invalid momentum: nan"),
+    (["--model", "mlp", "--width", "4", "--gamma", "0"], "GR is off"),
+])
+def test_cli_bad_sizes_and_hyperparameters_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *QUICK])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--csv", "--plot"])
+def test_cli_output_path_that_is_a_folder_is_refused_up_front(flag, tmp_path, capsys):
+    if flag == "--plot":
+        pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "mlp", "--width", "4", flag, str(tmp_path), *QUICK])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "is a folder" in captured.err and captured.out == ""  # nothing was run
+
+
+BAD_FACTORIES = '''
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def tiny(batch_size, device, width=4):
+    model = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, 3))
+    batch = (torch.randn(batch_size, 6), torch.randint(0, 3, (batch_size,)))
+    return model, batch, lambda m, b: F.cross_entropy(m(b[0]), b[1])
+
+
+def bad_return(batch_size, device):
+    return nn.Linear(2, 2), torch.randn(3, 2)
+
+
+def loss_not_scalar(batch_size, device):
+    return nn.Linear(2, 1), torch.randn(batch_size, 2), lambda model, b: model(b)
+
+
+def all_frozen(batch_size, device):
+    model, batch, loss_fn = tiny(batch_size, device)
+    model.requires_grad_(False)
+    return model, batch, loss_fn
+'''
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "badfactories:bad_return"], "must return (model, batch, loss_fn)"),
+    (["--model", "badfactories:loss_not_scalar"], "must return a 0-dim tensor"),
+    (["--model", "badfactories:all_frozen"], "has no trainable parameters"),
+    (["--model", "badfactories:tiny", "--depth", "3"], "unexpected keyword argument 'depth'"),
+])
+def test_cli_user_factory_breaking_the_contract_is_a_usage_error(args, message, tmp_path,
+                                                                  monkeypatch, capsys):
+    (tmp_path / "badfactories.py").write_text(BAD_FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--batch-size", "2", *QUICK])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: Invalid model" in err and message in err
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """tanh whose backward is an op with no backward of its own (like F.ctc_loss or a
+    fused kernel): one gradient works, double backpropagation does not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return _TanhGrad.apply(x, grad)
+
+
+class _TanhGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grad):
+        return grad * (1 - torch.tanh(x) ** 2)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("derivative for tanh_grad is not implemented")
+
+
+def no_double_backward_factory(batch_size, device, width=4):
+    model = torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.Linear(width, 3))
+    batch = (torch.randn(batch_size, 6), torch.randint(0, 3, (batch_size,)))
+
+    def loss_fn(m, b):
+        return torch.nn.functional.cross_entropy(m[1](_NoDoubleBackward.apply(m[0](b[0]))),
+                                                 b[1])
+    return model, batch, loss_fn
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_method_that_cannot_run_on_the_model_is_reported_and_the_rest_run(sequential, tmp_path):
+    report = compare(no_double_backward_factory, device="cpu", batch_size=4,
+                     methods="sgd,fd-gr,db-gr", backends="torch", warmup=1, repeat=1,
+                     sequential=sequential, progress=False)
+    assert [(r["method"], r["backend"]) for r in report["results"]] == [
+        ("sgd", "torch.optim"), ("fd-gr", "torch")]
+    (failed,) = report["not_runnable"]
+    assert failed["method"] == "db-gr" and failed["backend"] == "torch.optim"
+    assert "derivative for tanh_grad is not implemented" in failed["reason"]
+    assert "\n" not in failed["reason"]
+    assert all(r["ratio_to_db_gr"] is None for r in report["results"])
+    table = format_table(report)
+    assert "\nsgd " in table and "\nfd-gr " in table
+    assert "db-gr (torch.optim) not run: " in table
+    write_json(report, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["not_runnable"] == [failed]
+
+
+def test_a_model_that_fails_for_every_method_still_raises():
+    """A bug in the model (its loss raises) is not hidden as 'not runnable'."""
+    def broken(batch_size, device):
+        def loss_fn(m, b):
+            raise RuntimeError("bug in the user's loss")
+        return torch.nn.Linear(2, 1), torch.randn(batch_size, 2), loss_fn
+
+    with pytest.raises(RuntimeError, match="bug in the user's loss"):
+        compare(broken, device="cpu", batch_size=2, methods="sgd", warmup=0, repeat=1,
+                progress=False)
+
+
+def test_json_writes_null_for_non_finite_numbers(mlp_report, tmp_path):
+    import copy
+    report = copy.deepcopy(mlp_report)
+    report["results"][0]["loss_last"] = float("nan")
+    report["results"][1]["loss_first"] = float("inf")
+    write_json(report, tmp_path / "r.json")
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+    data = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
+    assert data["results"][0]["loss_last"] is None and data["results"][1]["loss_first"] is None
+    assert data["results"][0]["loss_first"] == report["results"][0]["loss_first"]
+
+
+def test_repeated_interval_methods_are_profiled_once_in_the_given_order():
+    plan = make_plan("mlp", device="cpu", methods="fd-gr-k7,sgd,fd-gr-k3,fd-gr-k7,sgd,fd-gr-k3",
+                     backends="torch")
+    assert plan.runs == [("sgd", "torch.optim"), ("fd-gr-k7", "torch"), ("fd-gr-k3", "torch")]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(methods=[5]), "Invalid methods: 5"),
+    (dict(methods=["sgd", None]), "Invalid methods: None"),
+    (dict(methods=5), "Invalid methods: 5"),
+    (dict(methods="fd-gr", backends=["torch", 3]), "Invalid backends: 3"),
+    (dict(hyperparameters=Hyperparameters(lr=float("inf"))), "Invalid lr: inf"),
+    (dict(hyperparameters=Hyperparameters(gamma=0)), "Invalid gamma: 0"),
+])
+def test_api_bad_names_and_numbers_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_plan("mlp", device="cpu", **kwargs)
+
+
+def test_api_factory_breaking_the_contract_raises_value_error():
+    with pytest.raises(ValueError, match="unexpected keyword argument 'depth'"):
+        compare(no_double_backward_factory, device="cpu", model_options=dict(depth=3),
+                methods="sgd", warmup=0, repeat=1, progress=False)

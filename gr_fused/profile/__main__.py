@@ -9,7 +9,7 @@ from typing import List, Optional
 from .methods import METHODS, Hyperparameters
 from .models import BUILTIN_MODELS
 from .report import format_table, write_csv, write_json, write_plot
-from .runner import DEFAULT_MODEL, DTYPES, make_plan, run_plan
+from .runner import DEFAULT_MODEL, DTYPES, ModelError, make_plan, run_plan
 
 # CLI flag -> factory keyword (passed to the built-in models, or to a user factory as is)
 SIZE_OPTIONS = {
@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for path in (args.json, args.csv, args.plot):
+    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if path and os.path.isdir(path):
+            parser.error(f"{flag} {path!r} is a folder (give a file path)")
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"the folder of {path!r} does not exist")
     if args.plot:
@@ -87,7 +89,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                          model_options=options, seed=args.seed, sequential=args.sequential)
     except ValueError as exc:
         parser.error(str(exc))
-    report = run_plan(plan, progress=not args.no_progress)
+    try:
+        report = run_plan(plan, progress=not args.no_progress)
+    except ModelError as exc:  # the factory refused its options or broke its contract
+        parser.error(str(exc))
     report["command"] = "python -m gr_fused.profile " + " ".join(
         sys.argv[1:] if argv is None else argv)
     print(format_table(report))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -137,9 +137,7 @@ class WideBlock(nn.Module):
 def wide_resnet(batch_size: int, device, *, depth: int = 28, width: int = 10):
     """WRN-depth-width for CIFAR: (depth − 4)/6 blocks in each of 3 stages of 16·width,
     32·width, 64·width channels (WRN-28-10 has 36.5M parameters)."""
-    _check_positive(depth=depth, width=width)
-    if (depth - 4) % 6 or depth < 10:
-        raise ValueError(f"Invalid depth: {depth} (wide resnets need depth = 6n + 4, n >= 1)")
+    _check_wide_resnet(depth=depth, width=width)
     blocks_per_stage = (depth - 4) // 6
     with torch.device(device):
         layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False)]
@@ -223,13 +221,31 @@ class GPT(nn.Module):
 def gpt(batch_size: int, device, *, n_layer: int = 12, n_embd: int = 768, n_head: int = 12,
         seq_len: int = 512, vocab: int = 50257):
     """GPT-2 small by default (124M parameters); the batch is random token ids."""
-    _check_positive(n_layer=n_layer, n_embd=n_embd, n_head=n_head, seq_len=seq_len, vocab=vocab)
-    if n_embd % n_head:
-        raise ValueError(f"Invalid n_head: {n_head} (must divide n_embd={n_embd})")
+    _check_gpt(n_layer=n_layer, n_embd=n_embd, n_head=n_head, seq_len=seq_len, vocab=vocab)
     with torch.device(device):
         model = GPT(n_layer, n_embd, n_head, seq_len, vocab)
     tokens = torch.randint(0, vocab, (batch_size, seq_len + 1))
     return model, tokens, next_token_loss
+
+
+def _check_positive(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"Invalid {name}: {value!r} (an integer >= 1)")
+
+
+def _check_wide_resnet(**sizes: int) -> None:
+    _check_positive(**sizes)
+    depth = sizes.get("depth", 28)
+    if (depth - 4) % 6 or depth < 10:
+        raise ValueError(f"Invalid depth: {depth} (wide resnets need depth = 6n + 4, n >= 1)")
+
+
+def _check_gpt(**sizes: int) -> None:
+    _check_positive(**sizes)
+    n_embd, n_head = sizes.get("n_embd", 768), sizes.get("n_head", 12)
+    if n_embd % n_head:
+        raise ValueError(f"Invalid n_head: {n_head} (must divide n_embd={n_embd})")
 
 
 # --------------------------------------------------------------------------- registry
@@ -240,6 +256,12 @@ class BuiltinModel:
     batch_size: int               # default batch at full size
     cpu: Dict[str, int] = field(default_factory=dict)  # CPU defaults that differ from full
     cpu_batch_size: int = 0       # CPU default batch (0: same as batch_size)
+    # check(**size options): ValueError, naming the option, for sizes the factory refuses
+    check: Optional[Callable[..., None]] = None
+
+    def check_options(self, options: Dict[str, Any]) -> None:
+        """ValueError for size options the factory would refuse (before anything is built)."""
+        (self.check or _check_positive)(**options)
 
 
 BUILTIN_MODELS: Dict[str, BuiltinModel] = {
@@ -248,10 +270,11 @@ BUILTIN_MODELS: Dict[str, BuiltinModel] = {
     "resnet18": BuiltinModel(resnet18, dict(width=64), batch_size=128,
                              cpu=dict(width=16), cpu_batch_size=16),
     "wrn28-10": BuiltinModel(wide_resnet, dict(depth=28, width=10), batch_size=128,
-                             cpu=dict(depth=10, width=2), cpu_batch_size=16),
+                             cpu=dict(depth=10, width=2), cpu_batch_size=16,
+                             check=_check_wide_resnet),
     "gpt": BuiltinModel(gpt, dict(n_layer=12, n_embd=768, n_head=12, seq_len=512, vocab=50257),
                         batch_size=8, cpu=dict(n_layer=2, n_embd=128, n_head=4, seq_len=64,
-                                               vocab=1024), cpu_batch_size=4),
+                                               vocab=1024), cpu_batch_size=4, check=_check_gpt),
 }
 
 
@@ -270,8 +293,3 @@ def load_user_factory(spec: str) -> Factory:
         raise ValueError(f"Invalid model: {spec!r}: {module_name!r} has no callable {attr!r}")
     return factory
 
-
-def _check_positive(**sizes: int) -> None:
-    for name, value in sizes.items():
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"Invalid {name}: {value!r} (an integer >= 1)")

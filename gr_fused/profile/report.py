@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from typing import Any, Dict, List, Optional
+
+from .methods import BASELINE_BACKEND
 
 Report = Dict[str, Any]
 
@@ -57,6 +60,8 @@ def format_table(report: Report) -> str:
     ]
     for name, why in report["skipped_backends"].items():
         lines.append(f"backend {name} not run: {why}")
+    for r in report.get("not_runnable", ()):
+        lines.append(f"{r['method']} ({r['backend']}) not run: {r['reason']}")
     lines += [f"WARNING: {r['method']} ({r['backend']}) skipped {r['skipped_steps']} steps on "
               "inf/NaN; its time is not that of a full step" for r in report["results"]
               if r["skipped_steps"]]
@@ -103,10 +108,23 @@ def summary(report: Report) -> List[str]:
     return ["summary: " + "; ".join(parts)] if parts else []
 
 
+def _strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (a diverged loss: inf, NaN) as None, which JSON
+    writes as null (NaN and Infinity are not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def write_json(report: Report, path: str) -> None:
+    """The report as JSON; non-finite numbers (a diverged loss) are written as null."""
+    text = json.dumps(_strict_json(report), indent=2, allow_nan=False)
     with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def write_csv(report: Report, path: str) -> None:
@@ -131,6 +149,17 @@ def write_plot(report: Report, path: str) -> None:
     plt.close(fig)
 
 
+def plot_labels(results: List[Dict[str, Any]]) -> List[str]:
+    """One x label per (method, backend) row of the plot: the method, with its backend
+    whenever it runs on a gr_fused backend or appears more than once."""
+    counts: Dict[str, int] = {}
+    for r in results:
+        counts[r["method"]] = counts.get(r["method"], 0) + 1
+    return [f"{r['method']}\n({r['backend']})"
+            if counts[r["method"]] > 1 or r["backend"] != BASELINE_BACKEND else r["method"]
+            for r in results]
+
+
 def plot_figure(report: Report):
     """The figure of :func:`write_plot` (matplotlib, Agg backend)."""
     try:
@@ -141,22 +170,23 @@ def plot_figure(report: Report):
     import matplotlib.pyplot as plt
 
     results = report["results"]
-    labels = [r["method"] if r["method"] not in ("fd-gr", "bd-gr", "central-gr")
-              else f"{r['method']}\n({r['backend']})" for r in results]
+    labels = plot_labels(results)
+    x = list(range(len(results)))  # one position per row, whatever the labels
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(results)), 4.5))
     medians = [r["step_time_ms"] for r in results]
     spread = [[m - r["step_time_ms_min"] for m, r in zip(medians, results)],
               [r["step_time_ms_max"] - m for m, r in zip(medians, results)]]
-    bars = ax_time.bar(labels, medians, color="tab:blue", yerr=spread, capsize=3,
+    bars = ax_time.bar(x, medians, color="tab:blue", yerr=spread, capsize=3,
                        error_kw=dict(ecolor="0.3", elinewidth=1))
     ax_time.bar_label(bars, [f"{_ratio(r['ratio_to_sgd'])}x" if r["ratio_to_sgd"] else ""
                              for r in results], fontsize=8, padding=2)
     ax_time.set_ylabel("step time (ms): median, bars min to max")
     ax_time.set_title("step time (label: x sgd)")
-    ax_mem.bar(labels, [r["peak_memory_bytes"] / MIB for r in results], color="tab:orange")
+    ax_mem.bar(x, [r["peak_memory_bytes"] / MIB for r in results], color="tab:orange")
     ax_mem.set_ylabel("peak memory (MiB)")
     ax_mem.set_title("peak memory")
     for ax in (ax_time, ax_mem):
+        ax.set_xticks(x, labels)
         ax.tick_params(axis="x", labelsize=8, rotation=45)
     fig.suptitle(f"{report['model']}, batch {report['batch_size']}, {report['dtype']}, "
                  f"{report['device']} ({report['device_name']})", fontsize=10)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import platform
 import statistics
@@ -31,6 +32,12 @@ DEFAULT_REPEATS = {"cuda": (5, 20), "cpu": (2, 10)}  # (warmup, repeat) per devi
 MEMORY_STEPS = 2  # the first steps of every run, measured for peak memory (not timed)
 FLOP_COUNTER = ("torch.utils.flop_counter.FlopCounterMode: matmul, conv and attention ops of "
                 "one step (elementwise ops and the optimizer update are not counted)")
+
+
+class ModelError(ValueError):
+    """The model's factory refused its options or broke the factory contract (a user
+    mistake, found when the model is first built: the command line reports it as a usage
+    error)."""
 
 
 @dataclass
@@ -102,9 +109,16 @@ def make_plan(model: Union[str, Factory] = DEFAULT_MODEL, *, device: Optional[st
             raise ValueError(f"Invalid {name}: {value!r} (an integer >= {least})")
     methods = _resolve_methods(methods)
     hp = hyperparameters or Hyperparameters()
+    if not isinstance(hp, Hyperparameters):
+        raise ValueError(f"Invalid hyperparameters: {hp!r} (a gr_fused.profile.Hyperparameters)")
     for name, value in asdict(hp).items():
-        if not (isinstance(value, (int, float)) and value >= 0) or (name == "rho" and value == 0):
-            raise ValueError(f"Invalid {name}: {value!r} (a number >= 0; rho > 0)")
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and value >= 0):
+            raise ValueError(f"Invalid {name}: {value!r} (a finite number >= 0)")
+    for name in ("gamma", "rho"):
+        if getattr(hp, name) == 0:
+            raise ValueError(f"Invalid {name}: 0 ({name} > 0; with {name} = 0 GR is off and "
+                             "every GR method is a plain SGD step)")
     run_backends, skipped = _resolve_backends(backends, device, any(is_gr_method(m)
                                                                     for m in methods))
     runs = []
@@ -155,6 +169,7 @@ def _resolve_model(model, options: Dict[str, Any], device: torch.device):
         reduced = {k: v for k, v in builtin.cpu.items() if k not in options}
         resolved.update(reduced)
     resolved.update(options)
+    builtin.check_options(resolved)
     size_note = ""
     if reduced:
         size_note = ("reduced for CPU: " + ", ".join(f"{k}={v}" for k, v in reduced.items())
@@ -167,11 +182,20 @@ def _resolve_model(model, options: Dict[str, Any], device: torch.device):
 
 
 def _as_list(value, what: str) -> List[str]:
+    """A comma-separated string or a sequence of names, as a list of names."""
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
-    value = list(value)
+    else:
+        try:
+            value = list(value)
+        except TypeError:
+            raise ValueError(f"Invalid {what}: {value!r} (a comma-separated string or a list "
+                             "of names)") from None
     if not value:
         raise ValueError(f"Invalid {what}: empty")
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"Invalid {what}: {item!r} in {value!r} (names are strings)")
     return value
 
 
@@ -184,7 +208,7 @@ def _resolve_methods(methods) -> List[str]:
         raise ValueError(f"Invalid methods: {', '.join(map(repr, unknown))} (choose from "
                          f"{', '.join(METHODS)}, or fd-gr-kN)")
     known = [m for m in METHODS if m in methods]
-    return known + [m for m in methods if m not in known]
+    return known + list(dict.fromkeys(m for m in methods if m not in known))
 
 
 def _resolve_backends(requested, device: torch.device, needed: bool
@@ -218,19 +242,23 @@ class _Workload:
     def __init__(self, plan: Plan):
         param_dtype, autocast_dtype = DTYPES[plan.dtype]
         torch.manual_seed(plan.seed)
-        built = plan.factory(plan.batch_size, plan.device, **plan.model_options)
+        try:
+            built = plan.factory(plan.batch_size, plan.device, **plan.model_options)
+        except (TypeError, ValueError) as exc:  # options it does not take, or refuses
+            raise ModelError(f"Invalid model: the factory of {plan.model_name!r} failed with "
+                             f"{_one_line(exc)}") from exc
         if not (isinstance(built, tuple) and len(built) == 3):
-            raise ValueError(f"Invalid model: the factory of {plan.model_name!r} must return "
+            raise ModelError(f"Invalid model: the factory of {plan.model_name!r} must return "
                              f"(model, batch, loss_fn), got {type(built).__name__}")
         model, batch, self.loss_fn = built
         if not isinstance(model, torch.nn.Module) or not callable(self.loss_fn):
-            raise ValueError(f"Invalid model: the factory of {plan.model_name!r} must return "
+            raise ModelError(f"Invalid model: the factory of {plan.model_name!r} must return "
                              "(torch.nn.Module, batch, loss_fn callable)")
         self.model = model.to(device=plan.device, dtype=param_dtype)
         self.batch = _move(batch, plan.device, param_dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
-            raise ValueError(f"Invalid model: {plan.model_name!r} has no trainable parameters")
+            raise ModelError(f"Invalid model: {plan.model_name!r} has no trainable parameters")
         self.device_type, self.autocast_dtype = plan.device.type, autocast_dtype
 
     def compute_loss(self) -> torch.Tensor:
@@ -238,6 +266,12 @@ class _Workload:
             return self.loss_fn(self.model, self.batch)
         with torch.autocast(self.device_type, dtype=self.autocast_dtype):
             return self.loss_fn(self.model, self.batch)
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``."""
+    lines = str(exc).strip().splitlines()
+    return type(exc).__name__ + (f": {lines[0]}" if lines else "")
 
 
 def _move(batch, device: torch.device, dtype: torch.dtype):
@@ -259,7 +293,7 @@ def _forward_flops(plan: Plan) -> Tuple[int, int]:
         flops = count_flops(lambda: losses.append(work.compute_loss()))
     loss = losses[0]
     if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
-        raise ValueError(f"Invalid model: loss_fn of {plan.model_name!r} must return a 0-dim "
+        raise ModelError(f"Invalid model: loss_fn of {plan.model_name!r} must return a 0-dim "
                          f"tensor, got {getattr(loss, 'shape', type(loss).__name__)}")
     return flops, sum(p.numel() for p in work.params)
 
@@ -317,7 +351,9 @@ def run_plan(plan: Plan, progress: bool = True) -> Dict[str, Any]:
                 shown(run).start(bar.update)
                 run.warm(bar.update)
                 run.time(plan.repeat, bar.update)
-                results.append(run.finish(bar.update))
+                result = run.finish(bar.update)
+                if result is not None:
+                    results.append(result)
                 _free_memory(plan.device)
         else:
             for run in runs:
@@ -327,7 +363,10 @@ def run_plan(plan: Plan, progress: bool = True) -> Dict[str, Any]:
             for _ in range(plan.repeat):
                 for run in runs:
                     shown(run).time(1, bar.update)
-            results = [shown(run).finish(bar.update) for run in runs]
+            results = [r for r in (shown(run).finish(bar.update) for run in runs)
+                       if r is not None]
+    not_runnable = [{"method": run.method, "backend": run.backend, "reason": run.failure}
+                    for run in runs if run.failure is not None]
     del runs
     _free_memory(plan.device)
     for r in results:
@@ -356,12 +395,21 @@ def run_plan(plan: Plan, progress: bool = True) -> Dict[str, Any]:
         "memory_measure": MEMORY_MEASURE[plan.device.type].format(steps=MEMORY_STEPS),
         "flop_counter": FLOP_COUNTER,
         "skipped_backends": plan.skipped_backends,
+        "not_runnable": not_runnable,
         "results": results,
     }
 
 
+class _StepFailed(Exception):
+    """A method's training step raised on this model (the message: why, on one line)."""
+
+
 class _Run:
-    """One (method, backend): its own freshly built model, optimizer and measurements."""
+    """One (method, backend): its own freshly built model, optimizer and measurements.
+
+    If DB's step raises a RuntimeError on this model (double backpropagation through an op
+    that has no double backward), the run stops, frees its model and keeps the reason in
+    ``failure``; the other methods run on. Any other method's error is raised."""
 
     def __init__(self, plan: Plan, method: str, backend: str):
         self.plan, self.method, self.backend = plan, method, backend
@@ -371,14 +419,34 @@ class _Run:
         # what one measurement covers: a step, or a whole cycle of fd-gr-kN (one FD step and
         # N − 1 one-gradient steps, whatever step the cycle starts at), reported per step
         self.unit = interval_of(method)
+        self.failure: Optional[str] = None  # why the method's step cannot run on this model
 
     def _step(self) -> None:
-        self.losses.append(self.step_fn().detach())
+        try:
+            loss = self.step_fn()
+        except RuntimeError as exc:  # only DB's step itself: see _Run
+            if self.method != "db-gr":
+                raise
+            raise _StepFailed(f"its step fails on this model: {_one_line(exc)}") from None
+        self.losses.append(loss.detach())
         del self.losses[1:-1]  # keep the first and the latest
 
     def _unit(self) -> None:
         for _ in range(self.unit):
             self._step()
+
+    @contextlib.contextmanager
+    def _unless_failed(self):
+        """Run the body unless the run has failed; a failing step ends the run."""
+        if self.failure is not None:
+            yield False
+            return
+        try:
+            yield True
+        except _StepFailed as exc:
+            self.failure = str(exc)
+            for name in ("workload", "step_fn", "optimizer", "losses"):
+                self.__dict__.pop(name, None)
 
     def start(self, on_step: Callable[[], None]) -> None:
         """Build the model and take the first steps, measuring peak memory."""
@@ -387,7 +455,10 @@ class _Run:
                 self._step()
                 on_step()
 
-        self.peak_memory_bytes = measure_peak_memory(self._build, first_steps, self.plan.device)
+        with self._unless_failed() as running:
+            if running:
+                self.peak_memory_bytes = measure_peak_memory(self._build, first_steps,
+                                                             self.plan.device)
 
     def _build(self) -> None:
         self.workload = _Workload(self.plan)
@@ -396,18 +467,26 @@ class _Run:
             self.plan.hyperparameters, self.backend if is_gr_method(self.method) else None)
 
     def warm(self, on_step: Callable[[], None]) -> None:
-        for _ in range(self.plan.warmup):
-            self._step()
-            on_step()
+        with self._unless_failed() as running:
+            for _ in range(self.plan.warmup if running else 0):
+                self._step()
+                on_step()
 
     def time(self, count: int, on_step: Callable[[], None]) -> None:
-        for _ in range(count):
-            self.timer.time(self._unit)
-            on_step()
+        with self._unless_failed() as running:
+            for _ in range(count if running else 0):
+                self.timer.time(self._unit)
+                on_step()
 
-    def finish(self, on_step: Callable[[], None]) -> Dict[str, Any]:
-        """One more step (cycle) under the FLOP counter; the result; then free the model."""
-        flops = count_flops(self._unit) / self.unit
+    def finish(self, on_step: Callable[[], None]) -> Optional[Dict[str, Any]]:
+        """One more step (cycle) under the FLOP counter; the result (None if the run failed,
+        see ``failure``); then free the model."""
+        flops = None
+        with self._unless_failed() as running:
+            if running:
+                flops = count_flops(self._unit) / self.unit
+        if self.failure is not None:
+            return None
         on_step()
         times = [t / self.unit for t in self.timer.times_ms()]
         skipped = getattr(self.optimizer, "skipped_steps", None)
