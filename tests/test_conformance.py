@@ -720,7 +720,86 @@ def test_a_closure_that_does_not_zero_the_grads_is_reported(backend):
         warnings.simplefilter("error")
         opt.step(loss_closure(model, opt, x, y))
 
-        def zeroes_in_place():
-            model.zero_grad(set_to_none=False)
-            return accumulating()
-        opt.step(zeroes_in_place)
+
+GR_ON = {
+    "GRSGD": lambda ps, be: gr_fused.GRSGD(ps, lr=0.1, momentum=0.9, gamma=0.05, backend=be),
+    "GRSGD-central": lambda ps, be: gr_fused.GRSGD(ps, lr=0.1, gamma=0.05,
+                                                   difference="central", backend=be),
+    "GRAdamW": lambda ps, be: gr_fused.GRAdamW(ps, lr=0.01, gamma=0.05, backend=be),
+    "GR(Adam)": lambda ps, be: gr_fused.GR(ps, torch.optim.Adam, gamma=0.05, lr=0.01,
+                                           backend=be),
+    "GNP(SGD)": lambda ps, be: gr_fused.GNP(ps, torch.optim.SGD, rho=0.05, lam=0.02, lr=0.1,
+                                            backend=be),
+}
+IN_PLACE = {
+    "model.zero_grad(set_to_none=False)": lambda model: model.zero_grad(set_to_none=False),
+    "p.grad.zero_()": lambda model: [p.grad.zero_() for p in model.parameters()
+                                     if p.grad is not None],
+    "torch.optim.SGD.zero_grad(set_to_none=False)":
+        lambda model: torch.optim.SGD(model.parameters()).zero_grad(set_to_none=False),
+}
+
+
+@pytest.mark.parametrize("zero", list(IN_PLACE))
+@pytest.mark.parametrize("name", list(GR_ON))
+def test_grads_zeroed_in_place_during_a_gr_step_are_refused(name, zero, backend):
+    """The grads carry fold·g1 from first_step to second_step: zeroing them in place in the
+    closure erases it. That is refused with an error that names the fix, the weights are
+    restored, and nothing is stepped; zeroing by setting them to None works."""
+    model = make_model()
+    x, y = batch()
+    opt = GR_ON[name](model.parameters(), backend)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        IN_PLACE[zero](model)
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    F.mse_loss(model(x), y).backward()  # grads exist, as after an earlier step
+    with pytest.raises(RuntimeError, match="zeroed in place"):
+        opt.step(closure)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    assert opt._pending is None and not opt.state.get(model[0].weight)
+    twin = make_model()
+    ref = GR_ON[name](twin.parameters(), "torch")
+    for m, o in ((model, opt), (twin, ref)):
+        o.step(loss_closure(m, o, x, y))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_close(p.detach(), q.detach(), 1e-6, "the step after the refused one")
+
+
+def test_grads_zeroed_in_place_between_first_and_second_step_are_refused(backend):
+    model = make_model()
+    x, y = batch()
+    opt = gr_fused.GRSGD(model.parameters(), lr=0.1, gamma=0.05, backend=backend)
+    before = [p.detach().clone() for p in model.parameters()]
+    F.mse_loss(model(x), y).backward()
+    opt.first_step()
+    model.zero_grad(set_to_none=False)
+    F.mse_loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="zeroed in place"):
+        opt.second_step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_sam_accepts_grads_zeroed_in_place(backend):
+    """SAM's grads hold 0·g1 during the step: zeroing them in place changes nothing, so the
+    popular idiom with model.zero_grad(set_to_none=False) steps as with set_to_none."""
+    x, y = batch()
+    results = []
+    for set_to_none in (False, True):
+        model = make_model()
+        opt = gr_fused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1,
+                           momentum=0.9, backend=backend)
+        for _ in range(2):
+            F.mse_loss(model(x), y).backward()
+            opt.first_step()
+            model.zero_grad(set_to_none=set_to_none)
+            F.mse_loss(model(x), y).backward()
+            opt.second_step()
+        results.append([p.detach() for p in model.parameters()])
+    for p, q in zip(*results):
+        assert_close(p, q, 1e-6, "SAM, in place vs set_to_none")

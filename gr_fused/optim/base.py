@@ -115,6 +115,37 @@ class _Pending:
         self.rows = rows
         self.main_device = main_device
         self.reflected = False
+        self.zeroing_check: Optional[_InPlaceZeroingCheck] = None
+
+    def close(self) -> None:
+        if self.zeroing_check is not None:
+            self.zeroing_check.close()
+            self.zeroing_check = None
+
+
+class _InPlaceZeroingCheck:
+    """Whether a grad that carries fold·g1 was zeroed in place (``model.zero_grad(
+    set_to_none=False)``, ``p.grad.zero_()``) before the next backward reached it.
+
+    A hook on one parameter runs before each gradient is accumulated into its grad (torch
+    runs a leaf tensor's hooks before the accumulation): at the first call, a grad that is
+    still the tensor holding fold·g1 must have the version it had when the phase ended. A
+    grad set to None, or replaced, is fine (the optimizer adds the fresh gradient onto the
+    one it holds). DDP and FSDP edit grads only after the accumulation, so they do not
+    count. (``p.grad.data.zero_()`` goes around the version counter and is not seen.)"""
+
+    def __init__(self, param: torch.Tensor, grad: torch.Tensor):
+        self.param, self.grad, self.version = param, grad, grad._version
+        self.seen = self.zeroed = False
+        self.handle = param.register_hook(self)
+
+    def __call__(self, incoming: torch.Tensor) -> None:
+        if not self.seen:
+            self.seen = True
+            self.zeroed = self.param.grad is self.grad and self.grad._version != self.version
+
+    def close(self) -> None:
+        self.handle.remove()
 
 
 class GROptimizer(Optimizer):
@@ -504,6 +535,7 @@ class GROptimizer(Optimizer):
             b.held = list(map(_grad_of, b.sources))
             b.extra["_versions"] = list(map(_version_of, b.grads))
         self._pending = _Pending(buckets, fused, rows, main)
+        self._arm_zeroing_check()
         if self.freeze_bn_stats:
             self._bn.start()
 
@@ -660,11 +692,13 @@ class GROptimizer(Optimizer):
             raise RuntimeError("reflect_step() called without first_step()")
         if not self._needs_reflect() or self._pending.reflected:
             raise RuntimeError("reflect_step() is for difference='central', once per step")
+        self._refuse_zeroed_grads()
         self._adopt_replaced_grads()
         for b in self._pending.buckets:
             b.backend.reflect(b)
             b.extra["_versions"] = list(map(_version_of, b.grads))
         self._pending.reflected = True
+        self._arm_zeroing_check()
 
     def second_step(self, zero_grad: bool = True) -> None:
         """After the backward at the perturbed point: combine, restore θ exactly and apply
@@ -673,13 +707,13 @@ class GROptimizer(Optimizer):
         This call is the optimizer step of a hand-written loop: the step pre- and post-hooks
         run around it, and an LR scheduler sees the optimizer stepped (as with ``step()``)."""
         args, kwargs = (self,), {"zero_grad": zero_grad}
-        for hook in chain(_torch_optimizer._global_optimizer_pre_hooks.values(),
-                          self._optimizer_step_pre_hooks.values()):
+        pre = (_torch_optimizer._global_optimizer_pre_hooks, self._optimizer_step_pre_hooks)
+        for hook in chain.from_iterable(h.values() for h in pre if h):
             hook(self, args, kwargs)
         self._finish_step(zero_grad)
         self._opt_called = True  # what torch's LR schedulers check (set by step()'s wrapper)
-        for hook in chain(self._optimizer_step_post_hooks.values(),
-                          _torch_optimizer._global_optimizer_post_hooks.values()):
+        post = (self._optimizer_step_post_hooks, _torch_optimizer._global_optimizer_post_hooks)
+        for hook in chain.from_iterable(h.values() for h in post if h):
             hook(self, args, kwargs)
 
     @torch.no_grad()
@@ -692,6 +726,7 @@ class GROptimizer(Optimizer):
             self.abort_step()
             raise RuntimeError("difference='central' needs reflect_step() and a third backward "
                                "before second_step(); the weights were restored")
+        self._refuse_zeroed_grads()
         last_skipped = self.last_step_skipped  # kept if this step raises before reporting
         try:
             missing = self._adopt_replaced_grads()
@@ -725,6 +760,7 @@ class GROptimizer(Optimizer):
             self.last_step_skipped = last_skipped
             raise
         finally:
+            pending.close()
             self._pending = None
             self._bn.stop()
         if zero_grad:
@@ -736,6 +772,8 @@ class GROptimizer(Optimizer):
         interval=k direction the step began to refresh: the next step refreshes it)."""
         pending, self._pending = self._pending, None
         self._bn.stop()
+        if pending is not None:
+            pending.close()
         if pending is not None and pending.buckets and self._interval() > 1:
             self._gr_valid = None
         if pending is not None:
@@ -745,6 +783,30 @@ class GROptimizer(Optimizer):
                     for s, held in zip(b.sources, b.held):
                         if s.grad is not held and held is not None:
                             s.grad = held
+
+    def _arm_zeroing_check(self) -> None:
+        """Watch one grad that carries fold·g1 (fold ≠ 0: not SAM's) for in-place zeroing
+        until the next backward reaches it (_InPlaceZeroingCheck)."""
+        pending = self._pending
+        pending.close()
+        for b in pending.buckets:
+            if b.gr["alpha"] == 1:
+                continue  # the grads hold 0·g1: zeroing them changes nothing
+            for src, held in zip(b.sources, b.held):
+                if type(src) in _PLAIN and type(held) is torch.Tensor and src.requires_grad:
+                    pending.zeroing_check = _InPlaceZeroingCheck(src, held)
+                    return
+
+    def _refuse_zeroed_grads(self) -> None:
+        check = self._pending.zeroing_check
+        if check is not None and check.zeroed:
+            self.abort_step()
+            raise RuntimeError(
+                "the grads were zeroed in place during the GR step (model.zero_grad("
+                "set_to_none=False) or p.grad.zero_() after first_step()): that erased the "
+                "first gradient they carry until the step ends. Zero them with "
+                "optimizer.zero_grad() or model.zero_grad() (set_to_none=True, the default). "
+                "The weights were restored and nothing was stepped.")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._pending is not None:
