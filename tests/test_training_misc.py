@@ -92,6 +92,41 @@ def test_compiled_batchnorm_model_keeps_running_stats_frozen():
     torch.testing.assert_close(bn.running_var, twin_bn.running_var)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_compiled_optimizer_step_equals_eager(backend, recwarn):
+    """torch.compile(opt.step): the same steps as eager, with the optimizer's checks of the
+    grads' version counters run eagerly (no false alarm), and still refusing grads zeroed
+    in place in the closure."""
+    if gr_fused.backends.unavailable_reason(backend, "cpu"):
+        pytest.skip(gr_fused.backends.unavailable_reason(backend, "cpu"))
+    x, y = torch.randn(12, 6), torch.randn(12, 3)
+    model = make_mlp()
+    twin = copy.deepcopy(model)
+    make = lambda ps: gr_fused.GRSGD(ps, lr=0.1, momentum=0.9, gamma=GAMMA, rho=RHO,  # noqa: E731
+                                     backend=backend)
+    opt, twin_opt = make(model.parameters()), make(twin.parameters())
+    compiled_step = torch.compile(opt.step, backend="aot_eager")
+    for _ in range(3):
+        def closure():
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+        compiled_step(closure)
+        step(twin, twin_opt, x, y)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert_close(a, b, 1e-6, "compiled step vs eager")
+    assert not [w for w in recwarn if "accumulated onto" in str(w.message)]
+
+    def zeroes_in_place():
+        model.zero_grad(set_to_none=False)
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    with pytest.raises(RuntimeError, match="zeroed in place"):
+        compiled_step(zeroes_in_place)
+
+
 # ---------------------------------------------------------------------------- accumulation
 @pytest.mark.parametrize("name", ["grsgd", "gradamw", "sam"])
 def test_gradient_accumulation_over_micro_batches_equals_the_large_batch(name):

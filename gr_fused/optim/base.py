@@ -134,11 +134,13 @@ class _InPlaceZeroingCheck:
     one it holds). DDP and FSDP edit grads only after the accumulation, so they do not
     count. (``p.grad.data.zero_()`` goes around the version counter and is not seen.)"""
 
+    @torch.compiler.disable  # versions are runtime facts, not values to trace
     def __init__(self, param: torch.Tensor, grad: torch.Tensor):
         self.param, self.grad, self.version = param, grad, grad._version
         self.seen = self.zeroed = False
         self.handle = param.register_hook(self)
 
+    @torch.compiler.disable
     def __call__(self, incoming: torch.Tensor) -> None:
         if not self.seen:
             self.seen = True
@@ -476,11 +478,11 @@ class GROptimizer(Optimizer):
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure that zeroes grads, "
                                "runs forward and backward and returns the loss (GR evaluates "
                                "the gradient twice); or use first_step()/second_step()")
-        probe = _first_grad(self)  # did the closure zero the grads? (one tensor tells)
-        seen = None if probe is None else probe._version
+        probe = _grad_and_version(self)  # did the closure zero the grads? (one tells)
         with torch.enable_grad():
             loss = closure()
-        if probe is not None and probe is _first_grad(self) and probe._version == seen + 1:
+        grad, version = _grad_and_version(self)
+        if grad is not None and grad is probe[0] and version == probe[1] + 1:
             _warn_accumulated_onto(type(self).__name__)
         self._perturbed_passes(closure)
         return loss
@@ -954,9 +956,12 @@ class GROptimizer(Optimizer):
         return found is None or not bool(found.item())
 
 
-def _first_grad(opt: Optimizer) -> Optional[torch.Tensor]:
-    return next((p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None),
+@torch.compiler.disable  # versions are runtime facts, not values to trace
+def _grad_and_version(opt: Optimizer) -> Tuple[Optional[torch.Tensor], int]:
+    """The first grad of the optimizer's params, and its version counter."""
+    grad = next((p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None),
                 None)
+    return grad, (-1 if grad is None else grad._version)
 
 
 def _warn_accumulated_onto(name: str) -> None:
