@@ -41,6 +41,7 @@ from .base import DIRECTION, FLAG_FROZEN, FLAG_NEW_STATE, Backend, Bucket, state
 
 _LOW = (torch.float16, torch.bfloat16)
 HOST_BATCH_BYTES = 2 << 20  # see TorchBackend._batches
+DOT_SLICE = 1 << 18  # elements per float64 slice in TorchBackend.dots
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -195,9 +196,13 @@ class TorchBackend(Backend):
         return torch.stack(norms).square().sum()
 
     def dots(self, b: Bucket, key: str) -> torch.Tensor:
-        g = [t.double() for t in b.grads]
-        s = [t.double() for t in state_tensors(b, key)]
-        sums = [torch.stack([(x * x).sum(), (x * y).sum(), (y * y).sum()]) for x, y in zip(g, s)]
+        """[Σ g², Σ g·d, Σ d²] in float64, over slices of DOT_SLICE elements: the float64
+        copies of a slice are the only temporaries (not a float64 copy of every tensor)."""
+        sums = []
+        for g, d in zip(b.grads, state_tensors(b, key)):
+            for x, y in zip(g.reshape(-1).split(DOT_SLICE), d.reshape(-1).split(DOT_SLICE)):
+                x, y = x.double(), y.double()
+                sums.append(torch.stack([x.dot(x), x.dot(y), y.dot(y)]))
         return torch.stack(sums).sum(0)
 
     def perturb(self, b, eps, fold, adaptive, save=False):
