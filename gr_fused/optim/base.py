@@ -405,6 +405,7 @@ class GROptimizer(Optimizer):
             return None
         return scale.to(device=device, dtype=torch.float32)
 
+    @torch.compiler.disable  # bookkeeping on the optimizer: eager under a compiled step
     def _skip_record(self, device) -> _backends.SkipRecord:
         """Where this step's skip flag goes: ``skipped_steps`` (a running count),
         ``last_step_skipped`` (a fresh 0-dim bool each step) and the GradScaler's flag."""
