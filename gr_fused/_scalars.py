@@ -82,7 +82,8 @@ def direction_scalars(sums: List[torch.Tensor], combines: List[torch.Tensor],
     """interval=k, at a refresh: the coefficients (a_g, c_g) of each group with which the
     update caches v̂ = a·G + c·g1 (g1 saved by perturb in the direction state), the unit
     vector along the component of the combined gradient g orthogonal to g1, over every
-    group; and whether there is one (1., or 0. when g is parallel to g1).
+    group; and whether there is one (1., or 0. when g is parallel to g1: ‖v‖² ≤ eps·‖g‖²
+    with eps the compute dtype's, the size of the rounding in forming G and g1).
     ``sums[g]`` = [Σ G², Σ G·g1, Σ g1²] (float64, scaled by the AMP scale S like the grads).
     In the frame of the update, g = A_g·G with A_g = combine_g/S and g1 = B_g·(saved g1)
     with B_g = sign_g/S, so v = g − β·g1 with β = (g·g1)/‖g1‖² has
@@ -95,9 +96,11 @@ def direction_scalars(sums: List[torch.Tensor], combines: List[torch.Tensor],
     beta = torch.where(Q > 0, P / Q, torch.zeros_like(P))
     v2 = sum(a * a * t[0] - 2 * beta * a * b * t[1] + beta * beta * b * b * t[2]
              for a, b, t in zip(A, B, sums))
-    ok = torch.isfinite(v2) & (v2 > 0)
-    inv_norm = torch.where(ok, v2.clamp_min(1e-300).rsqrt(), torch.zeros_like(v2))
+    g2 = sum(a * a * t[0] for a, t in zip(A, sums))
     dtype = combines[0].dtype
+    # below eps·‖g‖², ‖v‖² is the rounding of G and g1 in the compute dtype, not a direction
+    ok = torch.isfinite(v2) & (v2 > torch.finfo(dtype).eps * g2)
+    inv_norm = torch.where(ok, v2.clamp_min(1e-300).rsqrt(), torch.zeros_like(v2))
     coefs = [((a * inv_norm).to(dtype), (-beta * b * inv_norm).to(dtype)) for a, b in zip(A, B)]
     return coefs, ok.to(dtype)
 

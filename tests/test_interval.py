@@ -265,3 +265,29 @@ def test_invalid_intervals_are_refused():
     opt.add_param_group({"params": [torch.randn(2, requires_grad=True)], "interval": 3})
     with pytest.raises(ValueError, match="one interval"):
         opt.refresh_due
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_direction_is_cached_when_the_gr_gradient_is_parallel_to_g1(backend, dtype):
+    """Loss ½‖θ‖² (Hessian I): g2 ∥ g1, so g has no part orthogonal to g1. What the sums
+    leave of ‖v‖² is rounding, below eps·‖g‖²: no direction is cached (valid stays 0) and the
+    steps between refreshes are SGD on g1, equal to the float64 run. (With a large fold,
+    normalize=False and a small α, the rounding used to pass for a direction.)"""
+    x0 = torch.randn(100, dtype=torch.float64)
+    runs = {}
+    for run_dtype, be in ((dtype, backend), (torch.float64, "torch")):
+        p = torch.nn.Parameter(x0.to(run_dtype).clone())
+        opt = gr_fused.GRSGD([p], lr=0.05, gamma=0.001, rho=0.05, normalize=False, interval=2,
+                             backend=be)
+
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * (p * p).sum()
+            loss.backward()
+            return loss
+        for _ in range(6):
+            opt.step(closure)
+            assert float(opt._gr_valid) == 0.0
+        runs[(run_dtype, be)] = p.detach().double()
+    got, want = runs[(dtype, backend)], runs[(torch.float64, "torch")]
+    assert_close(got, want, 1e-6 if dtype == torch.float32 else 1e-12, "vs float64")

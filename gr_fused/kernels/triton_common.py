@@ -44,6 +44,7 @@ FLAG_NEW_STATE: tl.constexpr = tl.constexpr(1)
 FLAG_FROZEN: tl.constexpr = tl.constexpr(2)
 BACKUP_ALIGN: tl.constexpr = tl.constexpr(16)  # elements: every backup segment starts on 64 B
 F64_MAX: tl.constexpr = tl.constexpr(1.7976931348623157e308)
+F32_EPS: tl.constexpr = tl.constexpr(1.1920928955078125e-07)  # torch.finfo(torch.float32).eps
 # what an update kernel does with the cached direction of interval=k (its MODE)
 MODE_PLAIN: tl.constexpr = tl.constexpr(0)    # the GR update (θ from the backup)
 MODE_REFRESH: tl.constexpr = tl.constexpr(1)  # and direction ← a·G + c·direction first

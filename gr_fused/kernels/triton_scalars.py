@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._scalars import CLIP_EPS, NORM_EPS
-from .triton_common import (F64_MAX, FINALIZE_BLOCK, SMALL_LAUNCH_OPTIONS, advance_steps,
+from .triton_common import (F32_EPS, F64_MAX, FINALIZE_BLOCK, SMALL_LAUNCH_OPTIONS, advance_steps,
                             device_functions, f32, finalize_iters, sum_partial_range)
 
 
@@ -175,11 +175,13 @@ def _update_scalars_kernel(partial_ptr, bounds_ptr, rows_ptr, scale_ptr, out_ptr
     if DIRECTION:  # _scalars.direction_scalars, operation by operation
         beta = tl.where(Q > 0, P / Q, 0.0)
         v2 = tl.zeros([], tl.float64)
+        g2 = tl.zeros([], tl.float64)
         for g in tl.static_range(GROUPS):
             A, B = _direction_coefficients(rows_ptr, hp_ptr, g, scale64)
             t0, t1, t2 = _pick(T0, lanes, g), _pick(T1, lanes, g), _pick(T2, lanes, g)
             v2 = v2 + (A * A * t0 - 2.0 * beta * A * B * t1 + beta * beta * B * B * t2)
-        ok = (v2 > 0) & (v2 <= F64_MAX)
+            g2 = g2 + A * A * t0
+        ok = (v2 > F32_EPS * g2) & (v2 <= F64_MAX)  # F32_EPS: the scalars' dtype
         tiny = tl.full([], 1e-300, tl.float64)
         inv_norm = tl.where(ok, 1.0 / tl.sqrt(tl.maximum(v2, tiny)), 0.0)
         for g in tl.static_range(GROUPS):
