@@ -93,7 +93,9 @@ def run(rank, world, args, init_method):
 def run_spawned(rank, world, args, init_method):
     """A rank started by ``--spawn``: once ``run`` has destroyed its process group, it leaves
     without the interpreter's teardown, where a gloo thread still winding down has been seen
-    to abort the process (rarely, on a loaded 2-core machine) after training succeeded."""
+    to abort the process (rarely, on a loaded 2-core machine) after training succeeded.
+    Each rank takes its share of the cores for its intra-op threads, as torchrun does."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     run(rank, world, args, init_method)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -156,6 +156,7 @@ def _scenarios(rank, init, bn_init, data, bn_data):
 
 
 def _worker(rank, init_file, out_dir, args):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORLD))  # as torchrun does
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
