@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # FD-GR vs DB-GR, SAM and SGD on the GPU (docs/profile.md): ResNet-18 (CIFAR, batch 128) and
 # GPT-2 small (124M: 12 layers, 768 wide, 12 heads, vocab 50257; batch 8 x 512 tokens),
-# both in bf16 autocast, every method on every gr_fused backend that can run. Each profile
-# takes about 1.5 min on an H200. Targets: fused fd-gr <= 2.05x sgd, fd-gr faster than
+# both in bf16 autocast, every method on every gr_fused backend that can run. bench/gpu_check.sh
+# gives this script at most 150 s. Targets: fused fd-gr <= 2.05x sgd, fd-gr faster than
 # sam-ref; db-gr against fd-gr is measured. They are printed last, checked from the JSON.
 #   usage: bash bench/profile_gpu.sh [OUTDIR]     (default: $OUT, else bench/results/latest)
 #   SMOKE=1 bash bench/profile_gpu.sh /tmp/x      the same commands on CPU at tiny sizes

@@ -21,7 +21,7 @@ We report, per method: the mean effective scale (also split into the support of 
 and its complement), ‖w‖₁, and ‖w − w*‖₂, averaged over problem seeds. A GD sweep over
 α0 gives the reference curve "distance vs (uniform) scale".
 
-    python examples/dln.py            # ~1-2 min on a 2-core CPU
+    python examples/dln.py            # about half a minute on a 2-core CPU
     python examples/dln.py --smoke    # a few seconds
     python examples/dln.py --out DIR  # where dln.png and dln.json go (default: .)
 """

@@ -21,7 +21,7 @@ i.e. one forward finite-difference step on the penalty ½‖∇L‖² alone, wit
    L ≥ b, else one FD step on ½‖∇L‖² (ε = η, step η², counted as two iterations);
 3. trains plain GD for reference, and plots the three training / test curves.
 
-    python examples/flooding.py            # ~1 min on a 2-core CPU
+    python examples/flooding.py            # about 10 s on a 2-core CPU
     python examples/flooding.py --smoke    # a few seconds
     python examples/flooding.py --out DIR  # where flooding.png and flooding.json go
 """

@@ -51,7 +51,7 @@ def build(args, device):
     return model, opt, sched, scaler
 
 
-def train(model, opt, sched, scaler, data, args, device, log=True):
+def train(model, opt, sched, scaler, data, args, device, log=True, first=0):
     forward = torch.compile(model) if args.compile else model
     amp_dtype = DTYPES[args.dtype]
     losses = []
@@ -70,9 +70,10 @@ def train(model, opt, sched, scaler, data, args, device, log=True):
         scaler.update()
         sched.step()
         losses.append(float(loss))
-        if log and len(losses) % max(1, args.steps // 10) == 0:
+        step = first + len(losses)  # counts on across the halves
+        if log and step % max(1, args.steps // 10) == 0:
             skipped = int(opt.skipped_steps) if opt.skipped_steps is not None else 0
-            print(f"step {len(losses):4d}  loss {losses[-1]:.4f}  scale {scaler.get_scale():g}"
+            print(f"step {step:4d}  loss {losses[-1]:.4f}  scale {scaler.get_scale():g}"
                   f"  skipped {skipped}")
     return losses
 
@@ -100,7 +101,7 @@ def main(argv=None):
     ckpt = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                 "sched": sched.state_dict(), "scaler": scaler.state_dict()}, ckpt)
-    losses += train(model, opt, sched, scaler, data[half:], args, device)
+    losses += train(model, opt, sched, scaler, data[half:], args, device, first=half)
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 
     if args.check_resume:

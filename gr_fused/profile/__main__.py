@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} "
                                           "(default all)")
     parser.add_argument("--backend", default="all",
-                        help="comma-separated gr_fused backends for fd-gr, bd-gr, central-gr "
-                             "(default all that can run)")
+                        help="comma-separated gr_fused backends for fd-gr, fd-gr-kN, bd-gr, "
+                             "central-gr and sam (default all that can run)")
     parser.add_argument("--warmup", type=int, help="untimed steps (default 2 on CPU, 5 on CUDA)")
     parser.add_argument("--repeat", type=int, help="timed steps (default 10 on CPU, 20 on CUDA)")
     defaults = Hyperparameters()
