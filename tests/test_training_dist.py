@@ -52,6 +52,12 @@ GLOBAL_CASES = [
         ps, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM, backend=backend), True),
     ("global_gradamw", lambda ps, backend="auto": gr_fused.GRAdamW(
         ps, lr=0.01, gamma=GAMMA, rho=RHO, backend=backend), False),
+    # GR (fold ≠ 0) in DDP's bucket views, across DDP's bucket rebuild after the first
+    # backward (it copies each grad, fold·g1, into a new bucket view)
+    ("global_grsgd_bucket_view", lambda ps, backend="auto": gr_fused.GRSGD(
+        ps, lr=LR, momentum=MOM, gamma=GAMMA, rho=RHO, backend=backend), True),
+    ("global_grsgd_torch_bucket_view", lambda ps, backend="torch": gr_fused.GRSGD(
+        ps, lr=LR, momentum=MOM, gamma=GAMMA, rho=RHO, backend=backend), True),
 ]
 
 
@@ -95,6 +101,26 @@ def _scenarios(rank, init, bn_init, data, bn_data):
         ddp = _ddp(model, gradient_as_bucket_view=as_view)
         _train(ddp, make_opt(ddp.parameters()), mine)
         out[name] = params_of(model)
+
+    # 1b. GR in bucket views with model.zero_grad() (set_to_none) in the closure: DDP writes
+    #     the second gradient over fold·g1 in its bucket; refused, with the weights intact
+    model = make_mlp(init)
+    ddp = _ddp(model, gradient_as_bucket_view=True)
+    opt = gr_fused.GRSGD(ddp.parameters(), lr=LR, gamma=GAMMA, rho=RHO)
+    _train(ddp, opt, mine[:1])  # past DDP's bucket rebuild
+
+    def sets_to_none():
+        ddp.zero_grad()
+        loss = loss_fn(ddp, *mine[1])
+        loss.backward()
+        return loss
+    before = params_of(model)
+    try:
+        opt.step(sets_to_none)
+        raised = ""
+    except RuntimeError as exc:
+        raised = str(exc)
+    out["bucket_view_set_to_none"] = (raised, before, params_of(model))
 
     # 2. local ascent, SAM: only the first backward under no_sync (α = 1 on every rank)
     model = make_mlp(init)
@@ -241,6 +267,17 @@ def test_ddp_global_ascent_equals_one_process_on_the_global_batch(runs, name):
         assert_close(a, b, 1e-5, f"{name} param {i}")
     moved = sum((a - b).norm() for a, b in zip(got, params_of(_initial(inputs))))
     assert moved > 1e-3, "the parameters did not move"
+
+
+def test_ddp_bucket_views_set_to_none_during_a_gr_step_are_refused(runs):
+    """model.zero_grad() in the closure with gradient_as_bucket_view=True: DDP copies the
+    second gradient into the bucket memory that held fold·g1. A clear error, θ intact."""
+    _, results = runs
+    for rank_out in results:
+        raised, before, after = rank_out["bucket_view_set_to_none"]
+        assert "gradient_as_bucket_view" in raised
+        for a, b in zip(before, after):
+            assert torch.equal(a, b)
 
 
 def _initial(inputs):

@@ -124,27 +124,43 @@ class _Pending:
 
 
 class _InPlaceZeroingCheck:
-    """Whether a grad that carries fold·g1 was zeroed in place (``model.zero_grad(
-    set_to_none=False)``, ``p.grad.zero_()``) before the next backward reached it.
+    """What happened to the grads that carry fold·g1 before the next backward reached them,
+    seen on one parameter: a hook runs before each gradient is accumulated into its grad
+    (torch runs a leaf tensor's hooks before the accumulation), and its first call looks.
 
-    A hook on one parameter runs before each gradient is accumulated into its grad (torch
-    runs a leaf tensor's hooks before the accumulation): at the first call, a grad that is
-    still the tensor holding fold·g1 must have the version it had when the phase ended. A
-    grad set to None, or replaced, is fine (the optimizer adds the fresh gradient onto the
-    one it holds). DDP and FSDP edit grads only after the accumulation, so they do not
-    count. (``p.grad.data.zero_()`` goes around the version counter and is not seen.)"""
+    * ``zeroed``: the grad is still the tensor holding fold·g1 but its version moved, so it
+      was changed in place (``model.zero_grad(set_to_none=False)``, ``p.grad.zero_()``).
+      Not checked for a view (views of one base share its version counter: DDP's bucket
+      views move with every write to their bucket). ``p.grad.data.zero_()`` goes around the
+      version counter and is not seen.
+    * ``copied``: the grad was replaced by a tensor equal to fold·g1 (DDP rebuilding its
+      buckets copies each grad into a new bucket view), so the backward accumulates onto a
+      copy of fold·g1, and the fresh grad holds all of G.
+    * ``cleared``: the grad was None. If the held tensor is the grad again after the
+      backward, its owner put it back after writing the fresh gradient into it (DDP with
+      gradient_as_bucket_view): fold·g1 is gone.
+
+    A grad set to None is fine (the optimizer adds the fresh gradient onto the one it
+    holds). DDP and FSDP edit grads only after the accumulation."""
 
     @torch.compiler.disable  # versions are runtime facts, not values to trace
     def __init__(self, param: torch.Tensor, grad: torch.Tensor):
         self.param, self.grad, self.version = param, grad, grad._version
-        self.seen = self.zeroed = False
+        self.versioned = not grad._is_view()
+        self.seen = self.zeroed = self.copied = self.cleared = False
         self.handle = param.register_hook(self)
 
     @torch.compiler.disable
     def __call__(self, incoming: torch.Tensor) -> None:
-        if not self.seen:
-            self.seen = True
-            self.zeroed = self.param.grad is self.grad and self.grad._version != self.version
+        if self.seen:
+            return
+        self.seen = True
+        now = self.param.grad
+        self.cleared = now is None
+        if now is self.grad:
+            self.zeroed = self.versioned and self.grad._version != self.version
+        elif now is not None:  # rare: one comparison of one tensor
+            self.copied = now.shape == self.grad.shape and bool(torch.equal(now, self.grad))
 
     def close(self) -> None:
         self.handle.remove()
@@ -811,6 +827,15 @@ class GROptimizer(Optimizer):
                 "optimizer.zero_grad() or model.zero_grad() (set_to_none=True, the default). "
                 "The weights were restored and nothing was stepped.")
 
+    def _refuse_overwritten_grads(self) -> None:
+        self.abort_step()
+        raise RuntimeError(
+            "the grads were set to None during the GR step, and their owner then wrote the "
+            "new gradient into the memory that held the first one (DDP with "
+            "gradient_as_bucket_view=True): the first gradient is gone. Zero the grads with "
+            "optimizer.zero_grad() (it keeps them during the step), or use "
+            "gradient_as_bucket_view=False. The weights were restored and nothing was stepped.")
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._pending is not None:
             return  # the grads carry the folded first gradient until second_step()
@@ -827,6 +852,10 @@ class GROptimizer(Optimizer):
         one is put back as p.grad. (For a DTensor shard the fresh local grad takes the held
         one in, and the bucket follows it.)"""
         missing: Dict[int, List[int]] = {}
+        check = self._pending.zeroing_check
+        copied = check is not None and check.copied
+        if check is not None and check.cleared and check.param.grad is check.grad:
+            self._refuse_overwritten_grads()
         for k, b in enumerate(self._pending.buckets):
             versions = b.extra["_versions"]
             now = list(map(_grad_of, b.sources))
@@ -854,10 +883,14 @@ class GROptimizer(Optimizer):
                             b.grads[i] = fresh
                             b.held[i] = grad
                         continue
-                    if target._version != versions[i]:
-                        # backward accumulated into the held buffer before p.grad was replaced
-                        # (DDP with gradient_as_bucket_view copies it into its bucket, all-reduces
-                        # and installs the bucket view): the new tensor already holds all of G
+                    if fresh.data_ptr() == target.data_ptr() and b.gr["alpha"] != 1:
+                        # the owner of the memory (DDP's bucket, with gradient_as_bucket_view)
+                        # wrote a fresh gradient over fold·g1: it is gone
+                        self._refuse_overwritten_grads()
+                    if target._version != versions[i] or copied:
+                        # the new tensor already holds all of G: the backward accumulated into
+                        # the held buffer before p.grad was replaced (DDP without bucket views
+                        # installs its bucket), or into a copy of it (DDP rebuilding buckets)
                         target.copy_(fresh)
                     else:  # a fresh gradient only (model.zero_grad() set p.grad to None)
                         target.add_(fresh)
