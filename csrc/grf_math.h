@@ -300,7 +300,7 @@ template <class C> GRF_HD void update_scalars_of(const double* sq, const C* asce
 // of the update g = A·G, g1 = B·(saved g1) with A = combine/S, B = sign/S (double); v = g −
 // β·g1, β = P/Q, P = Σ A·B·ΣGg1, Q = Σ B²·Σg1², ‖v‖² = Σ A²·ΣG² − 2β·A·B·ΣGg1 + β²·B²·Σg1².
 // coefs[2g], coefs[2g + 1] = (a, c) = (A, −β·B)/‖v‖ rounded to C; returns whether there is a
-// direction (‖v‖² finite and > eps_C·‖g‖²: 1, else 0 and the coefficients 0). Every operation in
+// direction (‖v‖² finite and > 2^-23·‖g‖²: 1, else 0 and the coefficients 0). Every operation in
 // _scalars.py's order.
 template <class C> GRF_HD C direction_scalars_of(const double (*sums)[3], const C* ascent,
                                                  const double* signs, int groups,
@@ -320,9 +320,9 @@ template <class C> GRF_HD C direction_scalars_of(const double (*sums)[3], const 
           beta * beta * B[g] * B[g] * sums[g][2];
     g2 += A[g] * A[g] * sums[g][0];
   }
-  // below eps·‖g‖², ‖v‖² is the rounding of G and g1 in C, not a direction
-  const double eps = sizeof(C) == sizeof(double) ? 2.220446049250313e-16 : 1.1920928955078125e-07;
-  const bool ok = is_finite(v2) && v2 > eps * g2;
+  // below kDirectionTol·‖g‖², ‖v‖² is rounding, not a direction (_scalars.DIRECTION_TOL)
+  const double kDirectionTol = 1.1920928955078125e-07;  // 2^-23
+  const bool ok = is_finite(v2) && v2 > kDirectionTol * g2;
   const double inv_norm = ok ? 1.0 / sqrt(v2 < 1e-300 ? 1e-300 : v2) : 0.0;  // rsqrt
   for (int g = 0; g < groups; ++g) {
     coefs[2 * g] = C(A[g] * inv_norm);

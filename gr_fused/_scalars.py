@@ -24,6 +24,7 @@ import torch
 
 NORM_EPS = 1e-12   # ε_t = ρ / (‖g1‖ + 1e-12)
 CLIP_EPS = 1e-6    # as torch.nn.utils.clip_grad_norm_
+DIRECTION_TOL = 2.0 ** -23  # interval=k: ‖v‖² ≤ this·‖g‖² is no direction (fp32's eps)
 
 
 def ascent_scalars(sq_norm: torch.Tensor, inv_scale: Optional[torch.Tensor], *, rho: float,
@@ -82,8 +83,8 @@ def direction_scalars(sums: List[torch.Tensor], combines: List[torch.Tensor],
     """interval=k, at a refresh: the coefficients (a_g, c_g) of each group with which the
     update caches v̂ = a·G + c·g1 (g1 saved by perturb in the direction state), the unit
     vector along the component of the combined gradient g orthogonal to g1, over every
-    group; and whether there is one (1., or 0. when g is parallel to g1: ‖v‖² ≤ eps·‖g‖²
-    with eps the compute dtype's, the size of the rounding in forming G and g1).
+    group; and whether there is one (1., or 0. when g is parallel to g1: ‖v‖² ≤
+    DIRECTION_TOL·‖g‖², a sine below 3.5e-4, is rounding).
     ``sums[g]`` = [Σ G², Σ G·g1, Σ g1²] (float64, scaled by the AMP scale S like the grads).
     In the frame of the update, g = A_g·G with A_g = combine_g/S and g1 = B_g·(saved g1)
     with B_g = sign_g/S, so v = g − β·g1 with β = (g·g1)/‖g1‖² has
@@ -98,8 +99,9 @@ def direction_scalars(sums: List[torch.Tensor], combines: List[torch.Tensor],
              for a, b, t in zip(A, B, sums))
     g2 = sum(a * a * t[0] for a, t in zip(A, sums))
     dtype = combines[0].dtype
-    # below eps·‖g‖², ‖v‖² is the rounding of G and g1 in the compute dtype, not a direction
-    ok = torch.isfinite(v2) & (v2 > torch.finfo(dtype).eps * g2)
+    # below DIRECTION_TOL·‖g‖², ‖v‖² is rounding (of G and g1 in the compute dtype, of the
+    # float64 sums), not a direction
+    ok = torch.isfinite(v2) & (v2 > DIRECTION_TOL * g2)
     inv_norm = torch.where(ok, v2.clamp_min(1e-300).rsqrt(), torch.zeros_like(v2))
     coefs = [((a * inv_norm).to(dtype), (-beta * b * inv_norm).to(dtype)) for a, b in zip(A, B)]
     return coefs, ok.to(dtype)

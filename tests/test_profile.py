@@ -194,6 +194,7 @@ def run_cli(*args, cwd=REPO):
 
 def test_cli_end_to_end_writes_json_csv_png(tmp_path):
     # --backend torch: the compiled backends may build on first use, which is not timed here
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the [bench] extra)")
     out = run_cli("--model", "mlp", "--width", "16", "--depth", "2", "--batch-size", "8",
                   "--device", "cpu", "--backend", "torch", "--warmup", "0", "--repeat", "2",
                   "--no-progress",

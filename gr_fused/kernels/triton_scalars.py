@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 
 from .._scalars import CLIP_EPS, NORM_EPS
-from .triton_common import (F32_EPS, F64_MAX, FINALIZE_BLOCK, SMALL_LAUNCH_OPTIONS, advance_steps,
-                            device_functions, f32, finalize_iters, sum_partial_range)
+from .triton_common import (DIRECTION_TOL, F64_MAX, FINALIZE_BLOCK, SMALL_LAUNCH_OPTIONS,
+                            advance_steps, device_functions, f32, finalize_iters,
+                            sum_partial_range)
 
 
 @triton.jit
@@ -181,7 +182,7 @@ def _update_scalars_kernel(partial_ptr, bounds_ptr, rows_ptr, scale_ptr, out_ptr
             t0, t1, t2 = _pick(T0, lanes, g), _pick(T1, lanes, g), _pick(T2, lanes, g)
             v2 = v2 + (A * A * t0 - 2.0 * beta * A * B * t1 + beta * beta * B * B * t2)
             g2 = g2 + A * A * t0
-        ok = (v2 > F32_EPS * g2) & (v2 <= F64_MAX)  # F32_EPS: the scalars' dtype
+        ok = (v2 > DIRECTION_TOL * g2) & (v2 <= F64_MAX)
         tiny = tl.full([], 1e-300, tl.float64)
         inv_norm = tl.where(ok, 1.0 / tl.sqrt(tl.maximum(v2, tiny)), 0.0)
         for g in tl.static_range(GROUPS):
