@@ -143,14 +143,12 @@ class _InPlaceZeroingCheck:
     A grad set to None is fine (the optimizer adds the fresh gradient onto the one it
     holds). DDP and FSDP edit grads only after the accumulation."""
 
-    @torch.compiler.disable  # versions are runtime facts, not values to trace
     def __init__(self, param: torch.Tensor, grad: torch.Tensor):
         self.param, self.grad, self.version = param, grad, grad._version
         self.versioned = not grad._is_view()
         self.seen = self.zeroed = self.copied = self.cleared = False
         self.handle = param.register_hook(self)
 
-    @torch.compiler.disable
     def __call__(self, incoming: torch.Tensor) -> None:
         if self.seen:
             return
@@ -421,7 +419,6 @@ class GROptimizer(Optimizer):
             return None
         return scale.to(device=device, dtype=torch.float32)
 
-    @torch.compiler.disable  # bookkeeping on the optimizer: eager under a compiled step
     def _skip_record(self, device) -> _backends.SkipRecord:
         """Where this step's skip flag goes: ``skipped_steps`` (a running count),
         ``last_step_skipped`` (a fresh 0-dim bool each step) and the GradScaler's flag."""
@@ -808,6 +805,8 @@ class GROptimizer(Optimizer):
         until the next backward reaches it (_InPlaceZeroingCheck)."""
         pending = self._pending
         pending.close()
+        if torch.compiler.is_compiling():
+            return  # versions are runtime facts, not values to trace (a compiled opt.step)
         for b in pending.buckets:
             if b.gr["alpha"] == 1:
                 continue  # the grads hold 0·g1: zeroing them changes nothing
@@ -990,9 +989,11 @@ class GROptimizer(Optimizer):
         return found is None or not bool(found.item())
 
 
-@torch.compiler.disable  # versions are runtime facts, not values to trace
 def _grad_and_version(opt: Optimizer) -> Tuple[Optional[torch.Tensor], int]:
-    """The first grad of the optimizer's params, and its version counter."""
+    """The first grad of the optimizer's params, and its version counter (None under
+    torch.compile: versions are runtime facts, not values to trace)."""
+    if torch.compiler.is_compiling():
+        return None, -1
     grad = next((p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None),
                 None)
     return grad, (-1 if grad is None else grad._version)
