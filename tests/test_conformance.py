@@ -315,8 +315,9 @@ def test_sam_state_is_the_state_a_user_sees_and_saves():
 
 
 # ---------------------------------------------------------------------------- no gradient at θ'
-def _branch_run(make, backend, alpha_one=False):
-    """Params a (always used) and b (used at θ only, not at the perturbed point)."""
+def _branch_run(make, backend, b_at_theta=True):
+    """Params a (always used) and b: used at θ only, not at the perturbed point (or, with
+    ``b_at_theta=False``, at the perturbed point only)."""
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(5))
     b = torch.nn.Parameter(torch.full((3,), 0.89))
@@ -327,12 +328,12 @@ def _branch_run(make, backend, alpha_one=False):
         calls.append(1)
         opt.zero_grad()
         loss = a.sin().sum()
-        if len(calls) == 1:  # the gradient at θ only
+        if (len(calls) == 1) == b_at_theta:
             loss = loss + (b * b * a[0]).sum()
         loss.backward()
         return loss
     gr_step(opt, closure)
-    return a, b
+    return a, b, opt
 
 
 @pytest.mark.parametrize("difference", ["forward", "central"])
@@ -340,7 +341,7 @@ def test_a_param_without_a_second_gradient_gets_the_base_step_on_g1(backend, dif
     """b has a gradient at θ but none at the perturbed point: its curvature term is
     unknown, so it gets SGD's step (momentum, weight decay) on g1 alone."""
     lr, wd = 0.1, 0.05
-    a, b = _branch_run(lambda ps, be: gr_fused.GRSGD(
+    a, b, _ = _branch_run(lambda ps, be: gr_fused.GRSGD(
         ps, lr=lr, momentum=0.9, weight_decay=wd, gamma=0.05, rho=0.05,
         difference=difference, backend=be), backend)
     torch.manual_seed(0)
@@ -355,9 +356,9 @@ def test_a_param_without_a_second_gradient_gets_the_base_step_on_g1(backend, dif
 def test_sam_leaves_a_param_without_a_second_gradient_unchanged(backend):
     """SAM keeps no copy of g1 (its grad holds 0·g1 during the step), so such a param is
     restored and not stepped, as the SAM implementations leave a param whose grad is None."""
-    a, b = _branch_run(lambda ps, be: gr_fused.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1,
-                                                    momentum=0.9, weight_decay=0.05,
-                                                    backend=be), backend)
+    a, b, _ = _branch_run(lambda ps, be: gr_fused.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1,
+                                                       momentum=0.9, weight_decay=0.05,
+                                                       backend=be), backend)
     assert torch.equal(b.detach(), torch.full((3,), 0.89))
 
 
@@ -653,21 +654,7 @@ def test_gr_refuses_base_optimizers_that_cannot_take_its_step(base):
 def test_a_param_with_a_gradient_only_at_the_perturbed_point_is_not_stepped(make, backend):
     """A tensor with no gradient at θ is not part of the step, whether the base update is
     fused or the base optimizer takes its own step; its grad from the perturbed pass stays."""
-    torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(5))
-    b = torch.nn.Parameter(torch.full((3,), 0.89))
-    opt = make([a, b], backend)
-    calls = []
-
-    def closure():
-        calls.append(1)
-        opt.zero_grad()
-        loss = a.sin().sum()
-        if len(calls) > 1:  # a gradient at the perturbed point only
-            loss = loss + (b * b * a[0]).sum()
-        loss.backward()
-        return loss
-    gr_step(opt, closure)
+    _, b, opt = _branch_run(make, backend, b_at_theta=False)
     assert torch.equal(b.detach(), torch.full((3,), 0.89))
     assert b.grad is not None and not opt.state.get(b)
 
