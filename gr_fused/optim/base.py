@@ -178,7 +178,8 @@ class GROptimizer(Optimizer):
     Between ``first_step`` and ``second_step`` the grads hold ``fold·g1``; the second backward
     accumulates onto them. ``optimizer.zero_grad()`` knows this and keeps them, and a
     ``model.zero_grad()`` (set_to_none) in between is handled too; zeroing them in place
-    (``set_to_none=False``, ``p.grad.zero_()``) erases fold·g1, which no check can tell.
+    (``set_to_none=False``, ``p.grad.zero_()``) erases fold·g1 and is refused with an error
+    (``_InPlaceZeroingCheck``), the weights restored.
     ``second_step()`` is the optimizer step of such a loop: the step hooks run around it.
     """
 
